@@ -1,0 +1,139 @@
+"""The only place vembed decodes images, and the transforms built from a model's spec.
+
+Pillow + torch only (no torchvision): EXIF orientation, any mode → RGB, JPEG ``draft`` to decode
+large photos at a reduced scale, then resize → centre crop → normalise.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from vembed.errors import VembedError
+from vembed.models.registry import ModelSpec
+
+_RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
+
+
+def load_image(path: str | Path, *, min_size: int | None = None) -> Image.Image:
+    """Decode an image file to an upright RGB ``PIL.Image``.
+
+    ``min_size`` lets JPEGs decode at 1/2, 1/4 or 1/8 scale while keeping the shorter side at least
+    that large (much faster for big photos). Corrupt, truncated or empty files raise
+    :class:`VembedError` naming the path.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            if min_size and img.format == "JPEG":
+                w, h = img.size
+                scale = min_size / min(w, h)
+                img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+            img.load()
+            img = ImageOps.exif_transpose(img)
+            return to_rgb(img)
+    except FileNotFoundError:
+        raise VembedError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VembedError(f"cannot decode image {path}: {exc}") from None
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode → 8-bit RGB (16-bit scaled, alpha composited on white, CMYK converted)."""
+    if img.mode == "RGB":
+        return img
+    if img.mode in ("I;16", "I;16B", "I;16L", "I;16N", "I"):
+        arr = np.asarray(img, dtype=np.float64)
+        top = 65535.0 if img.mode.startswith("I;16") or arr.max() > 255 else 255.0
+        arr = np.clip(arr / top * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr, "L").convert("RGB")
+    if img.mode == "F":
+        arr = np.asarray(img, dtype=np.float64)
+        lo, hi = float(arr.min()), float(arr.max())
+        arr = (arr - lo) / (hi - lo or 1.0) * 255.0
+        return Image.fromarray(arr.astype(np.uint8), "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
+    """RGB image → normalised float tensor ``[3, H, W]``."""
+    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    return arr.sub_(mean_t).div_(std_t)
+
+
+def resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:
+    w, h = img.size
+    if min(w, h) == size:
+        return img
+    scale = size / min(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+
+
+def center_crop(img: Image.Image, size: int) -> Image.Image:
+    w, h = img.size
+    left, top = (w - size) // 2, (h - size) // 2
+    return img.crop((left, top, left + size, top + size))
+
+
+class EvalTransform:
+    """Resize the shorter side to ``spec.resize_size``, centre-crop ``spec.image_size``, normalise."""
+
+    def __init__(self, spec: ModelSpec):
+        self.size = spec.image_size
+        self.resize_size = spec.resize_size
+        self.mean, self.std = spec.mean, spec.std
+        self.resample = _RESAMPLE.get(spec.interpolation, Image.Resampling.BICUBIC)
+
+    @property
+    def min_decode_size(self) -> int:
+        return self.resize_size
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        img = center_crop(resize_shorter(img, self.resize_size, self.resample), self.size)
+        return to_tensor(img, self.mean, self.std)
+
+
+class TrainTransform:
+    """Random resized crop (scale ``scale``), horizontal flip, normalise."""
+
+    def __init__(self, spec: ModelSpec, *, scale: tuple[float, float] = (0.35, 1.0), flip: bool = True):
+        self.size = spec.image_size
+        self.scale = scale
+        self.flip = flip
+        self.mean, self.std = spec.mean, spec.std
+        self.resample = _RESAMPLE.get(spec.interpolation, Image.Resampling.BICUBIC)
+
+    @property
+    def min_decode_size(self) -> int:
+        return self.size
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        w, h = img.size
+        area = w * h
+        for _ in range(10):
+            target = area * random.uniform(*self.scale)
+            ratio = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+            if 0 < cw <= w and 0 < ch <= h:
+                left, top = random.randint(0, w - cw), random.randint(0, h - ch)
+                break
+        else:
+            cw = ch = min(w, h)
+            left, top = (w - cw) // 2, (h - ch) // 2
+        img = img.resize((self.size, self.size), self.resample, box=(left, top, left + cw, top + ch))
+        if self.flip and random.random() < 0.5:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        return to_tensor(img, self.mean, self.std)

@@ -1,0 +1,218 @@
+"""The JSONL record format: labelled images and query/positive pairs, validated line by line.
+
+Labelled image: ``{"image": "a/b.jpg", "label": 12, "category": "bicycle"}``
+Pair:           ``{"query_image": "q.jpg", "positive": "p.jpg", "label": 12}``
+(the field names vembed-factory uses). Relative paths resolve against ``image_root`` or the JSONL
+file's folder. Every problem names the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vembed.errors import VembedError
+
+Label = int | str
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One image with an optional class label and super-category."""
+
+    image: Path
+    label: Label | None = None
+    category: str | None = None
+    source: str = ""  # "file.jsonl:12" — where the record came from, for error messages
+
+
+@dataclass(frozen=True)
+class PairRecord:
+    """A query image and a positive image of the same item."""
+
+    query_image: Path
+    positive: Path
+    label: Label | None = None
+    source: str = ""
+
+
+@dataclass
+class RecordSet:
+    """Records read from one file, plus the problems skipped with ``skip_bad``."""
+
+    path: Path | None
+    records: list[ImageRecord | PairRecord]
+    problems: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @property
+    def is_pairs(self) -> bool:
+        return bool(self.records) and isinstance(self.records[0], PairRecord)
+
+    def images(self) -> list[ImageRecord]:
+        """Labelled image records; pairs are split into two images sharing the pair's label."""
+        out: list[ImageRecord] = []
+        for i, rec in enumerate(self.records):
+            if isinstance(rec, ImageRecord):
+                out.append(rec)
+            else:
+                label = rec.label if rec.label is not None else f"pair-{i}"
+                out.append(ImageRecord(rec.query_image, label, None, rec.source))
+                out.append(ImageRecord(rec.positive, label, None, rec.source))
+        return out
+
+
+def read_records(
+    path: str | Path,
+    *,
+    image_root: str | Path | None = None,
+    check_exists: bool = True,
+    skip_bad: bool = False,
+    require_label: bool = False,
+) -> RecordSet:
+    """Read and validate a JSONL file of image or pair records.
+
+    Raises :class:`VembedError` naming ``file:line`` for the first malformed line, missing field or
+    missing image; with ``skip_bad`` such lines are skipped and listed in ``RecordSet.problems``.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise VembedError(f"records file not found: {path}")
+    root = Path(image_root) if image_root is not None else path.parent
+    records: list[ImageRecord | PairRecord] = []
+    problems: list[str] = []
+    kind: str | None = None
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{lineno}"
+            try:
+                rec = parse_record(line, root=root, where=where, require_label=require_label)
+                this_kind = type(rec).__name__
+                if kind is None:
+                    kind = this_kind
+                elif kind != this_kind:
+                    raise VembedError(f"{where}: mixes pair and image records in one file")
+                if check_exists:
+                    for p in _paths(rec):
+                        if not p.is_file():
+                            raise VembedError(f"{where}: image not found: {p}")
+            except VembedError as exc:
+                if not skip_bad:
+                    raise
+                problems.append(str(exc))
+                continue
+            records.append(rec)
+    if not records and not problems:
+        raise VembedError(f"{path}: no records (the file is empty)")
+    return RecordSet(path, records, problems)
+
+
+def parse_record(
+    line: str, *, root: Path, where: str, require_label: bool = False
+) -> ImageRecord | PairRecord:
+    """Parse one JSONL line into a record; errors name ``where``."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise VembedError(f"{where}: malformed JSON ({exc.msg}, column {exc.colno})") from None
+    if not isinstance(obj, dict):
+        raise VembedError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    label = _label(obj.get("label"), where)
+    if require_label and label is None:
+        raise VembedError(f"{where}: missing field 'label'")
+    if "query_image" in obj or "positive" in obj:
+        for key in ("query_image", "positive"):
+            if not isinstance(obj.get(key), str) or not obj[key]:
+                raise VembedError(
+                    f"{where}: missing field '{key}' (a pair record needs query_image and positive)"
+                )
+        return PairRecord(_resolve(obj["query_image"], root), _resolve(obj["positive"], root), label, where)
+    image = obj.get("image")
+    if not isinstance(image, str) or not image:
+        raise VembedError(f"{where}: missing field 'image' (or 'query_image'/'positive' for a pair record)")
+    category = obj.get("category")
+    return ImageRecord(_resolve(image, root), label, None if category is None else str(category), where)
+
+
+def records_from_paths(paths: Iterable[str | Path], *, check_exists: bool = True) -> RecordSet:
+    """Unlabelled image records for plain paths (arguments, stdin)."""
+    records = []
+    for p in paths:
+        p = Path(p)
+        if check_exists and not p.is_file():
+            raise VembedError(f"image not found: {p}")
+        records.append(ImageRecord(p, None, None, str(p)))
+    if not records:
+        raise VembedError("no images given")
+    return RecordSet(None, records)
+
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".tiff")
+
+
+def records_from_folder(folder: str | Path, *, labels_from_dirs: bool = True) -> RecordSet:
+    """Every image below ``folder`` (recursive, sorted); the parent folder name is the label."""
+    folder = Path(folder)
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not paths:
+        raise VembedError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
+    records = [
+        ImageRecord(p, p.parent.name if labels_from_dirs and p.parent != folder else None, None, str(p))
+        for p in paths
+    ]
+    return RecordSet(None, records)
+
+
+def label_codes(labels: Sequence[Label | None]) -> tuple[list[int], list[Label]]:
+    """Map labels to dense integer codes (in order of first appearance); ``None`` is an error."""
+    index: dict[Label, int] = {}
+    codes = []
+    for lab in labels:
+        if lab is None:
+            raise VembedError("a record has no label, but this step needs labels")
+        codes.append(index.setdefault(lab, len(index)))
+    return codes, list(index)
+
+
+def record_to_json(rec: ImageRecord | PairRecord, *, relative_to: Path | None = None) -> dict[str, Any]:
+    """The JSONL form of a record (paths relative to ``relative_to`` when possible)."""
+
+    def rel(p: Path) -> str:
+        if relative_to is not None:
+            try:
+                return p.resolve().relative_to(relative_to.resolve()).as_posix()
+            except ValueError:
+                pass
+        return str(p)
+
+    if isinstance(rec, PairRecord):
+        out: dict[str, Any] = {"query_image": rel(rec.query_image), "positive": rel(rec.positive)}
+    else:
+        out = {"image": rel(rec.image)}
+    if rec.label is not None:
+        out["label"] = rec.label
+    if isinstance(rec, ImageRecord) and rec.category is not None:
+        out["category"] = rec.category
+    return out
+
+
+def _resolve(value: str, root: Path) -> Path:
+    p = Path(value).expanduser()
+    return p if p.is_absolute() else root / p
+
+
+def _label(value: Any, where: str) -> Label | None:
+    if value is None or (isinstance(value, (int, str)) and not isinstance(value, bool)):
+        return value
+    raise VembedError(f"{where}: 'label' must be an integer or a string, got {type(value).__name__}")
+
+
+def _paths(rec: ImageRecord | PairRecord) -> tuple[Path, ...]:
+    return (rec.query_image, rec.positive) if isinstance(rec, PairRecord) else (rec.image,)

@@ -1,0 +1,72 @@
+"""Embed image records with an :class:`Embedder` — the path shared by eval, embed and search."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from vembed.console import progress, rate_column
+from vembed.data.datasets import ImageDataset, build_loader
+from vembed.data.images import EvalTransform
+from vembed.data.records import ImageRecord
+from vembed.models.embedder import Embedder
+
+
+@dataclass
+class Embeddings:
+    """Embeddings for the records that decoded, in record order, plus the ones that did not."""
+
+    embeddings: torch.Tensor  # [N_ok, D] float32
+    indices: list[int]  # positions in the input records
+    problems: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.indices) / self.seconds if self.seconds > 0 else float("nan")
+
+
+def iter_embedding_batches(
+    embedder: Embedder,
+    records: Sequence[ImageRecord],
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    skip_bad: bool = False,
+    show_progress: bool = True,
+    description: str = "embedding",
+) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
+    """Yield ``(embeddings, record indices, problems)`` batch by batch (for streaming output)."""
+    dataset = ImageDataset(records, EvalTransform(embedder.spec), skip_bad=skip_bad)
+    loader = build_loader(
+        dataset, batch_size=batch_size, num_workers=min(num_workers, len(records) // batch_size + 1)
+    )
+    start = time.perf_counter()
+    done = 0
+    with progress(rate_column()) as bar:
+        task = bar.add_task(description, total=len(records), rate=0.0, visible=show_progress)
+        for batch in loader:
+            problems = [b.message for b in batch.bad]
+            emb = (
+                embedder.encode(batch.pixel_values)
+                if len(batch.indices)
+                else torch.empty(0, embedder.embed_dim)
+            )
+            done += len(batch.indices) + len(batch.bad)
+            bar.update(task, completed=done, rate=done / max(time.perf_counter() - start, 1e-9))
+            yield emb, batch.indices.tolist(), problems
+
+
+def embed_records(embedder: Embedder, records: Sequence[ImageRecord], **options) -> Embeddings:
+    """Embed every record; see :func:`iter_embedding_batches` for the options."""
+    start = time.perf_counter()
+    chunks, indices, problems = [], [], []
+    for emb, idx, bad in iter_embedding_batches(embedder, records, **options):
+        chunks.append(emb)
+        indices.extend(idx)
+        problems.extend(bad)
+    embeddings = torch.cat(chunks) if chunks else torch.empty(0, embedder.embed_dim)
+    return Embeddings(embeddings, indices, problems, time.perf_counter() - start)

@@ -1,0 +1,110 @@
+"""The embedding model: backbone → pooling → optional projection → L2 normalisation."""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vembed.errors import VembedError
+from vembed.models.registry import ModelSpec
+
+POOLINGS = ("cls", "mean", "cls+mean", "gem", "pooler")
+
+
+class GeM(nn.Module):
+    """Generalised-mean pooling over patch tokens with a learnable exponent p."""
+
+    def __init__(self, p: float = 3.0, eps: float = 1e-6):
+        super().__init__()
+        self.p = nn.Parameter(torch.tensor(float(p)))
+        self.eps = eps
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        p = self.p.clamp(min=1.0)
+        return tokens.float().clamp(min=self.eps).pow(p).mean(dim=1).pow(1.0 / p).to(tokens.dtype)
+
+
+class Embedder(nn.Module):
+    """A vision backbone turned into an image embedding model.
+
+    ``forward(pixel_values)`` returns embeddings with gradients (training); ``encode`` is the one
+    inference path used by validation, ``eval``, ``embed`` and ``search``.
+    """
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        spec: ModelSpec,
+        *,
+        pooling: str | None = None,
+        projection_dim: int | None = None,
+        normalize: bool = True,
+    ):
+        super().__init__()
+        pooling = pooling or spec.pooling
+        if pooling not in POOLINGS:
+            raise VembedError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if pooling in ("cls", "cls+mean") and not spec.family_info.has_cls:
+            raise VembedError(
+                f"pooling {pooling!r} needs a CLS token, which {spec.family} models lack; use 'pooler' or 'mean'"
+            )
+        self.backbone = backbone
+        self.spec = spec
+        self.pooling = pooling
+        self.normalize = normalize
+        self.gem = GeM() if pooling == "gem" else None
+        width = spec.embed_dim * (2 if pooling == "cls+mean" else 1)
+        self.feature_dim = width
+        self.projection = nn.Linear(width, projection_dim) if projection_dim else None
+        self.embed_dim = projection_dim or width
+
+    @property
+    def num_prefix_tokens(self) -> int:
+        return int(self.spec.family_info.has_cls) + self.spec.num_register_tokens
+
+    def pool(self, outputs) -> torch.Tensor:
+        """Pool the backbone's outputs into one vector per image (before projection)."""
+        if self.pooling == "pooler":
+            return outputs.pooler_output
+        hidden = outputs.last_hidden_state
+        patches = hidden[:, self.num_prefix_tokens :]
+        if self.pooling == "cls":
+            return hidden[:, 0]
+        if self.pooling == "mean":
+            return patches.mean(dim=1)
+        if self.pooling == "gem":
+            return self.gem(patches)
+        return torch.cat([hidden[:, 0], patches.mean(dim=1)], dim=-1)
+
+    def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Pooled backbone features, before projection and normalisation."""
+        return self.pool(self.backbone(pixel_values=pixel_values))
+
+    def head(self, features: torch.Tensor) -> torch.Tensor:
+        """Projection and normalisation applied to pooled features (cacheable for frozen training)."""
+        if self.projection is not None:
+            features = self.projection(features.to(self.projection.weight.dtype))
+        return F.normalize(features.float(), dim=-1) if self.normalize else features.float()
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.head(self.features(pixel_values))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    @torch.inference_mode()
+    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """Embeddings for a batch of preprocessed images: float32 ``[N, D]`` on the CPU."""
+        was_training = self.training
+        self.eval()
+        try:
+            out = self(pixel_values.to(self.device, self.dtype, non_blocking=True))
+        finally:
+            self.train(was_training)
+        return out.float().cpu()

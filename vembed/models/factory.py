@@ -1,0 +1,143 @@
+"""Create, load and save :class:`Embedder` models (registry name, hub id, or local folder)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+import transformers
+from safetensors.torch import load_file, save_file
+
+from vembed import __version__
+from vembed.errors import VembedError
+from vembed.io import atomic_path, write_json
+from vembed.models.embedder import Embedder
+from vembed.models.registry import ModelSpec, resolve_spec
+from vembed.settings import ModelSettings
+
+VEMBED_CONFIG = "vembed.json"
+HEAD_WEIGHTS = "vembed_head.safetensors"
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → cuda if available, then mps, else cpu."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """``auto`` → bf16 on GPUs that support it (fp16 otherwise), fp32 on CPU."""
+    if dtype != "auto":
+        return getattr(torch, dtype)
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.float32
+
+
+def load_backbone(spec: ModelSpec, *, revision: str | None = None) -> torch.nn.Module:
+    """Load the vision tower named by ``spec`` through ``from_pretrained`` (hub id or folder)."""
+    cls = getattr(transformers, spec.family_info.model_class)
+    try:
+        return cls.from_pretrained(spec.source, revision=revision)
+    except OSError as exc:
+        raise VembedError(f"cannot load model weights from {spec.source!r}: {exc}") from None
+
+
+def create_embedder(model: str | Path | None = None, settings: ModelSettings | None = None) -> Embedder:
+    """Build the embedding model for ``model`` (default: ``settings.name``) on its device and dtype.
+
+    A folder written by ``vembed export`` (or a run's ``final/``) brings back its pooling, projection
+    and preprocessing; explicit settings override the spec's pooling and image size.
+    """
+    settings = settings or ModelSettings()
+    name = str(model if model is not None else settings.name)
+    spec = resolve_spec(name)
+    if settings.image_size:
+        spec = spec.replace(image_size=settings.image_size)
+    saved = _saved_config(name)
+    pooling = settings.pooling or spec.pooling
+    projection_dim = settings.projection_dim
+    normalize = settings.normalize
+    if saved:
+        projection_dim = saved.get("projection_dim") if projection_dim is None else projection_dim
+        normalize = saved.get("normalize", normalize)
+    embedder = Embedder(
+        load_backbone(spec, revision=settings.revision),
+        spec,
+        pooling=pooling,
+        projection_dim=projection_dim,
+        normalize=normalize,
+    )
+    if saved and (Path(name) / HEAD_WEIGHTS).is_file():
+        state = load_file(str(Path(name) / HEAD_WEIGHTS))
+        missing, unexpected = embedder.load_state_dict(state, strict=False)
+        if unexpected:
+            raise VembedError(f"{Path(name) / HEAD_WEIGHTS}: unexpected weights {unexpected}")
+    device = resolve_device(settings.device)
+    return embedder.to(device=device, dtype=resolve_dtype(settings.dtype, device))
+
+
+def save_embedder(
+    embedder: Embedder, out_dir: str | Path, *, dtype: torch.dtype | None = None, extra: dict | None = None
+) -> Path:
+    """Write a self-contained model folder that ``create_embedder`` and plain transformers load.
+
+    ``config.json`` + ``model.safetensors`` are the backbone (``AutoModel.from_pretrained(out_dir)``
+    works); ``vembed.json`` records pooling, projection, normalisation and preprocessing;
+    ``vembed_head.safetensors`` holds the projection / GeM weights when there are any.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    backbone = embedder.backbone
+    if dtype is not None:
+        backbone = backbone.to(dtype)
+    backbone.save_pretrained(out_dir, safe_serialization=True)
+    head = {
+        k: v.detach().cpu().contiguous()
+        for k, v in embedder.state_dict().items()
+        if not k.startswith("backbone.")
+    }
+    if head:
+        with atomic_path(out_dir / HEAD_WEIGHTS) as tmp:
+            save_file(head, str(tmp))
+    spec = embedder.spec
+    write_json(
+        out_dir / VEMBED_CONFIG,
+        {
+            "vembed_version": __version__,
+            "base_model": spec.name if spec.source == spec.name and "/" not in spec.name else spec.source,
+            "family": spec.family,
+            "pooling": embedder.pooling,
+            "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
+            "normalize": embedder.normalize,
+            "embed_dim": embedder.embed_dim,
+            "num_prefix_tokens": embedder.num_prefix_tokens,
+            "lora_targets": list(spec.lora_targets),
+            "preprocessing": {
+                "image_size": spec.image_size,
+                "resize_size": spec.resize_size,
+                "crop_pct": spec.crop_pct,
+                "mean": list(spec.mean),
+                "std": list(spec.std),
+                "interpolation": spec.interpolation,
+            },
+            **(extra or {}),
+        },
+    )
+    return out_dir
+
+
+def _saved_config(name: str) -> dict | None:
+    path = Path(name) / VEMBED_CONFIG
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None

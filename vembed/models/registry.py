@@ -1,0 +1,345 @@
+"""The model registry: short names → :class:`ModelSpec`, so preprocessing travels with the model.
+
+A spec holds where the weights come from and everything needed to feed and pool the backbone.
+Any hub id or local directory also resolves to a spec, read from its ``config.json`` (and from the
+``vembed.json`` that ``vembed export`` writes).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+from vembed.errors import VembedError
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+HALF = (0.5, 0.5, 0.5)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What vembed knows about a backbone family (transformers model types, tokens, LoRA targets)."""
+
+    name: str
+    model_types: tuple[str, ...]
+    model_class: str  # transformers class that loads the vision tower
+    has_cls: bool
+    default_pooling: str
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    lora_targets: tuple[str, ...]  # candidate Linear names (old and new transformers spellings)
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+
+
+FAMILIES: dict[str, Family] = {
+    f.name: f
+    for f in [
+        Family(
+            "dinov2",
+            ("dinov2",),
+            "Dinov2Model",
+            True,
+            "cls",
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value"),
+        ),
+        Family(
+            "dinov2_with_registers",
+            ("dinov2_with_registers",),
+            "Dinov2WithRegistersModel",
+            True,
+            "cls",
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value"),
+        ),
+        Family(
+            "dinov3",
+            ("dinov3_vit",),
+            "DINOv3ViTModel",
+            True,
+            "cls",
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            ("q_proj", "k_proj", "v_proj", "o_proj"),
+        ),
+        Family(
+            "clip",
+            ("clip", "clip_vision_model"),
+            "CLIPVisionModel",
+            True,
+            "pooler",
+            CLIP_MEAN,
+            CLIP_STD,
+            ("q_proj", "k_proj", "v_proj", "out_proj"),
+            crop_pct=1.0,
+        ),
+        Family(
+            "siglip",
+            ("siglip", "siglip_vision_model"),
+            "SiglipVisionModel",
+            False,
+            "pooler",
+            HALF,
+            HALF,
+            ("q_proj", "k_proj", "v_proj", "out_proj"),
+            crop_pct=1.0,
+            interpolation="bilinear",
+        ),
+    ]
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A backbone and its preprocessing: the single source of truth for every subcommand."""
+
+    name: str
+    source: str  # hub id or local directory passed to from_pretrained
+    family: str
+    image_size: int
+    patch_size: int
+    embed_dim: int
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    pooling: str
+    lora_targets: tuple[str, ...]
+    crop_pct: float = 0.875
+    interpolation: str = "bicubic"
+    num_register_tokens: int = 0
+    description: str = ""
+
+    @property
+    def family_info(self) -> Family:
+        return FAMILIES[self.family]
+
+    @property
+    def resize_size(self) -> int:
+        """Shorter side before the centre crop (timm's crop_pct convention)."""
+        return round(self.image_size / self.crop_pct)
+
+    def replace(self, **changes) -> ModelSpec:
+        return dataclasses.replace(self, **changes)
+
+
+def _spec(name, source, family, image_size, patch_size, embed_dim, description, **kw) -> ModelSpec:
+    fam = FAMILIES[family]
+    return ModelSpec(
+        name=name,
+        source=source,
+        family=family,
+        image_size=image_size,
+        patch_size=patch_size,
+        embed_dim=embed_dim,
+        mean=fam.mean,
+        std=fam.std,
+        pooling=kw.pop("pooling", fam.default_pooling),
+        lora_targets=kw.pop("lora_targets", fam.lora_targets),
+        crop_pct=kw.pop("crop_pct", fam.crop_pct),
+        interpolation=fam.interpolation,
+        description=description,
+        **kw,
+    )
+
+
+REGISTRY: dict[str, ModelSpec] = {}
+
+
+def register(spec: ModelSpec) -> ModelSpec:
+    """Add a spec to the registry (also usable by plugins and tests)."""
+    REGISTRY[spec.name] = spec
+    return spec
+
+
+for _size, _dim in [("small", 384), ("base", 768), ("large", 1024), ("giant", 1536)]:
+    register(
+        _spec(
+            f"dinov2-{_size}",
+            f"facebook/dinov2-{_size}",
+            "dinov2",
+            224,
+            14,
+            _dim,
+            f"DINOv2 ViT-{_size[0].upper()}/14",
+        )
+    )
+    register(
+        _spec(
+            f"dinov2-{_size}-reg",
+            f"facebook/dinov2-with-registers-{_size}",
+            "dinov2_with_registers",
+            224,
+            14,
+            _dim,
+            f"DINOv2 ViT-{_size[0].upper()}/14 with 4 registers",
+            num_register_tokens=4,
+        )
+    )
+for _size, _dim in [("small", 384), ("base", 768), ("large", 1024)]:
+    _abbr = {"small": "vits16", "base": "vitb16", "large": "vitl16"}[_size]
+    register(
+        _spec(
+            f"dinov3-{_size}",
+            f"facebook/dinov3-{_abbr}-pretrain-lvd1689m",
+            "dinov3",
+            224,
+            16,
+            _dim,
+            f"DINOv3 ViT-{_size[0].upper()}/16 (gated on the hub)",
+            num_register_tokens=4,
+        )
+    )
+register(
+    _spec("clip-vit-b32", "openai/clip-vit-base-patch32", "clip", 224, 32, 768, "CLIP ViT-B/32 vision tower")
+)
+register(
+    _spec("clip-vit-b16", "openai/clip-vit-base-patch16", "clip", 224, 16, 768, "CLIP ViT-B/16 vision tower")
+)
+register(
+    _spec(
+        "clip-vit-l14", "openai/clip-vit-large-patch14", "clip", 224, 14, 1024, "CLIP ViT-L/14 vision tower"
+    )
+)
+register(
+    _spec("siglip-base", "google/siglip-base-patch16-224", "siglip", 224, 16, 768, "SigLIP B/16 vision tower")
+)
+register(
+    _spec(
+        "siglip-so400m",
+        "google/siglip-so400m-patch14-384",
+        "siglip",
+        384,
+        14,
+        1152,
+        "SigLIP So400m/14 @384 vision tower",
+    )
+)
+
+
+def list_models() -> list[ModelSpec]:
+    """Every registered spec, in registration order."""
+    return list(REGISTRY.values())
+
+
+def family_for_model_type(model_type: str, *, where: str = "") -> Family:
+    for fam in FAMILIES.values():
+        if model_type in fam.model_types:
+            return fam
+    known = sorted(t for f in FAMILIES.values() for t in f.model_types)
+    raise VembedError(
+        f"{where or 'model'}: unsupported model_type {model_type!r}; vembed supports {', '.join(known)}"
+    )
+
+
+def resolve_spec(model: str | Path) -> ModelSpec:
+    """A registry name, a local directory or a hub id → :class:`ModelSpec`.
+
+    A local directory is read from its files; a string that looks like a hub id (``org/name``) has its
+    config fetched from the hub. Anything else is an unknown name, reported with close matches.
+    """
+    text = str(model)
+    if text in REGISTRY:
+        return REGISTRY[text]
+    path = Path(text).expanduser()
+    if path.is_dir():
+        return spec_from_directory(path)
+    if "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1:
+        return spec_from_hub(text)
+    close = difflib.get_close_matches(text, list(REGISTRY), n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise VembedError(
+        f"unknown model {text!r}: not a registry name, an existing directory or a hub id (org/name).{hint} "
+        "`vembed models` lists the registry."
+    )
+
+
+def spec_from_directory(path: Path) -> ModelSpec:
+    """Spec for a local model folder: a transformers save, or one written by ``vembed export``."""
+    config_file = path / "config.json"
+    if not config_file.is_file():
+        raise VembedError(f"{path}: not a model directory (no config.json)")
+    try:
+        config = json.loads(config_file.read_text())
+    except json.JSONDecodeError as exc:
+        raise VembedError(f"{config_file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    preprocessor = _read_json_if_exists(path / "preprocessor_config.json")
+    spec = spec_from_config(config, name=str(path), source=str(path), preprocessor=preprocessor)
+    saved = _read_json_if_exists(path / "vembed.json")
+    if saved:
+        pre = saved.get("preprocessing", {})
+        spec = spec.replace(
+            pooling=saved.get("pooling", spec.pooling),
+            image_size=pre.get("image_size", spec.image_size),
+            crop_pct=pre.get("crop_pct", spec.crop_pct),
+            mean=tuple(pre.get("mean", spec.mean)),
+            std=tuple(pre.get("std", spec.std)),
+            interpolation=pre.get("interpolation", spec.interpolation),
+            lora_targets=tuple(saved.get("lora_targets", spec.lora_targets)),
+            description=f"exported by vembed from {saved.get('base_model', '?')}",
+        )
+    return spec
+
+
+def spec_from_hub(hub_id: str) -> ModelSpec:
+    """Spec for an unregistered hub id, read from its config on the hub."""
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(hub_id).to_dict()
+    except OSError as exc:
+        raise VembedError(f"cannot load config for hub id {hub_id!r}: {exc}") from None
+    return spec_from_config(config, name=hub_id, source=hub_id)
+
+
+def spec_from_config(config: dict, *, name: str, source: str, preprocessor: dict | None = None) -> ModelSpec:
+    """Derive a spec from a transformers config dict (the vision part of CLIP/SigLIP configs)."""
+    model_type = config.get("model_type", "")
+    if model_type in ("clip", "siglip") and "vision_config" in config:
+        vision = dict(config["vision_config"])
+    else:
+        vision = config
+    fam = family_for_model_type(model_type, where=name)
+    config_size = int(vision.get("image_size", 224))
+    # DINOv2 configs say 518 (the pretraining size); 224 is the usual evaluation size.
+    image_size = min(config_size, 224) if fam.name.startswith("dinov") else config_size
+    mean, std = fam.mean, fam.std
+    if preprocessor:
+        crop = preprocessor.get("crop_size") or preprocessor.get("size")
+        if isinstance(crop, dict):
+            crop = crop.get("height") or crop.get("shortest_edge")
+        if isinstance(crop, int):
+            image_size = crop
+        mean = tuple(preprocessor.get("image_mean", mean))
+        std = tuple(preprocessor.get("image_std", std))
+    return ModelSpec(
+        name=name,
+        source=source,
+        family=fam.name,
+        image_size=image_size,
+        patch_size=int(vision.get("patch_size", 14)),
+        embed_dim=int(vision.get("hidden_size", 768)),
+        mean=mean,
+        std=std,
+        pooling=fam.default_pooling,
+        lora_targets=fam.lora_targets,
+        crop_pct=fam.crop_pct,
+        interpolation=fam.interpolation,
+        num_register_tokens=int(vision.get("num_register_tokens", 0) or 0),
+    )
+
+
+def _read_json_if_exists(path: Path) -> dict | None:
+    if not path.is_file():
+        return None
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None

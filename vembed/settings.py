@@ -1,0 +1,222 @@
+"""Settings: one pydantic section per concern, loaded from a YAML recipe plus ``key=value`` overrides.
+
+Every subcommand reads the same :class:`Settings`. Unknown keys are errors that name the key and
+suggest the closest valid one; wrong types name the key, the value and what was expected.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from vembed.errors import VembedError
+
+Pooling = Literal["cls", "mean", "cls+mean", "gem", "pooler"]
+
+
+class Section(BaseModel):
+    """Base for every settings section: unknown keys are errors, assignments are validated."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def _split_ints(value: Any) -> Any:
+    """Accept ``"1,10,100"`` (from the command line) as well as a YAML list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    if isinstance(value, int):
+        return [value]
+    return value
+
+
+class ModelSettings(Section):
+    name: str = Field("dinov2-small", description="Registry name, hub id, or local model directory.")
+    pooling: Pooling | None = Field(None, description="Token pooling; default: the model spec's.")
+    projection_dim: int | None = Field(None, ge=1, description="Add a linear projection to this width.")
+    normalize: bool = Field(True, description="L2-normalise embeddings.")
+    image_size: int | None = Field(None, ge=14, description="Override the spec's input size.")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        "auto", description="auto: bf16 (or fp16) on GPU, fp32 on CPU."
+    )
+    device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps ...")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
+
+
+class DataSettings(Section):
+    train: Path | None = Field(None, description="Training records (JSONL).")
+    val: Path | None = Field(None, description="Validation records (JSONL), never the test split.")
+    test: Path | None = Field(None, description="Test records (JSONL).")
+    image_root: Path | None = Field(
+        None, description="Resolve relative image paths here (default: the JSONL's folder)."
+    )
+    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    skip_bad: bool = Field(False, description="Skip (and count) bad records and images instead of failing.")
+
+
+class LoraSettings(Section):
+    r: int = Field(16, ge=1)
+    alpha: float = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    targets: list[str] | None = Field(None, description="Module names; default: the model spec's.")
+
+
+class TrainSettings(Section):
+    output_dir: Path = Field(Path("runs/vembed"), description="Run directory.")
+    method: Literal["lora", "full", "frozen"] = "lora"
+    loss: str = Field("infonce", description="infonce, supcon, arcface, cosface, triplet, ce.")
+    epochs: int = Field(2, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
+    batch_size: int = Field(128, ge=2)
+    lr: float = Field(1e-4, gt=0)
+    weight_decay: float = Field(0.05, ge=0)
+    warmup_ratio: float = Field(0.05, ge=0, lt=1)
+    grad_clip: float | None = Field(1.0, gt=0)
+    grad_accum: int = Field(1, ge=1)
+    precision: Literal["no", "bf16", "fp16"] = "no"
+    grad_checkpointing: bool = False
+    seed: int = 0
+    resume: bool = False
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+
+
+class EvalSettings(Section):
+    k: list[int] = Field(default_factory=lambda: [1, 10, 100], description="Recall@K cut-offs.")
+    batch_size: int = Field(64, ge=1, description="Images per forward pass.")
+    chunk_size: int = Field(4096, ge=1, description="Query rows per similarity block.")
+
+    _split_k = field_validator("k", mode="before")(_split_ints)
+
+
+class ExportSettings(Section):
+    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
+    onnx: bool = False
+
+
+class IndexSettings(Section):
+    kind: Literal["auto", "exact", "flat", "hnsw", "ivf"] = Field(
+        "auto", description="auto: exact below index.faiss_threshold vectors, faiss HNSW above."
+    )
+    faiss_threshold: int = Field(200_000, ge=0)
+    batch_size: int = Field(64, ge=1, description="Images per forward pass when embedding.")
+
+
+class Settings(Section):
+    """All of vembed's settings; a recipe YAML has one mapping per section."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    train: TrainSettings = Field(default_factory=TrainSettings)
+    eval: EvalSettings = Field(default_factory=EvalSettings)
+    export: ExportSettings = Field(default_factory=ExportSettings)
+    index: IndexSettings = Field(default_factory=IndexSettings)
+
+
+def load_settings(
+    recipe: str | Path | None = None,
+    overrides: list[str] | None = None,
+    values: dict[str, Any] | None = None,
+) -> Settings:
+    """Read a YAML recipe (optional), apply dotted ``key=value`` overrides, then ``values``, validate.
+
+    ``overrides`` are strings parsed as YAML scalars (as typed on a command line); ``values`` maps
+    dotted keys to Python values used as they are (command-line flags, library callers).
+
+    >>> load_settings(None, ["train.lr=3e-4", "model.name=dinov2-base"]).train.lr
+    0.0003
+    """
+    data: dict[str, Any] = {}
+    source = "settings"
+    if recipe is not None:
+        source = str(recipe)
+        data = _read_yaml(Path(recipe))
+    for item in overrides or []:
+        key, value = parse_override(item)
+        _set_dotted(data, key, value)
+    for key, value in (values or {}).items():
+        _set_dotted(data, key, value)
+    return validate_settings(data, source=source)
+
+
+def validate_settings(data: dict[str, Any], *, source: str = "settings") -> Settings:
+    """Validate a nested dict; raise one :class:`VembedError` naming each bad key."""
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise VembedError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """``"train.lr=3e-4"`` → ``("train.lr", "3e-4")``; values are parsed as YAML scalars/lists."""
+    if "=" not in item:
+        raise VembedError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key:
+        raise VembedError(f"override {item!r} has an empty key")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    return key, value
+
+
+def settings_to_yaml(settings: Settings) -> str:
+    """The fully resolved settings as YAML (written next to every output)."""
+    return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
+
+
+def _read_yaml(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise VembedError(f"recipe not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark is not None else ""
+        raise VembedError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+    if not isinstance(data, dict):
+        raise VembedError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
+    from vembed.compat import is_factory_config, map_factory_config
+
+    if is_factory_config(data):
+        data = map_factory_config(data, source=path)
+    return data
+
+
+def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.get(part)
+        if not isinstance(child, dict):
+            child = {}
+            node[part] = child
+        node = child
+    node[parts[-1]] = value
+
+
+def _model_at(loc: tuple) -> type[BaseModel] | None:
+    model: type[BaseModel] | None = Settings
+    for part in loc:
+        if model is None or not isinstance(part, str) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = annotation if isinstance(annotation, type) and issubclass(annotation, BaseModel) else None
+    return model
+
+
+def _describe(err: dict) -> str:
+    loc = tuple(err["loc"])
+    key = ".".join(str(p) for p in loc)
+    if err["type"] == "extra_forbidden":
+        parent = _model_at(loc[:-1])
+        valid = list(parent.model_fields) if parent is not None else []
+        close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
+        hint = f" (did you mean '{'.'.join([*map(str, loc[:-1]), close[0]])}'?)" if close else ""
+        return f"unknown setting '{key}'{hint}; valid keys here: {', '.join(valid)}"
+    value = err.get("input")
+    return f"'{key}' = {value!r}: {err['msg']}"
