@@ -1,1 +1,105 @@
-"""Placeholder until its issue lands."""
+"""``vembed eval``: retrieval metrics (Recall@K, MAP@R), zero-shot vs fine-tuned side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+from rich.console import Console
+
+from vembed.cli.app import app, quiet_transformers, settings_from, user_errors
+from vembed.console import log
+from vembed.errors import VembedError
+from vembed.evaluation.report import comparison_json, comparison_table
+from vembed.evaluation.run import evaluate_retrieval
+from vembed.io import write_json, write_text
+from vembed.settings import Settings, settings_to_yaml
+
+eval_app = typer.Typer(help="Evaluate embedding models.", no_args_is_help=True)
+app.add_typer(eval_app, name="eval")
+
+MODEL_HELP = "Registry name, hub id or local model folder (e.g. a run's final/)."
+
+
+@eval_app.command("retrieval")
+@user_errors
+def retrieval_command(
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: model.name."),
+    data: Path = typer.Option(None, "--data", "-d", help="Labelled records (JSONL). Default: data.test."),
+    gallery: Path = typer.Option(None, "--gallery", help="Gallery records: query/gallery protocol."),
+    k: str = typer.Option(None, "--k", help="Recall@K cut-offs, e.g. 1,10,100."),
+    json_out: Path = typer.Option(None, "--json", help="Write the metrics here as JSON."),
+    compare: list[str] = typer.Option(
+        None,
+        "--compare",
+        help="Also evaluate these models (repeatable); the table shows their deltas against --model.",
+    ),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML recipe."),
+    skip_bad: bool = typer.Option(None, "--skip-bad", help="Skip and count bad records/images."),
+    overrides: list[str] = typer.Argument(None, help="key=value settings overrides."),
+) -> None:
+    """Recall@K and MAP@R: all-vs-all (SOP protocol), or query/gallery with --gallery."""
+    settings = settings_from(config, overrides, model__name=model, eval__k=k, data__skip_bad=skip_bad)
+    data = data or settings.data.test
+    if data is None:
+        raise VembedError("no evaluation data: pass --data FILE.jsonl (or set data.test)")
+    _evaluate(
+        settings,
+        [settings.model.name, *(compare or [])],
+        data,
+        gallery,
+        json_out,
+        title=f"retrieval on {data}",
+    )
+
+
+@eval_app.command("sop")
+@user_errors
+def sop_command(
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: model.name."),
+    data: Path = typer.Option(
+        Path("data/sop"),
+        "--data",
+        "-d",
+        help="Folder written by `vembed prepare sop` (uses its test.jsonl), or a JSONL file.",
+    ),
+    k: str = typer.Option("1,10,100,1000", "--k", help="Recall@K cut-offs."),
+    json_out: Path = typer.Option(None, "--json", help="Write the metrics here as JSON."),
+    compare: list[str] = typer.Option(None, "--compare", help="Also evaluate these models (repeatable)."),
+    config: Path = typer.Option(None, "--config", "-c", help="YAML recipe."),
+    overrides: list[str] = typer.Argument(None, help="key=value settings overrides."),
+) -> None:
+    """Stanford Online Products protocol: all-vs-all on the official test split, Recall@1/10/100/1000."""
+    settings = settings_from(config, overrides, model__name=model, eval__k=k)
+    test = data / "test.jsonl" if data.is_dir() else data
+    if not test.is_file():
+        raise VembedError(f"SOP test split not found: {test} (run `vembed prepare sop --out {data}` first)")
+    _evaluate(
+        settings,
+        [settings.model.name, *(compare or [])],
+        test,
+        None,
+        json_out,
+        title="Stanford Online Products (test, all-vs-all)",
+    )
+
+
+def _evaluate(
+    settings: Settings,
+    models: list[str],
+    data: Path,
+    gallery: Path | None,
+    json_out: Path | None,
+    *,
+    title: str,
+) -> None:
+    quiet_transformers()
+    reports = []
+    for name in models:
+        log(f"evaluating [bold]{name}[/] on {data}")
+        reports.append(evaluate_retrieval(name, data, gallery=gallery, settings=settings))
+    Console().print(comparison_table(reports, title=title))
+    if json_out is not None:
+        write_json(json_out, comparison_json(reports))
+        write_text(json_out.with_suffix(".settings.yaml"), settings_to_yaml(settings))
+        log(f"wrote {json_out}")

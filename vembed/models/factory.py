@@ -43,6 +43,7 @@ def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
 def load_backbone(spec: ModelSpec, *, revision: str | None = None) -> torch.nn.Module:
     """Load the vision tower named by ``spec`` through ``from_pretrained`` (hub id or folder)."""
     cls = getattr(transformers, spec.family_info.model_class)
+    transformers.utils.logging.disable_progress_bar()
     try:
         return cls.from_pretrained(spec.source, revision=revision)
     except OSError as exc:
