@@ -12,6 +12,7 @@ from vembed.console import progress, rate_column
 from vembed.data.datasets import ImageDataset, build_loader
 from vembed.data.images import EvalTransform
 from vembed.data.records import ImageRecord
+from vembed.errors import VembedError
 from vembed.models.embedder import Embedder
 
 
@@ -48,7 +49,7 @@ def iter_embedding_batches(
     done = 0
     with progress(rate_column()) as bar:
         task = bar.add_task(description, total=len(records), rate=0.0, visible=show_progress)
-        for batch in loader:
+        for batch in _without_worker_tracebacks(loader):
             problems = [b.message for b in batch.bad]
             emb = (
                 embedder.encode(batch.pixel_values)
@@ -58,6 +59,23 @@ def iter_embedding_batches(
             done += len(batch.indices) + len(batch.bad)
             bar.update(task, completed=done, rate=done / max(time.perf_counter() - start, 1e-9))
             yield emb, batch.indices.tolist(), problems
+
+
+def _without_worker_tracebacks(loader) -> Iterator:
+    """Iterate ``loader``; a VembedError raised in a DataLoader worker comes back as its own one line.
+
+    (The DataLoader re-raises worker exceptions with the worker's whole traceback in the message.)
+    """
+    iterator = iter(loader)
+    while True:
+        try:
+            batch = next(iterator)
+        except StopIteration:
+            return
+        except VembedError as exc:
+            last = str(exc).rstrip().splitlines()[-1]
+            raise VembedError(last.removeprefix(f"{VembedError.__module__}.VembedError: ")) from None
+        yield batch
 
 
 def embed_records(embedder: Embedder, records: Sequence[ImageRecord], **options) -> Embeddings:
