@@ -13,6 +13,7 @@ from vembed.errors import VembedError
 from vembed.evaluation.report import comparison_json, comparison_table
 from vembed.evaluation.run import evaluate_retrieval
 from vembed.io import write_json, write_text
+from vembed.models.registry import resolve_spec
 from vembed.settings import Settings, settings_to_yaml
 
 eval_app = typer.Typer(help="Evaluate embedding models.", no_args_is_help=True)
@@ -94,6 +95,8 @@ def _evaluate(
     title: str,
 ) -> None:
     quiet_transformers()
+    for name in models:
+        resolve_spec(name)  # every model name checked before the first evaluation starts
     reports = []
     for name in models:
         log(f"evaluating [bold]{name}[/] on {data}")

@@ -22,8 +22,10 @@ app.add_typer(config_app, name="config")
 def models_command() -> None:
     """List the model registry (any other hub id or local folder works too)."""
     table = Table(title="vembed model registry")
-    for column in ("name", "hub id", "family", "size", "patch", "dim", "pooling", "description"):
-        table.add_column(column)
+    for column in ("name", "hub id"):
+        table.add_column(column, no_wrap=True)
+    for column in ("family", "size", "patch", "dim", "pooling", "description"):
+        table.add_column(column, overflow="fold")
     for spec in list_models():
         table.add_row(
             spec.name,

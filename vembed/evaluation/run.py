@@ -13,6 +13,7 @@ from vembed.evaluation.retrieval import retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder
 from vembed.models.factory import create_embedder
+from vembed.models.registry import resolve_spec
 from vembed.settings import Settings
 
 
@@ -55,6 +56,8 @@ def evaluate_retrieval(
     """
     settings = settings or Settings()
     start = time.perf_counter()
+    if not isinstance(model, Embedder):
+        resolve_spec(model)  # an unknown model name fails before any data is read
     queries = _records(query, settings)
     references = _records(gallery, settings) if gallery is not None else None
     embedder = model if isinstance(model, Embedder) else create_embedder(model, settings.model)

@@ -1,0 +1,119 @@
+import json
+
+import pytest
+import torch
+from conftest import save_tiny_model
+from typer.testing import CliRunner
+
+from vembed.cli import app
+from vembed.errors import VembedError
+from vembed.models.factory import create_embedder, save_embedder
+from vembed.models.registry import REGISTRY, list_models, resolve_spec
+from vembed.settings import ModelSettings
+
+REQUIRED = [
+    "dinov2-small",
+    "dinov2-base",
+    "dinov2-large",
+    "dinov2-giant",
+    "dinov2-base-reg",
+    "dinov3-small",
+    "dinov3-base",
+    "dinov3-large",
+    "clip-vit-b32",
+    "clip-vit-b16",
+    "clip-vit-l14",
+    "siglip-base",
+    "siglip-so400m",
+]
+
+
+def test_registry_has_the_promised_models():
+    assert set(REQUIRED) <= set(REGISTRY)
+    spec = resolve_spec("dinov2-base")
+    assert (spec.source, spec.family, spec.image_size, spec.patch_size, spec.embed_dim) == (
+        "facebook/dinov2-base",
+        "dinov2",
+        224,
+        14,
+        768,
+    )
+    assert spec.resize_size == 256 and spec.mean == (0.485, 0.456, 0.406)
+    assert resolve_spec("siglip-base").pooling == "pooler"
+
+
+def test_unknown_name_lists_close_matches():
+    with pytest.raises(VembedError, match="unknown model 'dinov2-smal'.*dinov2-small"):
+        resolve_spec("dinov2-smal")
+
+
+def test_hub_id_reads_config_through_from_pretrained(monkeypatch):
+    import transformers
+
+    calls = []
+
+    def fake_from_pretrained(hub_id, **kw):  # the network boundary
+        calls.append(hub_id)
+        return transformers.Dinov2Config(hidden_size=48, patch_size=14, image_size=518)
+
+    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_from_pretrained)
+    spec = resolve_spec("someone/custom-dinov2")
+    assert calls == ["someone/custom-dinov2"]
+    assert (spec.family, spec.embed_dim, spec.image_size) == ("dinov2", 48, 224)
+
+
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_with_registers", "clip", "siglip", "dinov3"])
+def test_local_directory_of_each_family_embeds(tmp_path, family):
+    path = save_tiny_model(tmp_path / family, family)
+    embedder = create_embedder(str(path))
+    assert embedder.spec.family == family and embedder.spec.image_size == 28
+    x = torch.randn(3, 3, 28, 28)
+    out = embedder.encode(x)
+    assert out.shape == (3, 32) and torch.isfinite(out).all()
+    assert torch.allclose(out.norm(dim=1), torch.ones(3), atol=1e-5)
+
+
+def test_register_tokens_are_not_patches(tmp_path):
+    path = save_tiny_model(tmp_path / "reg", "dinov2_with_registers")
+    embedder = create_embedder(str(path), ModelSettings(pooling="mean"))
+    assert embedder.num_prefix_tokens == 5  # CLS + 4 registers
+    hidden = torch.randn(2, 5 + 4, 32)
+    out = type("O", (), {"last_hidden_state": hidden})()
+    assert torch.allclose(embedder.pool(out), hidden[:, 5:].mean(1))
+
+
+@pytest.mark.parametrize("pooling,dim", [("cls", 32), ("mean", 32), ("cls+mean", 64), ("gem", 32)])
+def test_poolings_and_projection(tiny_model, pooling, dim):
+    emb = create_embedder(str(tiny_model), ModelSettings(pooling=pooling))
+    assert emb.encode(torch.randn(2, 3, 28, 28)).shape == (2, dim)
+    proj = create_embedder(str(tiny_model), ModelSettings(pooling=pooling, projection_dim=8))
+    assert proj.encode(torch.randn(2, 3, 28, 28)).shape == (2, 8)
+
+
+def test_cls_pooling_on_siglip_is_refused(tmp_path):
+    path = save_tiny_model(tmp_path / "sig", "siglip")
+    with pytest.raises(VembedError, match="needs a CLS token"):
+        create_embedder(str(path), ModelSettings(pooling="cls"))
+
+
+def test_saved_embedder_round_trips_with_head(tiny_model, tmp_path):
+    emb = create_embedder(str(tiny_model), ModelSettings(pooling="gem", projection_dim=8))
+    torch.nn.init.normal_(emb.projection.weight)
+    out = save_embedder(emb, tmp_path / "saved")
+    meta = json.loads((out / "vembed.json").read_text())
+    assert meta["pooling"] == "gem" and meta["projection_dim"] == 8
+    again = create_embedder(str(out))
+    x = torch.randn(4, 3, 28, 28)
+    assert torch.allclose(emb.encode(x), again.encode(x), atol=1e-6)
+
+
+def test_not_a_model_directory(tmp_path):
+    with pytest.raises(VembedError, match="no config.json"):
+        resolve_spec(str(tmp_path))
+
+
+def test_models_command_lists_registry():
+    result = CliRunner().invoke(app, ["models"], terminal_width=200)
+    assert result.exit_code == 0
+    for spec in list_models():
+        assert spec.name in result.output

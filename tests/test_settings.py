@@ -1,0 +1,71 @@
+import pytest
+from typer.testing import CliRunner
+
+from vembed.cli import app
+from vembed.errors import VembedError
+from vembed.settings import load_settings, parse_override, settings_to_yaml
+
+
+def test_recipe_and_dotted_overrides(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("model:\n  name: dinov2-base\ntrain:\n  lr: 0.001\n  batch_size: 64\n")
+    s = load_settings(recipe, ["train.lr=3e-4", "eval.k=1,5", "train.lora.r=8"])
+    assert s.model.name == "dinov2-base"
+    assert s.train.lr == pytest.approx(3e-4)  # "3e-4" is a YAML string; pydantic coerces it
+    assert s.train.batch_size == 64
+    assert s.eval.k == [1, 5]
+    assert s.train.lora.r == 8
+
+
+def test_values_are_used_verbatim_and_win_over_overrides():
+    s = load_settings(None, ["model.name=a"], {"model.name": "weird: name"})
+    assert s.model.name == "weird: name"
+
+
+def test_unknown_key_names_key_and_suggests_closest(tmp_path):
+    with pytest.raises(VembedError, match=r"unknown setting 'train\.lrr' \(did you mean 'train\.lr'\?\)"):
+        load_settings(None, ["train.lrr=1"])
+    with pytest.raises(VembedError, match=r"unknown setting 'modle'.*did you mean 'model'"):
+        load_settings(None, ["modle.name=x"])
+
+
+def test_wrong_type_names_key_value_and_expectation(tmp_path):
+    recipe = tmp_path / "bad.yaml"
+    recipe.write_text("train:\n  batch_size: lots\n")
+    with pytest.raises(VembedError) as exc:
+        load_settings(recipe)
+    message = str(exc.value)
+    assert str(recipe) in message and "train.batch_size" in message and "'lots'" in message
+    assert "integer" in message
+
+
+def test_invalid_yaml_names_file_and_line(tmp_path):
+    recipe = tmp_path / "broken.yaml"
+    recipe.write_text("train:\n  lr: [1,\n")
+    with pytest.raises(VembedError, match=r"broken\.yaml:\d+: invalid YAML"):
+        load_settings(recipe)
+
+
+def test_missing_recipe_and_bad_override():
+    with pytest.raises(VembedError, match="recipe not found"):
+        load_settings("nope.yaml")
+    with pytest.raises(VembedError, match="not key=value"):
+        parse_override("train.lr")
+
+
+def test_resolved_yaml_round_trips(tmp_path):
+    s = load_settings(None, ["train.epochs=3", "model.pooling=gem"])
+    path = tmp_path / "resolved.yaml"
+    path.write_text(settings_to_yaml(s))
+    assert load_settings(path) == s
+
+
+def test_config_show_cli(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  epochs: 5\n")
+    result = CliRunner().invoke(app, ["config", "show", str(recipe), "train.lr=0.5"])
+    assert result.exit_code == 0, result.output
+    assert "epochs: 5" in result.output and "lr: 0.5" in result.output
+    bad = CliRunner().invoke(app, ["config", "show", str(recipe), "train.epoch=5"])
+    assert bad.exit_code == 2
+    assert "did you mean 'train.epochs'" in bad.output
