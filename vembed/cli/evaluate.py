@@ -10,8 +10,6 @@ from rich.console import Console
 from vembed.cli.app import app, quiet_transformers, settings_from, user_errors
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.evaluation.report import comparison_json, comparison_table
-from vembed.evaluation.run import evaluate_retrieval
 from vembed.io import write_json, write_text
 from vembed.models.registry import resolve_spec
 from vembed.settings import Settings, settings_to_yaml
@@ -94,6 +92,9 @@ def _evaluate(
     *,
     title: str,
 ) -> None:
+    from vembed.evaluation.report import comparison_json, comparison_table  # torch: imported on use
+    from vembed.evaluation.run import evaluate_retrieval
+
     quiet_transformers()
     for name in models:
         resolve_spec(name)  # every model name checked before the first evaluation starts
