@@ -65,9 +65,12 @@ def topk(
     indices = torch.empty(len(queries), max(k, 0), dtype=torch.int64)
     if k <= 0:
         return scores, indices
+    buffer = _scores_buffer(len(queries), references, chunk_size)
     for start, stop in _chunks(len(queries), chunk_size, progress, "top-k"):
         exclude = torch.arange(start, stop, device=queries.device) if exclude_self else None
-        chunk_scores, chunk_indices = _rank(queries[start:stop], references, k, exclude)
+        chunk_scores, chunk_indices = _rank(
+            queries[start:stop], references, k, exclude, buffer[: stop - start]
+        )
         scores[start:stop] = chunk_scores.cpu()
         indices[start:stop] = chunk_indices.cpu()
     return scores, indices
@@ -143,11 +146,13 @@ def retrieval_metrics(
     available = len(references) - int(all_vs_all)
     hits = dict.fromkeys(ks, 0)
     average_precision = torch.empty(len(used), dtype=torch.float64)  # AP@R per used query
+    buffer = _scores_buffer(len(used), references, chunk_size)
     for start, stop in _chunks(len(used), chunk_size, progress, "retrieval"):
         rows = used[start:stop]
         r = num_relevant[rows]
         k = min(max(ks[-1], int(r.max())), available)
-        _, neighbours = _rank(queries[rows], references, k, rows if all_vs_all else None)
+        exclude = rows if all_vs_all else None
+        _, neighbours = _rank(queries[rows], references, k, exclude, buffer[: stop - start])
         relevant = reference_codes[neighbours] == query_codes[rows, None]  # [c, k] bool
         for kk in ks:
             hits[kk] += int(relevant[:, :kk].any(dim=1).sum())
@@ -177,14 +182,20 @@ def labels_to_codes(labels) -> torch.Tensor:
 
 
 def _rank(
-    block: torch.Tensor, references: torch.Tensor, k: int, exclude: torch.Tensor | None
+    block: torch.Tensor,
+    references: torch.Tensor,
+    k: int,
+    exclude: torch.Tensor | None,
+    scores: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Top-``k`` of one query block, best first, equal scores by lower reference index.
 
     ``exclude[j]`` is the reference index that query ``j`` must not return (itself), or None.
     ``k`` must be at least 1 and at most the number of references available to every query.
+    ``scores`` is a ``[len(block), len(references)]`` buffer for the similarities, reused across
+    chunks so that the largest allocation is made once rather than once per chunk.
     """
-    scores = torch.mm(block, references.T)
+    torch.mm(block, references.T, out=scores)
     if exclude is not None:
         scores[torch.arange(len(block), device=scores.device), exclude] = float("-inf")
     # One extra candidate shows whether the k-th score also occurs among the references left out.
@@ -215,6 +226,12 @@ def _rank(
         values[tied_rows] = vals
         indices[tied_rows] = idx.gather(1, order)
     return values, indices
+
+
+def _scores_buffer(num_queries: int, references: torch.Tensor, chunk_size: int) -> torch.Tensor:
+    """Room for one chunk of query × reference similarities."""
+    rows = min(chunk_size, num_queries)
+    return torch.empty(rows, len(references), dtype=torch.float32, device=references.device)
 
 
 def _chunks(total: int, chunk_size: int, show: bool, description: str) -> Iterator[tuple[int, int]]:
