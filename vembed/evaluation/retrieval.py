@@ -102,8 +102,8 @@ def retrieval_metrics(
     from the gallery) are skipped and counted in ``num_skipped``.
 
     Labels may be int tensors, numpy arrays or lists of ints or strings; embeddings as in :func:`topk`.
-    Per query only the top ``max(max(ks), R)`` references are ranked, chunk by chunk, so neither the
-    similarity matrix nor the full ranking is ever held.
+    Each chunk of queries ranks only its top ``max(max(ks), largest R in the chunk)`` references, so
+    neither the similarity matrix nor the full ranking is ever held.
 
     Returns:
         ``{"recall@1": ..., "recall@10": ..., "map@r": ..., "num_queries": used, "num_skipped": ...}``
