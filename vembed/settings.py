@@ -58,29 +58,110 @@ class DataSettings(Section):
 
 
 class LoraSettings(Section):
-    r: int = Field(16, ge=1)
-    alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    targets: list[str] | None = Field(None, description="Module names; default: the model spec's.")
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: float = Field(32, gt=0, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0, lt=1, description="Dropout on the LoRA branch.")
+    targets: list[str] | None = Field(
+        None,
+        description="Linear module names to adapt (e.g. q_proj, v_proj, fc1); default: the model spec's "
+        "attention projections. Every name given here must exist in the backbone.",
+    )
+
+    @field_validator("targets", mode="before")
+    @classmethod
+    def _split_targets(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
 
 class TrainSettings(Section):
+    """``vembed train``: method, loss, optimisation, sampling, validation and checkpoints.
+
+    ``batch_size`` is per process; the optimiser sees ``batch_size x grad_accum x processes`` images per
+    step, and contrastive losses see negatives from every process.
+    """
+
     output_dir: Path = Field(Path("runs/vembed"), description="Run directory.")
-    method: Literal["lora", "full", "frozen"] = "lora"
+    method: Literal["lora", "full", "frozen"] = Field(
+        "lora", description="lora: adapters on the backbone; full: every weight; frozen: head/proxies only."
+    )
     loss: str = Field("infonce", description="infonce, supcon, arcface, cosface, triplet, ce.")
     epochs: int = Field(2, ge=1)
-    max_steps: int | None = Field(None, ge=1, description="Stop after this many optimiser steps.")
-    batch_size: int = Field(128, ge=2)
-    lr: float = Field(1e-4, gt=0)
+    max_steps: int | None = Field(
+        None, ge=1, description="Stop after this many optimiser steps (overrides epochs)."
+    )
+    batch_size: int = Field(128, ge=2, description="Images per process per micro-batch.")
+    lr: float = Field(1e-4, gt=0, description="Peak learning rate of the backbone (AdamW).")
+    head_lr: float | None = Field(
+        None,
+        gt=0,
+        description="Learning rate of the projection and the loss's parameters (proxies, classifier, "
+        "temperature); default: lr for method=frozen, 10 x lr otherwise.",
+    )
     weight_decay: float = Field(0.05, ge=0)
-    warmup_ratio: float = Field(0.05, ge=0, lt=1)
-    grad_clip: float | None = Field(1.0, gt=0)
-    grad_accum: int = Field(1, ge=1)
-    precision: Literal["no", "bf16", "fp16"] = "no"
-    grad_checkpointing: bool = False
+    layer_decay: float | None = Field(
+        None, gt=0, le=1, description="Layer-wise lr decay: layer i of L gets lr x layer_decay^(L+1-i)."
+    )
+    warmup_ratio: float = Field(
+        0.05, ge=0, lt=1, description="Linear warm-up share of the steps, then cosine."
+    )
+    grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (null: off).")
+    grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
+    precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision (accelerate).")
+    grad_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
+    grad_cache_chunk: int | None = Field(
+        None,
+        ge=1,
+        description="Gradient cache: embed the batch in chunks of this many images (large contrastive "
+        "batches on a small GPU, same gradients).",
+    )
     seed: int = 0
-    resume: bool = False
+    deterministic: bool = Field(False, description="torch.use_deterministic_algorithms (slower on GPU).")
+    resume: bool = Field(False, description="Continue from the last checkpoint in output_dir.")
+    # loss options (null: the loss's own default)
+    temperature: float | None = Field(None, gt=0, description="infonce / supcon temperature.")
+    learnable_temperature: bool = Field(False, description="infonce / supcon: learn the temperature.")
+    margin: float | None = Field(None, ge=0, description="arcface / cosface / triplet margin.")
+    scale: float | None = Field(None, gt=0, description="arcface / cosface / ce (normalized) logit scale.")
+    mining: Literal["hard", "semihard", "all"] | None = Field(None, description="triplet miner.")
+    loss_options: dict[str, Any] = Field(
+        default_factory=dict, description="Other keyword options of the loss (e.g. label_smoothing)."
+    )
+    matryoshka_dims: list[int] | None = Field(
+        None, description="Also train these truncated widths (infonce / supcon / triplet)."
+    )
+    # sampling
+    sampler: Literal["auto", "pk", "random"] = Field(
+        "auto",
+        description="pk: P classes x K images per batch; random: shuffled; auto: pk for "
+        "infonce/supcon/triplet, random for arcface/cosface/ce.",
+    )
+    samples_per_class: int | None = Field(
+        None, ge=2, description="K of P x K batches; default 2 for infonce, 4 for supcon/triplet."
+    )
+    categories_per_batch: int | None = Field(
+        None,
+        ge=1,
+        description="Draw each batch's classes from this many record categories (harder negatives).",
+    )
+    augment: bool = Field(True, description="Random resized crop + flip on training images.")
+    cache_features: bool = Field(
+        True, description="method=frozen: compute backbone features once and train the head on them."
+    )
+    # validation, logging, checkpoints
+    eval_every: int | None = Field(
+        None, ge=1, description="Validate every N steps (default: each epoch end)."
+    )
+    eval_at_start: bool = Field(True, description="Validate once before training (the zero-shot baseline).")
+    checkpoint_every: int | None = Field(
+        None, ge=1, description="Checkpoint every N steps (always at each epoch end)."
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Checkpoints kept on disk (oldest deleted first).")
+    log_every: int = Field(10, ge=1, description="Write a metrics.jsonl row every N steps.")
     lora: LoraSettings = Field(default_factory=LoraSettings)
+
+    _split_dims = field_validator("matryoshka_dims", mode="before")(_split_ints)
 
 
 class EvalSettings(Section):
@@ -102,6 +183,13 @@ class IndexSettings(Section):
     )
     faiss_threshold: int = Field(200_000, ge=0)
     batch_size: int = Field(64, ge=1, description="Images per forward pass when embedding.")
+    k: int = Field(10, ge=1, description="Results per query for `vembed search`.")
+    chunk_size: int = Field(4096, ge=1, description="Query rows per similarity block (exact search).")
+    hnsw_m: int = Field(32, ge=4, description="HNSW: neighbours per node (more: better recall, more RAM).")
+    ef_construction: int = Field(200, ge=8, description="HNSW: candidate list size while building.")
+    ef_search: int = Field(128, ge=1, description="HNSW: candidate list size while searching (>= k).")
+    nlist: int | None = Field(None, ge=1, description="IVF: number of clusters; default ~4·sqrt(N).")
+    nprobe: int = Field(16, ge=1, description="IVF: clusters visited per query.")
 
 
 class Settings(Section):

@@ -1,0 +1,117 @@
+"""Embed image records into a store, or stream them as JSON lines (``vembed embed``)."""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TextIO
+
+import torch
+
+from vembed.data.records import ImageRecord
+from vembed.errors import VembedError
+from vembed.index.store import EmbeddingStore, build_store, is_store, write_store
+from vembed.inference import embed_records, iter_embedding_batches
+from vembed.models.embedder import Embedder
+
+
+@dataclass
+class EmbedSummary:
+    count: int  # images embedded
+    seconds: float
+    problems: list[str] = field(default_factory=list)  # records and images skipped
+
+    @property
+    def images_per_second(self) -> float:
+        return self.count / self.seconds if self.seconds > 0 else float("nan")
+
+
+def embed_to_store(
+    embedder: Embedder,
+    records: Sequence[ImageRecord],
+    out: str | Path,
+    *,
+    model: str | Path,
+    revision: str | None = None,
+    source: str = "",
+    batch_size: int = 64,
+    num_workers: int = 2,
+    skip_bad: bool = False,
+    problems: Sequence[str] = (),
+    show_progress: bool = True,
+    settings_yaml: str | None = None,
+) -> tuple[EmbeddingStore, EmbedSummary]:
+    """Embed ``records`` and write the store folder ``out`` (atomically, only when all went well).
+
+    ``model`` is what the store records to rebuild the embedder (registry name, hub id or folder);
+    ``problems`` are records already skipped while reading the source, counted in the store's meta.
+    """
+    out = Path(out)
+    if out.exists() and not is_store(out):  # fail before the slow part
+        raise VembedError(f"{out} exists and is not a vembed store; refusing to replace it")
+    result = embed_records(
+        embedder,
+        records,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        skip_bad=skip_bad,
+        show_progress=show_progress,
+    )
+    skipped = [*problems, *result.problems]
+    kept = [records[i] for i in result.indices]
+    store = build_store(
+        embedder, result.embeddings, kept, model=model, revision=revision, source=source, problems=skipped
+    )
+    write_store(store, out, settings_yaml=settings_yaml)
+    return store, EmbedSummary(len(kept), result.seconds, skipped)
+
+
+def stream_jsonl(
+    embedder: Embedder,
+    records: Sequence[ImageRecord],
+    stream: TextIO,
+    *,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    skip_bad: bool = False,
+    problems: Sequence[str] = (),
+    show_progress: bool = True,
+) -> EmbedSummary:
+    """Write ``{"path": ..., "label": ..., "embedding": [...]}`` lines to ``stream`` as batches finish.
+
+    ``label`` appears only when the record has one. Floats keep 9 significant digits (exact float32).
+    A bad image without ``skip_bad`` raises after the lines already written (stdout cannot be
+    taken back): the exit status tells a pipeline that the stream is incomplete.
+    """
+    start = time.perf_counter()
+    count = 0
+    skipped = list(problems)
+    for emb, indices, bad in iter_embedding_batches(
+        embedder,
+        records,
+        batch_size=batch_size,
+        num_workers=num_workers,
+        skip_bad=skip_bad,
+        show_progress=show_progress,
+    ):
+        skipped += bad
+        stream.write(
+            "".join(embedding_line(records[i], vector) for i, vector in zip(indices, emb, strict=True))
+        )
+        stream.flush()
+        count += len(indices)
+    if count == 0:
+        raise VembedError("no image could be embedded")
+    return EmbedSummary(count, time.perf_counter() - start, skipped)
+
+
+def embedding_line(record: ImageRecord, vector: torch.Tensor) -> str:
+    """One JSON line for an embedded image."""
+    head = {"path": str(record.image)}
+    if record.label is not None:
+        head["label"] = record.label
+    numbers = ",".join(f"{v:.9g}" for v in vector.tolist())
+    return json.dumps(head, ensure_ascii=False)[:-1] + f', "embedding": [{numbers}]}}\n'

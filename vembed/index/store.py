@@ -1,0 +1,320 @@
+"""The on-disk embedding store: a folder that ``vembed embed --out`` writes and ``vembed search`` reads.
+
+::
+
+    store/
+      embeddings.safetensors   "embeddings": float32 [N, D]; "probe": [1, D] (see below)
+      manifest.jsonl           row i describes embeddings[i]: {"path": ..., "label": ..., "category": ...}
+      meta.json                model, pooling, dim, normalisation, preprocessing, vembed version, ...
+      index.faiss, index.json  optional faiss index (``vembed index build``)
+
+The folder is written as a whole (temp folder, then rename), so a reader sees the old store or the
+new one, never a mix. ``meta.json`` records how to rebuild the model that made the embeddings; the
+``probe`` is that model's embedding of a fixed synthetic input, so a model folder that changed since
+(retrained in place, a random projection) is caught before it returns meaningless neighbours.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from vembed import __version__
+from vembed.data.records import ImageRecord
+from vembed.errors import VembedError
+from vembed.io import atomic_dir, write_json, write_jsonl, write_text
+from vembed.models.embedder import Embedder
+from vembed.models.registry import REGISTRY
+from vembed.settings import ModelSettings
+
+STORE_FORMAT = "vembed-store"
+STORE_VERSION = 1
+EMBEDDINGS_FILE = "embeddings.safetensors"
+MANIFEST_FILE = "manifest.jsonl"
+META_FILE = "meta.json"
+SETTINGS_FILE = "settings.yaml"
+# The model rebuilt from meta.json must embed the probe input this close to the stored probe.
+PROBE_MIN_COSINE = 0.99
+
+
+@dataclass
+class EmbeddingStore:
+    """Embeddings, one manifest row per embedding, and the metadata that says how they were made."""
+
+    path: Path | None
+    embeddings: torch.Tensor  # [N, D] float32
+    manifest: list[dict[str, Any]]  # {"path": str, "label": int | str | None, "category": str | None}
+    meta: dict[str, Any]
+    probe: torch.Tensor | None = None  # [1, D]: the model's embedding of probe_input()
+    problems: list[str] = field(default_factory=list)  # images skipped while embedding
+
+    def __len__(self) -> int:
+        return len(self.manifest)
+
+    @property
+    def dim(self) -> int:
+        return int(self.embeddings.shape[1])
+
+    @property
+    def paths(self) -> list[str]:
+        return [row["path"] for row in self.manifest]
+
+    @property
+    def labels(self) -> list[Any]:
+        return [row.get("label") for row in self.manifest]
+
+
+def model_source(name: str | Path) -> str:
+    """How to find a model again later: a registry name or hub id as given, a local folder absolute."""
+    text = str(name)
+    if text in REGISTRY:
+        return text
+    path = Path(text).expanduser()
+    return str(path.resolve()) if path.is_dir() else text
+
+
+def probe_input(embedder: Embedder) -> torch.Tensor:
+    """A fixed synthetic image tensor ``[1, 3, S, S]`` (smooth ramps), the same on every machine."""
+    size = embedder.spec.image_size
+    ramp = torch.linspace(-1.5, 1.5, size)
+    yy, xx = torch.meshgrid(ramp, ramp, indexing="ij")
+    return torch.stack([xx, yy, (xx * yy).sin()]).unsqueeze(0)
+
+
+def probe_embedding(embedder: Embedder) -> torch.Tensor:
+    return embedder.encode(probe_input(embedder))
+
+
+def build_store(
+    embedder: Embedder,
+    embeddings: torch.Tensor,
+    records: list[ImageRecord],
+    *,
+    model: str | Path,
+    revision: str | None = None,
+    source: str = "",
+    problems: list[str] | None = None,
+) -> EmbeddingStore:
+    """An in-memory store for ``embeddings`` (row i ↔ ``records[i]``) made by ``embedder``."""
+    if len(embeddings) != len(records):
+        raise VembedError(f"{len(embeddings)} embeddings but {len(records)} records")
+    if len(records) == 0:
+        raise VembedError(f"{source or 'source'}: no image could be embedded; the store would be empty")
+    spec = embedder.spec
+    meta = {
+        "format": STORE_FORMAT,
+        "format_version": STORE_VERSION,
+        "vembed_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "count": len(records),
+        "dim": int(embeddings.shape[1]),
+        "dtype": "float32",
+        "normalize": embedder.normalize,
+        "model": {
+            "source": model_source(model),
+            "revision": revision,
+            "family": spec.family,
+            "pooling": embedder.pooling,
+            "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
+            "normalize": embedder.normalize,
+        },
+        "preprocessing": {
+            "image_size": spec.image_size,
+            "resize_size": spec.resize_size,
+            "crop_pct": spec.crop_pct,
+            "mean": list(spec.mean),
+            "std": list(spec.std),
+            "interpolation": spec.interpolation,
+        },
+        "source": source,
+        "num_skipped": len(problems or []),
+    }
+    manifest = [
+        {"path": str(Path(rec.image).expanduser().resolve()), "label": rec.label, "category": rec.category}
+        for rec in records
+    ]
+    return EmbeddingStore(
+        None,
+        embeddings.detach().float().cpu().contiguous(),
+        manifest,
+        meta,
+        probe_embedding(embedder),
+        list(problems or []),
+    )
+
+
+def write_store(
+    store: EmbeddingStore, path: str | Path, *, overwrite: bool = True, settings_yaml: str | None = None
+) -> Path:
+    """Write ``store`` as a folder at ``path``, atomically; an existing store there is replaced whole.
+
+    A folder that exists and is not a vembed store is never replaced (it may be the user's data).
+    ``settings_yaml`` (the resolved settings that made it) is written beside, as ``settings.yaml``.
+    """
+    path = Path(path)
+    if path.exists():
+        if not is_store(path):
+            raise VembedError(f"{path} exists and is not a vembed store; refusing to replace it")
+        if not overwrite:
+            raise VembedError(f"{path}: a store already exists there")
+    tensors = {"embeddings": store.embeddings.float().contiguous()}
+    if store.probe is not None:
+        tensors["probe"] = store.probe.float().contiguous()
+    with atomic_dir(path) as tmp:
+        save_file(tensors, str(tmp / EMBEDDINGS_FILE), metadata={"format": STORE_FORMAT})
+        write_jsonl(tmp / MANIFEST_FILE, store.manifest)
+        write_json(tmp / META_FILE, store.meta)
+        if settings_yaml is not None:
+            write_text(tmp / SETTINGS_FILE, settings_yaml)
+    store.path = path
+    return path
+
+
+def is_store(path: str | Path) -> bool:
+    """True when ``path`` is a folder with a vembed store's ``meta.json``."""
+    meta = Path(path) / META_FILE
+    if not meta.is_file():
+        return False
+    try:
+        return json.loads(meta.read_text(encoding="utf-8")).get("format") == STORE_FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False
+
+
+def open_store(path: str | Path) -> EmbeddingStore:
+    """Read and check a store folder; every problem names the file that is wrong."""
+    path = Path(path)
+    if not path.is_dir():
+        raise VembedError(f"store not found: {path} (create one with `vembed embed SOURCE --out {path}`)")
+    meta = _read_meta(path / META_FILE)
+    emb_file = path / EMBEDDINGS_FILE
+    if not emb_file.is_file():
+        raise VembedError(f"{emb_file}: missing (the store is incomplete)")
+    try:
+        tensors = load_file(str(emb_file))
+    except (SafetensorError, OSError) as exc:
+        raise VembedError(f"{emb_file}: cannot read ({exc})") from None
+    embeddings = tensors.get("embeddings")
+    if embeddings is None or embeddings.ndim != 2:
+        raise VembedError(f"{emb_file}: no 2-D 'embeddings' tensor")
+    manifest = _read_manifest(path / MANIFEST_FILE)
+    if len(manifest) != len(embeddings):
+        raise VembedError(
+            f"{path / MANIFEST_FILE}: {len(manifest)} rows but {emb_file.name} holds {len(embeddings)} embeddings"
+        )
+    if meta.get("dim") not in (None, embeddings.shape[1]):
+        raise VembedError(
+            f"{path / META_FILE}: dim {meta['dim']} but the embeddings are {embeddings.shape[1]}-d"
+        )
+    return EmbeddingStore(path, embeddings.float(), manifest, meta, tensors.get("probe"))
+
+
+def model_settings_for(store: EmbeddingStore, base: ModelSettings | None = None) -> ModelSettings:
+    """The model settings that rebuild the store's model; device and dtype come from ``base``."""
+    base = base or ModelSettings()
+    model = store.meta.get("model") or {}
+    if not model.get("source"):
+        raise VembedError(f"{_where(store)}: 'model.source' is missing; cannot rebuild the model")
+    pre = store.meta.get("preprocessing") or {}
+    return base.model_copy(
+        update={
+            "name": model["source"],
+            "revision": model.get("revision"),
+            "pooling": model.get("pooling"),
+            "projection_dim": model.get("projection_dim"),
+            "normalize": bool(model.get("normalize", True)),
+            "image_size": pre.get("image_size"),
+        }
+    )
+
+
+def embedder_for_store(store: EmbeddingStore, base: ModelSettings | None = None) -> Embedder:
+    """Rebuild the model that made ``store`` and check it still embeds the way it did."""
+    from vembed.models.factory import create_embedder
+
+    settings = model_settings_for(store, base)
+    embedder = create_embedder(settings.name, settings)
+    check_store_model(store, embedder)
+    return embedder
+
+
+def check_store_model(store: EmbeddingStore, embedder: Embedder) -> None:
+    """Raise when ``embedder`` is not the model (and preprocessing) the store was made with."""
+    where = _where(store)
+    if embedder.embed_dim != store.dim:
+        raise VembedError(
+            f"{where}: the model gives {embedder.embed_dim}-d embeddings, the store holds {store.dim}-d"
+        )
+    pre = store.meta.get("preprocessing") or {}
+    spec = embedder.spec
+    now = {"mean": list(spec.mean), "std": list(spec.std), "crop_pct": spec.crop_pct}
+    for key, value in now.items():
+        if key in pre and not _close(pre[key], value):
+            raise VembedError(
+                f"{where}: preprocessing '{key}' was {pre[key]} when the store was made, "
+                f"the model at {store.meta['model']['source']} now says {value}"
+            )
+    if store.probe is not None:
+        cosine = torch.nn.functional.cosine_similarity(probe_embedding(embedder), store.probe.float()).item()
+        if cosine < PROBE_MIN_COSINE:
+            raise VembedError(
+                f"{where}: the model at {store.meta['model']['source']} no longer embeds the way it did when "
+                f"this store was made (probe cosine {cosine:.3f}); was it retrained in place, or does it "
+                "have an untrained projection? Re-run `vembed embed` to rebuild the store"
+            )
+
+
+def _close(a: Any, b: Any) -> bool:
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        return len(a) == len(b) and all(_close(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)):
+        return abs(float(a) - float(b)) <= 1e-6
+    return a == b
+
+
+def _where(store: EmbeddingStore) -> str:
+    return str(store.path / META_FILE) if store.path is not None else "store"
+
+
+def _read_meta(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise VembedError(f"{path.parent} is not a vembed store (no {META_FILE})")
+    try:
+        meta = json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
+        raise VembedError(f"{path}: not a vembed store's meta file ('format' is not {STORE_FORMAT!r})")
+    if int(meta.get("format_version", 0)) > STORE_VERSION:
+        raise VembedError(
+            f"{path}: store format {meta['format_version']} is newer than this vembed reads "
+            f"({STORE_VERSION}); upgrade vembed"
+        )
+    return meta
+
+
+def _read_manifest(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        raise VembedError(f"{path}: missing (the store is incomplete)")
+    rows = []
+    with open(path, encoding="utf-8") as fh:
+        for lineno, line in enumerate(fh, start=1):
+            if not line.strip():
+                continue
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError as exc:
+                raise VembedError(
+                    f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})"
+                ) from None
+            if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+                raise VembedError(f"{path}:{lineno}: expected an object with a 'path' string")
+            rows.append(row)
+    return rows
