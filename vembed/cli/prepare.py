@@ -1,12 +1,216 @@
-"""``vembed prepare``: not implemented yet (issue 5)."""
+"""``vembed prepare``: public data sets and your own files → validated JSONL splits + summary.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
 
-from vembed.cli.app import app
+from vembed.cli.app import app, user_errors
+from vembed.console import console, log
+from vembed.data.prepare import (
+    PrepareResult,
+    prepare_csv,
+    prepare_flowers102,
+    prepare_imagefolder,
+    prepare_jsonl,
+    prepare_sop,
+)
+from vembed.data.prepare.summary import problem_lines, summary_table
+
+prepare_app = typer.Typer(
+    help="Turn a public data set or your own files into validated, seeded JSONL splits "
+    "(train/val/test.jsonl + summary.json) that `vembed train` and `vembed eval` read directly.",
+    no_args_is_help=True,
+)
+app.add_typer(prepare_app, name="prepare")
+
+SEED = typer.Option(0, "--seed", help="Seed of every random choice: the same seed gives identical files.")
+CHECK = typer.Option(
+    False,
+    "--check-images",
+    help="Decode every image (in parallel) and list the bad ones; default: existence only.",
+)
+WORKERS = typer.Option(None, "--workers", min=1, help="Threads for --check-images (default: CPUs + 4).")
+SKIP_BAD = typer.Option(
+    False, "--skip-bad", help="Leave out bad records/images (listed in problems.txt) instead of stopping."
+)
+VAL = typer.Option(0.1, "--val-ratio", help="Share of each class's images in val (0: no val split).")
+TEST = typer.Option(0.1, "--test-ratio", help="Share of each class's images in test (0: no test split).")
+SHOTS = typer.Option(0, "--shots", min=0, help="Also write k-shot support/query files with this many shots.")
 
 
-@app.command("prepare", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def prepare_command() -> None:
-    """Not yet: public data sets and your own files → JSONL splits (issue 5)."""
-    typer.echo("vembed prepare is not implemented yet", err=True)
-    raise typer.Exit(1)
+@prepare_app.command("sop")
+@user_errors
+def sop_command(
+    root: Path = typer.Option(
+        None, "--root", help="Extracted Stanford_Online_Products (with Ebay_train.txt). Default: kagglehub."
+    ),
+    out: Path = typer.Option(Path("data/sop"), "--out", "-o", help="Output folder."),
+    val_classes: float = typer.Option(
+        0.1, "--val-classes", help="Share of the training products held out (whole) as val.jsonl."
+    ),
+    seed: int = SEED,
+    check_images: bool = CHECK,
+    workers: int = WORKERS,
+    skip_bad: bool = SKIP_BAD,
+) -> None:
+    """Stanford Online Products: train/val from the official train split, test = the official test split."""
+    result = prepare_sop(
+        root,
+        out,
+        seed=seed,
+        val_classes_ratio=val_classes,
+        check_images=check_images,
+        workers=workers,
+        skip_bad=skip_bad,
+    )
+    render(result)
+
+
+@prepare_app.command("flowers102")
+@user_errors
+def flowers_command(
+    root: Path = typer.Option(
+        None, "--root", help="Local copy with imagelabels.mat, setid.mat and jpg/ (or 102flowers.tgz)."
+    ),
+    kaggle: str = typer.Option(
+        None, "--kaggle", help="A Kaggle mirror (OWNER/NAME) holding the official files."
+    ),
+    out: Path = typer.Option(Path("data/flowers102"), "--out", "-o", help="Output folder."),
+    holdout_ratio: float = typer.Option(
+        0.2, "--holdout-ratio", help="Share of the classes held out entirely (unseen.jsonl)."
+    ),
+    val_ratio: float = VAL,
+    test_ratio: float = typer.Option(0.3, "--test-ratio", help="Share of each seen class's images in test."),
+    official_split: bool = typer.Option(
+        False, "--official-split", help="Split the seen classes by setid.mat instead of by ratio."
+    ),
+    shots: int = typer.Option(
+        10, "--shots", min=0, help="Support images per class in *_support.jsonl (0: none)."
+    ),
+    seed: int = SEED,
+    check_images: bool = CHECK,
+    workers: int = WORKERS,
+    skip_bad: bool = SKIP_BAD,
+) -> None:
+    """Oxford Flowers-102: seen train/val/test, unseen classes, k-shot support/query files."""
+    result = prepare_flowers102(
+        root,
+        out,
+        kaggle=kaggle,
+        seed=seed,
+        holdout_ratio=holdout_ratio,
+        val_ratio=val_ratio,
+        test_ratio=test_ratio,
+        official_split=official_split,
+        shots=shots,
+        check_images=check_images,
+        workers=workers,
+        skip_bad=skip_bad,
+    )
+    render(result)
+
+
+@prepare_app.command("imagefolder")
+@user_errors
+def imagefolder_command(
+    folder: Path = typer.Argument(
+        None, help="A class_name/image tree (with --kaggle: a folder inside the download, optional)."
+    ),
+    kaggle: str = typer.Option(None, "--kaggle", help="Download this Kaggle data set (OWNER/NAME) first."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: data/<folder name>)."),
+    val_ratio: float = VAL,
+    test_ratio: float = TEST,
+    holdout_classes: float = typer.Option(
+        0.0, "--holdout-classes", help="Share of the classes held out entirely (unseen.jsonl)."
+    ),
+    shots: int = SHOTS,
+    seed: int = SEED,
+    check_images: bool = CHECK,
+    workers: int = WORKERS,
+    skip_bad: bool = SKIP_BAD,
+) -> None:
+    """Any ImageFolder tree: stratified split by ratio, or its train/ val/ test/ folders kept."""
+    name = kaggle.rstrip("/").split("/")[-1] if kaggle else (folder.absolute().name if folder else "")
+    result = prepare_imagefolder(
+        folder,
+        out or Path("data") / (name or "imagefolder"),
+        kaggle=kaggle,
+        seed=seed,
+        val_ratio=val_ratio,
+        test_ratio=test_ratio,
+        holdout_ratio=holdout_classes,
+        shots=shots,
+        check_images=check_images,
+        workers=workers,
+        skip_bad=skip_bad,
+    )
+    render(result)
+
+
+def _table_command(fmt: str):
+    def command(
+        file: Path = typer.Argument(..., help=f"Your records ({fmt.upper()})."),
+        out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: data/<file name>)."),
+        image_key: str = typer.Option("image", "--image-key", help="Field with the image path."),
+        label_key: str = typer.Option("label", "--label-key", help="Field with the class label."),
+        category_key: str = typer.Option("category", "--category-key", help="Field with a super-category."),
+        split_key: str = typer.Option(
+            "split", "--split-key", help="Field with train/val/test; respected when present."
+        ),
+        image_root: Path = typer.Option(
+            None, "--image-root", help="Resolve relative image paths here (default: the file's folder)."
+        ),
+        delimiter: str = typer.Option(None, "--delimiter", help="CSV delimiter (default: sniffed)."),
+        val_ratio: float = VAL,
+        test_ratio: float = TEST,
+        holdout_classes: float = typer.Option(
+            0.0, "--holdout-classes", help="Share of the classes held out entirely (unseen.jsonl)."
+        ),
+        shots: int = SHOTS,
+        seed: int = SEED,
+        check_images: bool = CHECK,
+        workers: int = WORKERS,
+        skip_bad: bool = SKIP_BAD,
+    ) -> None:
+        options = dict(
+            image_key=image_key,
+            label_key=label_key,
+            category_key=category_key,
+            split_key=split_key,
+            image_root=image_root,
+            seed=seed,
+            val_ratio=val_ratio,
+            test_ratio=test_ratio,
+            holdout_ratio=holdout_classes,
+            shots=shots,
+            check_images=check_images,
+            workers=workers,
+            skip_bad=skip_bad,
+        )
+        out = out or Path("data") / file.stem
+        if fmt == "csv":
+            result = prepare_csv(file, out, delimiter=delimiter, **options)
+        else:
+            if delimiter is not None:
+                log("[yellow]note:[/] --delimiter applies to CSV files only")
+            result = prepare_jsonl(file, out, **options)
+        render(result)
+
+    command.__doc__ = (
+        f"Your own {fmt.upper()} records: validate each line, map field names, split as imagefolder does."
+    )
+    return user_errors(command)
+
+
+prepare_app.command("jsonl")(_table_command("jsonl"))
+prepare_app.command("csv")(_table_command("csv"))
+
+
+def render(result: PrepareResult) -> None:
+    """The summary table and problems on stderr, then where the files are."""
+    console.print(summary_table(result.summary, out=str(result.out)))
+    for line in problem_lines(result.summary):
+        console.print(line, style="yellow", highlight=False, markup=False)
+    log(f"wrote {', '.join(result.summary['files'])} to [bold]{result.out}[/]")
