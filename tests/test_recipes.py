@@ -1,0 +1,86 @@
+"""Every recipe in recipes/ validates, and the seed recipe says what the seed result used."""
+
+from pathlib import Path
+
+import pytest
+
+from vembed.compat import is_factory_config
+from vembed.settings import _read_yaml, load_settings
+
+RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
+
+
+def test_the_promised_recipes_exist():
+    names = {p.name for p in RECIPES}
+    assert {
+        "sop_dinov2_base_lora.yaml",
+        "flowers102_clip_arcface.yaml",
+        "linear_probe_dinov2_small.yaml",
+        "tiny_cpu.yaml",
+        "factory_example.yaml",
+    } <= names
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_validates_and_trains_with_labels(recipe):
+    settings = load_settings(recipe)
+    assert settings.data.train is not None and settings.data.val is not None
+    assert settings.data.val != settings.data.test  # checkpoints are never chosen on the test split
+    assert settings.train.output_dir.parts[0] == "runs"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_overrides_apply_on_top_of_every_recipe(recipe):
+    settings = load_settings(recipe, ["train.epochs=1", "train.batch_size=8"])
+    assert settings.train.epochs == 1 and settings.train.batch_size == 8
+
+
+def test_sop_recipe_is_the_seed_setting():
+    s = load_settings(RECIPES[0].parent / "sop_dinov2_base_lora.yaml")
+    assert s.model.name == "dinov2-base"
+    assert (s.train.method, s.train.loss, s.train.epochs, s.train.batch_size, s.train.lr) == (
+        "lora",
+        "infonce",
+        2,
+        128,
+        1e-4,
+    )
+    assert str(s.data.train) == "data/sop/train.jsonl" and str(s.data.test) == "data/sop/test.jsonl"
+    assert 1 in s.eval.k
+
+
+def test_factory_example_is_the_same_seed_setting():
+    folder = RECIPES[0].parent
+    assert is_factory_config(_read_yaml_raw(folder / "factory_example.yaml"))
+    factory = load_settings(folder / "factory_example.yaml")
+    native = load_settings(folder / "sop_dinov2_base_lora.yaml")
+    for section, key in [
+        ("model", "name"),
+        ("data", "train"),
+        ("data", "val"),
+        ("train", "method"),
+        ("train", "loss"),
+        ("train", "epochs"),
+        ("train", "batch_size"),
+        ("train", "lr"),
+        ("train", "temperature"),
+    ]:
+        assert getattr(getattr(factory, section), key) == getattr(getattr(native, section), key), key
+    assert factory.train.lora.r == native.train.lora.r
+
+
+def test_recipes_name_distinct_run_dirs():
+    dirs = [load_settings(p).train.output_dir for p in RECIPES]
+    assert len(set(dirs)) == len(dirs)
+
+
+def _read_yaml_raw(path: Path) -> dict:
+    import yaml
+
+    return yaml.safe_load(path.read_text())
+
+
+def test_read_yaml_maps_factory_configs(tmp_path):
+    path = tmp_path / "f.yaml"
+    path.write_text("model_name: facebook/dinov2-small\nretrieval_mode: i2i\n")
+    assert _read_yaml(path)["model"]["name"] == "dinov2-small"
