@@ -47,7 +47,7 @@ def drop_missing(records: Sequence[ImageRecord], log: ProblemLog) -> list[ImageR
         if os.path.isfile(rec.image):
             kept.append(rec)
         else:
-            log.add("missing-image", rec.source or str(rec.image), f"image not found: {rec.image}")
+            log.add("missing-image", _where(rec), f"image not found: {rec.image}")
     return kept
 
 
@@ -75,7 +75,7 @@ def drop_undecodable(
         if error is None:
             kept.append(rec)
         else:
-            log.add("bad-image", rec.source or str(rec.image), error)
+            log.add("bad-image", _where(rec), error)
     return kept
 
 
@@ -96,3 +96,8 @@ def single_image_classes(records: Sequence[ImageRecord]) -> list:
     for rec in records:
         counts[rec.label] += 1
     return [label for label, n in counts.items() if n == 1]
+
+
+def _where(rec: ImageRecord) -> str:
+    """The record's origin (``file:line``) when it says more than the image path the message names."""
+    return rec.source if rec.source and rec.source != str(rec.image) else ""
