@@ -65,17 +65,24 @@ def _without_worker_tracebacks(loader) -> Iterator:
     """Iterate ``loader``; a VembedError raised in a DataLoader worker comes back as its own one line.
 
     (The DataLoader re-raises worker exceptions with the worker's whole traceback in the message.)
+    Workers are stopped as soon as iteration ends, errors or is abandoned: left to the garbage
+    collector, a DataLoader that raised waits 5 s per worker before exiting.
     """
     iterator = iter(loader)
-    while True:
-        try:
-            batch = next(iterator)
-        except StopIteration:
-            return
-        except VembedError as exc:
-            last = str(exc).rstrip().splitlines()[-1]
-            raise VembedError(last.removeprefix(f"{VembedError.__module__}.VembedError: ")) from None
-        yield batch
+    try:
+        while True:
+            try:
+                batch = next(iterator)
+            except StopIteration:
+                return
+            except VembedError as exc:
+                last = str(exc).rstrip().splitlines()[-1]
+                raise VembedError(last.removeprefix(f"{VembedError.__module__}.VembedError: ")) from None
+            yield batch
+    finally:
+        shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
+        if shutdown is not None:
+            shutdown()
 
 
 def embed_records(embedder: Embedder, records: Sequence[ImageRecord], **options) -> Embeddings:
