@@ -1,1 +1,311 @@
-"""Placeholder until its issue lands."""
+"""``vembed embed``, ``vembed search`` and ``vembed index``: embedding stores and nearest neighbours."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from vembed.cli.app import app, quiet_transformers, settings_from, user_errors
+from vembed.console import log
+from vembed.errors import VembedError
+from vembed.settings import settings_to_yaml
+
+index_app = typer.Typer(help="Faiss indexes inside embedding stores.", no_args_is_help=True)
+app.add_typer(index_app, name="index")
+
+MODEL_HELP = "Registry name, hub id or local model folder (e.g. a run's final/). Default: model.name."
+CONFIG_HELP = "YAML recipe."
+OVERRIDES_HELP = "key=value settings overrides (e.g. index.batch_size=128 model.device=cpu)."
+_OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
+
+
+@app.command("embed")
+@user_errors
+def embed_command(
+    source: str = typer.Argument(
+        ...,
+        help="A folder (recursive; sub-folder names become labels), a .jsonl records file, an image, "
+        "or - to read image paths from stdin (one per line).",
+    ),
+    overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
+    model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
+    out: Path = typer.Option(None, "--out", "-o", help="Write an embedding store (a folder) here."),
+    jsonl: bool = typer.Option(
+        False, "--jsonl", help='Stream {"path": ..., "embedding": [...]} lines on stdout instead of a store.'
+    ),
+    index: str = typer.Option(
+        None, "--index", help="Also build a faiss index in the store: flat, hnsw or ivf."
+    ),
+    batch_size: int = typer.Option(
+        None, "--batch-size", "-b", help="Images per forward pass (index.batch_size)."
+    ),
+    num_workers: int = typer.Option(None, "--num-workers", help="Image-decoding workers (data.num_workers)."),
+    skip_bad: bool = typer.Option(
+        None, "--skip-bad", help="Skip undecodable images and bad records, and report the count at the end."
+    ),
+    image_root: Path = typer.Option(
+        None, "--image-root", help="Resolve relative paths of a .jsonl source here."
+    ),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, mps (model.device)."),
+    config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Embed images into a store folder (--out), or stream JSON lines on stdout (--jsonl)."""
+    from vembed.index.embed import embed_to_store, stream_jsonl
+    from vembed.index.sources import records_from_source
+    from vembed.models.factory import create_embedder
+
+    if (out is None) == (not jsonl):
+        raise VembedError("choose one output: --out STORE (a store folder) or --jsonl (JSON lines on stdout)")
+    if index is not None and out is None:
+        raise VembedError("--index builds a faiss index inside a store; it needs --out STORE")
+    settings = settings_from(
+        config,
+        overrides,
+        model__name=model,
+        model__device=device,
+        index__batch_size=batch_size,
+        data__num_workers=num_workers,
+        data__skip_bad=skip_bad,
+        data__image_root=image_root,
+    )
+    data = settings.data
+    records, problems = records_from_source(source, image_root=data.image_root, skip_bad=data.skip_bad)
+    quiet_transformers()
+    name = settings.model.name
+    log(f"embedding {len(records)} images from {source} with [bold]{name}[/]")
+    embedder = create_embedder(name, settings.model)
+    options = dict(
+        batch_size=settings.index.batch_size,
+        num_workers=data.num_workers,
+        skip_bad=data.skip_bad,
+        problems=problems,
+        show_progress=not quiet,
+    )
+    if jsonl:
+        with _stdout_pipe():
+            summary = stream_jsonl(embedder, records, sys.stdout, **options)
+        _report_problems(summary.problems)
+        log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
+        return
+    store, summary = embed_to_store(
+        embedder,
+        records,
+        out,
+        model=name,
+        revision=settings.model.revision,
+        source=str(source),
+        settings_yaml=settings_to_yaml(settings),
+        **options,
+    )
+    _report_problems(summary.problems)
+    log(
+        f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s) → {out} "
+        f"({store.dim}-d, {embedder.pooling} pooling)"
+    )
+    if index is not None:
+        _build_index(out, index, settings)
+
+
+@app.command("search")
+@user_errors
+def search_command(
+    store: Path = typer.Argument(..., help="A store written by `vembed embed --out`."),
+    items: list[str] = typer.Argument(
+        None,
+        help="QUERY...: image paths, folders, .jsonl records files, or - to read stdin (image paths, or the "
+        "JSON lines of `vembed embed --jsonl`); then key=value settings overrides.",
+    ),
+    k: int = typer.Option(None, "--k", "-k", help="Results per query (index.k, default 10)."),
+    jsonl: bool = typer.Option(
+        False, "--jsonl", help="JSON lines (query, rank, path, label, score) on stdout instead of a table."
+    ),
+    grid: Path = typer.Option(
+        None, "--grid", help="Also draw each query and its top-k thumbnails into this PNG."
+    ),
+    thumb: int = typer.Option(128, "--thumb", help="Grid thumbnail size in pixels."),
+    exclude_self: bool = typer.Option(
+        False,
+        "--exclude-self",
+        help="Leave out hits that are the query image itself (searching a store's own images).",
+    ),
+    kind: str = typer.Option(
+        None, "--kind", help="auto (default), exact, flat, hnsw or ivf (index.kind); see docs/search.md."
+    ),
+    batch_size: int = typer.Option(None, "--batch-size", "-b", help="Query images per forward pass."),
+    num_workers: int = typer.Option(None, "--num-workers", help="Image-decoding workers (data.num_workers)."),
+    skip_bad: bool = typer.Option(
+        None, "--skip-bad", help="Skip undecodable query images and report the count."
+    ),
+    device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, mps (model.device)."),
+    config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
+) -> None:
+    """Nearest neighbours of query images in a store (the store's own model embeds them)."""
+    from vembed.index.grid import draw_grid
+    from vembed.index.search import search_queries
+    from vembed.index.sources import queries_from_args
+    from vembed.index.store import open_store
+
+    query_items, overrides = _split_overrides(items or [])
+    settings = settings_from(
+        config,
+        overrides,
+        index__k=k,
+        index__kind=kind,
+        index__batch_size=batch_size,
+        data__num_workers=num_workers,
+        data__skip_bad=skip_bad,
+        model__device=device,
+    )
+    if not query_items:
+        raise VembedError("no queries: pass image paths, a folder, a .jsonl file, or - to read stdin")
+    emb_store = open_store(store)
+    queries, problems = queries_from_args(
+        query_items, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad
+    )
+    quiet_transformers()
+    report = search_queries(
+        emb_store, queries, settings, exclude_self=exclude_self, show_progress=not quiet and len(queries) > 1
+    )
+    _report_problems(problems + report.problems)
+    log(f"searched {len(report.results)} queries against {len(emb_store)} images ({report.method} search)")
+    if jsonl:
+        with _stdout_pipe():
+            for result in report.results:
+                sys.stdout.write(
+                    "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in result.to_rows())
+                )
+            sys.stdout.flush()
+    else:
+        Console().print(_results_table(report, store))
+    if grid is not None:
+        draw_grid(report.results, grid, thumb=thumb)
+        log(f"wrote {grid}")
+
+
+@index_app.command("build")
+@user_errors
+def index_build_command(
+    store: Path = typer.Argument(..., help="A store written by `vembed embed --out`."),
+    overrides: list[str] = typer.Argument(
+        None, help="key=value overrides, e.g. index.hnsw_m=48 index.nlist=1024."
+    ),
+    kind: str = typer.Option("hnsw", "--kind", help="flat (exact), hnsw (graph) or ivf (clusters)."),
+    config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Build a faiss index and save it in the store; `vembed search` then uses it."""
+    settings = settings_from(config, overrides)
+    _build_index(store, kind, settings)
+
+
+@index_app.command("info")
+@user_errors
+def index_info_command(store: Path = typer.Argument(..., help="A store folder.")) -> None:
+    """Show what a store holds: count, dim, model, preprocessing, and its faiss index if any."""
+    from vembed.index.faiss_index import load_index
+    from vembed.index.store import open_store
+
+    emb_store = open_store(store)
+    meta = emb_store.meta
+    table = Table(title=str(store), show_header=False)
+    table.add_column("key", style="bold")
+    table.add_column("value", overflow="fold")
+    rows = {
+        "images": len(emb_store),
+        "dim": emb_store.dim,
+        "normalized": meta.get("normalize"),
+        "model": meta.get("model", {}).get("source"),
+        "pooling": meta.get("model", {}).get("pooling"),
+        "image size": meta.get("preprocessing", {}).get("image_size"),
+        "labelled": sum(label is not None for label in emb_store.labels),
+        "skipped when embedded": meta.get("num_skipped"),
+        "created": meta.get("created"),
+        "vembed": meta.get("vembed_version"),
+    }
+    index = load_index(store, count=len(emb_store), dim=emb_store.dim)
+    rows["faiss index"] = (
+        "none (exact search)"
+        if index is None
+        else json.dumps({k: v for k, v in index.info.items() if k != "dim"})
+    )
+    for key, value in rows.items():
+        table.add_row(key, str(value))
+    Console().print(table)
+
+
+def _build_index(store: Path, kind: str, settings) -> None:
+    from vembed.index.faiss_index import KINDS, build_index, save_index
+    from vembed.index.store import open_store
+
+    kind = "hnsw" if kind == "auto" else kind
+    if kind not in KINDS:
+        hint = " (exact search needs no index)" if kind == "exact" else ""
+        raise VembedError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}{hint}")
+    emb_store = open_store(store)
+    index = build_index(emb_store.embeddings, kind, settings.index)
+    save_index(index, store)
+    log(f"built a {kind} index over {len(emb_store)} vectors → {store}")
+
+
+def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:
+    """``key.sub=value`` items that are not existing files are overrides; the rest are queries."""
+    queries, overrides = [], []
+    for item in items:
+        (overrides if _OVERRIDE.match(item) and not Path(item).exists() else queries).append(item)
+    return queries, overrides
+
+
+def _results_table(report, store: Path) -> Table:
+    table = Table(
+        title=f"top {max((len(r.hits) for r in report.results), default=0)} in {store} ({report.method})"
+    )
+    for column, justify in (
+        ("query", "left"),
+        ("rank", "right"),
+        ("path", "left"),
+        ("label", "left"),
+        ("score", "right"),
+    ):
+        table.add_column(column, justify=justify, overflow="fold")
+    for result in report.results:
+        for hit in result.hits:
+            table.add_row(
+                result.query.name if hit.rank == 1 else "",
+                str(hit.rank),
+                hit.path,
+                "" if hit.label is None else str(hit.label),
+                f"{hit.score:.4f}",
+                end_section=hit is result.hits[-1],
+            )
+    return table
+
+
+def _report_problems(problems: list[str]) -> None:
+    if not problems:
+        return
+    log(f"[yellow]skipped {len(problems)} bad record(s)/image(s):[/]")
+    for message in problems[:5]:
+        log(f"  {message}")
+    if len(problems) > 5:
+        log(f"  ... and {len(problems) - 5} more")
+
+
+@contextlib.contextmanager
+def _stdout_pipe():
+    """Stop quietly when the reader of stdout goes away (``vembed embed ... --jsonl | head``)."""
+    try:
+        yield
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        with contextlib.suppress(OSError, ValueError):
+            os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(0) from None
