@@ -181,3 +181,15 @@ def test_cli_jsonl_and_csv(images, tmp_path):
     result = runner.invoke(app, ["prepare", "csv", str(src), "--out", str(tmp_path / "o2")])
     assert result.exit_code == 2
     assert "t.csv:3: image not found" in result.output
+
+
+def test_split_column_must_be_on_every_row(images, tmp_path):
+    src = write_lines(
+        images / "mixed.jsonl",
+        [
+            {"image": "images/class_0/img_0.png", "label": 0, "split": "train"},
+            {"image": "images/class_0/img_1.png", "label": 0},
+        ],
+    )
+    with pytest.raises(VembedError, match="mixed.jsonl:2: no 'split' value, but other lines have one"):
+        prepare_jsonl(src, tmp_path / "out")
