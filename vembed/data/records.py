@@ -189,7 +189,7 @@ def record_to_json(rec: ImageRecord | PairRecord, *, relative_to: Path | None = 
             try:
                 return p.resolve().relative_to(relative_to.resolve()).as_posix()
             except ValueError:
-                pass
+                return str(p.resolve())  # a relative path would resolve against the wrong folder
         return str(p)
 
     if isinstance(rec, PairRecord):
