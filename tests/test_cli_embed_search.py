@@ -116,6 +116,8 @@ def test_embed_needs_exactly_one_output(setup):
         assert error_lines(result) == [
             "error: choose one output: --out STORE (a store folder) or --jsonl (JSON lines on stdout)"
         ]
+    result = run("embed", setup["images"], "--model", setup["model"], "--jsonl", "--index", "hnsw", code=2)
+    assert "it needs --out STORE" in error_lines(result)[0]
 
 
 def _bad_inputs(root: Path) -> dict[str, tuple[list[str], str | None, str]]:

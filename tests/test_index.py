@@ -15,7 +15,7 @@ from PIL import Image
 from vembed.data.records import ImageRecord, records_from_folder
 from vembed.errors import VembedError
 from vembed.evaluation.retrieval import topk
-from vembed.index.embed import embed_to_store, embedding_line
+from vembed.index.embed import check_finite, embed_to_store, embedding_line
 from vembed.index.faiss_index import INDEX_FILE, build_index, load_index, save_index
 from vembed.index.grid import BORDER, GAP, MATCH, MISMATCH, QUERY, SEPARATOR, UNKNOWN, draw_grid
 from vembed.index.search import Hit, Query, QueryResult, search, search_queries
@@ -163,6 +163,15 @@ def test_embed_to_store_writes_nothing_when_an_image_is_bad(tmp_path, embedded):
         show_progress=False,
     )
     assert len(store) == 2 and len(summary.problems) == 1 and store.meta["num_skipped"] == 1
+
+
+def test_non_finite_embeddings_are_an_error_naming_the_image():
+    records = [ImageRecord(Path("a.jpg")), ImageRecord(Path("b.jpg"))]
+    check_finite(torch.ones(2, 3), records)
+    with pytest.raises(
+        VembedError, match=r"b.jpg: the model produced NaN/infinite values .* model.dtype=float32"
+    ):
+        check_finite(torch.tensor([[1.0, 0.0], [float("nan"), 1.0]]), records)
 
 
 # ------------------------------------------------------------------------------------------ search

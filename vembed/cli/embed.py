@@ -65,8 +65,10 @@ def embed_command(
 
     if (out is None) == (not jsonl):
         raise VembedError("choose one output: --out STORE (a store folder) or --jsonl (JSON lines on stdout)")
-    if index is not None and out is None:
-        raise VembedError("--index builds a faiss index inside a store; it needs --out STORE")
+    if index is not None:
+        _check_index_kind(index)
+        if out is None:
+            raise VembedError("--index builds a faiss index inside a store; it needs --out STORE")
     settings = settings_from(
         config,
         overrides,
@@ -243,17 +245,25 @@ def index_info_command(store: Path = typer.Argument(..., help="A store folder.")
 
 
 def _build_index(store: Path, kind: str, settings) -> None:
-    from vembed.index.faiss_index import KINDS, build_index, save_index
+    from vembed.index.faiss_index import build_index, save_index
     from vembed.index.store import open_store
+
+    kind = _check_index_kind(kind)
+    emb_store = open_store(store)
+    index = build_index(emb_store.embeddings, kind, settings.index)
+    save_index(index, store)
+    log(f"built the {kind} index over {len(emb_store)} vectors → {store}")
+
+
+def _check_index_kind(kind: str) -> str:
+    """A faiss index kind to build (``auto`` means hnsw)."""
+    from vembed.index.faiss_index import KINDS
 
     kind = "hnsw" if kind == "auto" else kind
     if kind not in KINDS:
         hint = " (exact search needs no index)" if kind == "exact" else ""
-        raise VembedError(f"--kind {kind!r}: choose one of {', '.join(KINDS)}{hint}")
-    emb_store = open_store(store)
-    index = build_index(emb_store.embeddings, kind, settings.index)
-    save_index(index, store)
-    log(f"built a {kind} index over {len(emb_store)} vectors → {store}")
+        raise VembedError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}{hint}")
+    return kind
 
 
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:

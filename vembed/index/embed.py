@@ -62,6 +62,7 @@ def embed_to_store(
     )
     skipped = [*problems, *result.problems]
     kept = [records[i] for i in result.indices]
+    check_finite(result.embeddings, kept)
     store = build_store(
         embedder, result.embeddings, kept, model=model, revision=revision, source=source, problems=skipped
     )
@@ -98,6 +99,7 @@ def stream_jsonl(
         show_progress=show_progress,
     ):
         skipped += bad
+        check_finite(emb, [records[i] for i in indices])
         stream.write(
             "".join(embedding_line(records[i], vector) for i, vector in zip(indices, emb, strict=True))
         )
@@ -106,6 +108,17 @@ def stream_jsonl(
     if count == 0:
         raise VembedError("no image could be embedded")
     return EmbedSummary(count, time.perf_counter() - start, skipped)
+
+
+def check_finite(embeddings: torch.Tensor, records: Sequence[ImageRecord]) -> None:
+    """Raise, naming the first image, when an embedding holds NaN or infinity (fp16 overflow)."""
+    bad = ~torch.isfinite(embeddings).all(dim=1)
+    if bad.any():
+        first = records[int(bad.nonzero()[0])]
+        raise VembedError(
+            f"{first.image}: the model produced NaN/infinite values ({int(bad.sum())} image(s)); "
+            "try model.dtype=float32"
+        )
 
 
 def embedding_line(record: ImageRecord, vector: torch.Tensor) -> str:

@@ -74,11 +74,13 @@ def build_index(
         if nlist > n:
             raise VembedError(f"index.nlist={nlist} is larger than the store ({n} vectors); lower it")
         index = faiss.IndexIVFFlat(faiss.IndexFlatIP(dim), dim, nlist, faiss.METRIC_INNER_PRODUCT)
+        if not settings.nlist:  # the default nlist already keeps >= 39 points per cluster when it can
+            index.cp.min_points_per_centroid = 1
         sample = vectors
         if n > nlist * _TRAIN_POINTS_PER_LIST:
             rows = np.random.default_rng(0).choice(n, nlist * _TRAIN_POINTS_PER_LIST, replace=False)
             sample = vectors[np.sort(rows)]
-        log(f"training IVF ({nlist} clusters) on {len(sample)} vectors")
+        log(f"training IVF ({nlist} cluster{'s' if nlist > 1 else ''}) on {len(sample)} vectors")
         index.train(sample)
         info.update(nlist=nlist)
     with progress() as bar:
