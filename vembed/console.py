@@ -17,11 +17,14 @@ console = Console(stderr=True)
 
 def log(message: str) -> None:
     """Print a status line on stderr."""
-    console.print(message, highlight=False)
+    console.print(message, highlight=False, soft_wrap=True)
 
 
-def progress(*extra_columns) -> Progress:
-    """A rich progress bar on stderr: description, bar, count, extra columns, elapsed, ETA."""
+def progress(*extra_columns, enabled: bool = True) -> Progress:
+    """A rich progress bar on stderr: description, bar, count, extra columns, elapsed, ETA.
+
+    ``enabled=False`` prints nothing at all (for ``--quiet`` and library callers).
+    """
     return Progress(
         TextColumn("[bold]{task.description}"),
         BarColumn(),
@@ -31,7 +34,7 @@ def progress(*extra_columns) -> Progress:
         TimeRemainingColumn(),
         console=console,
         transient=False,
-        disable=not console.is_terminal and console.is_dumb_terminal,
+        disable=not enabled or (not console.is_terminal and console.is_dumb_terminal),
     )
 
 

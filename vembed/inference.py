@@ -47,7 +47,7 @@ def iter_embedding_batches(
     )
     start = time.perf_counter()
     done = 0
-    with progress(rate_column()) as bar:
+    with progress(rate_column(), enabled=show_progress) as bar:
         task = bar.add_task(description, total=len(records), rate=0.0, visible=show_progress)
         for batch in _without_worker_tracebacks(loader):
             problems = [b.message for b in batch.bad]

@@ -10,6 +10,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from vembed import __version__
+from vembed.console import log
 from vembed.errors import VembedError
 from vembed.io import atomic_path, write_json
 from vembed.models.embedder import Embedder
@@ -75,11 +76,17 @@ def create_embedder(model: str | Path | None = None, settings: ModelSettings | N
         projection_dim=projection_dim,
         normalize=normalize,
     )
-    if saved and (Path(name) / HEAD_WEIGHTS).is_file():
-        state = load_file(str(Path(name) / HEAD_WEIGHTS))
+    head_file = Path(name) / HEAD_WEIGHTS
+    if projection_dim and not head_file.is_file():
+        log(
+            f"[yellow]note:[/] {name} has no projection head; adding a new, randomly initialised "
+            f"{projection_dim}-d projection (it needs training before its embeddings mean anything)"
+        )
+    if saved and head_file.is_file():
+        state = load_file(str(head_file))
         missing, unexpected = embedder.load_state_dict(state, strict=False)
         if unexpected:
-            raise VembedError(f"{Path(name) / HEAD_WEIGHTS}: unexpected weights {unexpected}")
+            raise VembedError(f"{head_file}: unexpected weights {unexpected}")
     device = resolve_device(settings.device)
     return embedder.to(device=device, dtype=resolve_dtype(settings.dtype, device))
 
