@@ -1,0 +1,451 @@
+"""Export a trained run (or any model folder) as a self-contained model folder, optionally with ONNX.
+
+The folder is what ``save_embedder`` writes — ``config.json`` + ``model.safetensors`` (plain
+``transformers.AutoModel.from_pretrained`` loads the backbone, LoRA already merged), ``vembed.json``
+(pooling, projection, normalisation, preprocessing) and ``vembed_head.safetensors`` when there is a
+head — plus ``preprocessor_config.json`` (so ``AutoImageProcessor`` reproduces vembed's eval
+transform), a short model card, and with ``onnx=True`` a ``model.onnx`` graph (pixel values →
+embeddings, dynamic batch axis) checked against PyTorch with onnxruntime.
+
+Everything is written into a temporary folder that replaces ``out`` only once it is complete and
+verified: the reloaded export must reproduce the source model's embeddings.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import io
+import json
+import logging
+import shutil
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vembed.console import log
+from vembed.errors import VembedError
+from vembed.io import atomic_dir, write_json, write_text
+from vembed.models.embedder import Embedder
+from vembed.models.factory import VEMBED_CONFIG, create_embedder, save_embedder
+from vembed.models.registry import REGISTRY
+from vembed.settings import ModelSettings
+
+DTYPES = ("float32", "float16", "bfloat16")
+ONNX_FILE = "model.onnx"
+ONNX_OPSET = 18
+ONNX_SINGLE_FILE_BYTES = 1_500_000_000  # larger graphs keep their weights in model.onnx.data
+ONNX_ATOL = 1e-4  # max abs difference allowed between ONNX and PyTorch embeddings (float32)
+# max abs difference allowed between the reloaded export and the source model's embeddings
+RELOAD_ATOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
+RUN_MARKERS = ("settings.yaml", "metrics.jsonl", "checkpoints")
+_RESAMPLE_CODES = {"bicubic": 3, "bilinear": 2}
+
+
+@dataclass
+class ExportResult:
+    """What ``export_model`` wrote and how closely it reproduces the source model."""
+
+    source: str  # what was asked for (run dir, model folder, registry name or hub id)
+    model: str  # the model folder (or name) actually loaded, e.g. RUN/final
+    out_dir: Path
+    dtype: str
+    embed_dim: int
+    max_abs_diff: float  # reloaded export vs source, float32 embeddings of a check batch
+    onnx_path: Path | None = None
+    onnx_max_abs_diff: float | None = None
+    files: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "model": self.model,
+            "out_dir": str(self.out_dir),
+            "dtype": self.dtype,
+            "embed_dim": self.embed_dim,
+            "max_abs_diff": self.max_abs_diff,
+            "onnx": str(self.onnx_path) if self.onnx_path else None,
+            "onnx_max_abs_diff": self.onnx_max_abs_diff,
+            "files": self.files,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def resolve_export_source(source: str | Path) -> tuple[str, Path | None]:
+    """``(model to load, run dir or None)`` for a run directory, model folder, registry name or hub id."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "final" / "config.json").is_file():
+            return str(path / "final"), path
+        if (path / "config.json").is_file():
+            return str(path), None
+        if any((path / marker).exists() for marker in RUN_MARKERS):
+            raise VembedError(
+                f"{path}: run directory has no final/ model (the run did not finish); resume it with "
+                f"`vembed train --config {path / 'settings.yaml'} --resume`, then export again"
+            )
+        raise VembedError(
+            f"{path}: neither a run directory (with final/) nor a model folder (with config.json)"
+        )
+    if path.exists():
+        raise VembedError(f"{path}: is a file; export needs a run directory or a model folder")
+    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
+    if text in REGISTRY or looks_like_hub_id:
+        return text, None
+    raise VembedError(f"{text}: no such run directory or model folder (nor a registry name or hub id)")
+
+
+def export_model(
+    source: str | Path,
+    out: str | Path,
+    *,
+    dtype: str = "float32",
+    onnx: bool = False,
+    opset: int = ONNX_OPSET,
+) -> ExportResult:
+    """Export ``source`` (a run dir — its ``final/`` —, a model folder, registry name or hub id) to ``out``.
+
+    ``dtype`` casts the saved backbone weights (``float32``, ``float16``, ``bfloat16``); ``onnx`` also
+    writes ``model.onnx`` (always float32) and fails if onnxruntime's output differs from PyTorch's
+    by more than ``ONNX_ATOL``. Raises :class:`VembedError` before writing anything on a bad source,
+    a bad ``out`` or a missing onnxruntime.
+    """
+    start = time.perf_counter()
+    model, run_dir = resolve_export_source(source)
+    out = Path(out).expanduser()
+    _check_inputs(model, run_dir, out, dtype, onnx)
+    log(f"exporting [bold]{model}[/] → {out} ({dtype}{', onnx' if onnx else ''})")
+    embedder = create_embedder(model, ModelSettings(device="cpu", dtype="float32"))
+    saved = _read_json(Path(model) / VEMBED_CONFIG) if Path(model).is_dir() else {}
+    extra = {"exported_from": str(run_dir or model)}
+    if saved.get("base_model"):
+        extra["base_model"] = saved["base_model"]
+    for key, value in saved.items():  # keep what training recorded beside the model
+        if key not in _WRITTEN_KEYS:
+            extra.setdefault(key, value)
+    settings_file = run_dir / "settings.yaml" if run_dir is not None else None
+    result = _export(
+        embedder,
+        out,
+        dtype=dtype,
+        onnx=onnx,
+        opset=opset,
+        extra=extra,
+        settings_file=settings_file if settings_file and settings_file.is_file() else None,
+    )
+    result.source = str(source)
+    result.model = model
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+def export_embedder(
+    embedder: Embedder,
+    out: str | Path,
+    *,
+    dtype: str = "float32",
+    onnx: bool = False,
+    opset: int = ONNX_OPSET,
+) -> ExportResult:
+    """Export an in-memory :class:`Embedder`, LoRA adapters merged; ``embedder`` itself is left untouched."""
+    start = time.perf_counter()
+    out = Path(out).expanduser()
+    _check_inputs(None, None, out, dtype, onnx)
+    from vembed.models.lora import has_lora, merge_lora
+
+    work = merge_lora(embedder) if has_lora(embedder) else copy.deepcopy(embedder)  # both copy
+    work = work.to(device="cpu", dtype=torch.float32)
+    result = _export(work, out, dtype=dtype, onnx=onnx, opset=opset, extra={"exported_from": "python"})
+    result.seconds = time.perf_counter() - start
+    return result
+
+
+# keys save_embedder writes itself; everything else in a source vembed.json is carried over
+_WRITTEN_KEYS = {
+    "vembed_version",
+    "base_model",
+    "family",
+    "pooling",
+    "projection_dim",
+    "normalize",
+    "embed_dim",
+    "num_prefix_tokens",
+    "lora_targets",
+    "preprocessing",
+    "export",
+    "exported_from",
+}
+
+
+def _export(
+    embedder: Embedder,
+    out: Path,
+    *,
+    dtype: str,
+    onnx: bool,
+    opset: int,
+    extra: dict,
+    settings_file: Path | None = None,
+) -> ExportResult:
+    leftover = [n for n, _ in embedder.named_parameters() if "lora_" in n]
+    if leftover:
+        raise VembedError(f"could not merge LoRA weights into the backbone: {', '.join(leftover[:3])} ...")
+    embedder.eval()
+    check = _check_batch(embedder)
+    with torch.inference_mode():
+        reference = embedder(check).float()
+    export_info: dict = {"dtype": dtype, "check_batch": list(check.shape)}
+    with atomic_dir(out) as tmp:
+        onnx_diff = None
+        if onnx:
+            log("writing the ONNX graph and checking it against PyTorch (onnxruntime)")
+            onnx_diff = _write_onnx(embedder, tmp / ONNX_FILE, check, reference, opset)
+            export_info["onnx"] = {
+                "file": ONNX_FILE,
+                "dtype": "float32",
+                "opset": opset,
+                "input": "pixel_values",
+                "output": "embeddings",
+                "dynamic_axes": {"pixel_values": [0], "embeddings": [0]},
+                "max_abs_diff": onnx_diff,
+                "atol": ONNX_ATOL,
+            }
+        save_embedder(embedder, tmp, dtype=getattr(torch, dtype), extra={**extra, "export": export_info})
+        _write_preprocessor_config(embedder, tmp)
+        if settings_file is not None:
+            shutil.copyfile(settings_file, tmp / "training_settings.yaml")
+        diff = _reload_diff(tmp, check, reference)
+        if diff > RELOAD_ATOL[dtype]:
+            raise VembedError(
+                f"the exported {dtype} model differs from the source by {diff:.2e} (max abs, allowed "
+                f"{RELOAD_ATOL[dtype]:.0e}); nothing was written to {out}"
+            )
+        export_info["max_abs_diff"] = diff
+        export_info["atol"] = RELOAD_ATOL[dtype]
+        config = _read_json(tmp / VEMBED_CONFIG)
+        config["export"] = export_info
+        write_json(tmp / VEMBED_CONFIG, config)
+        write_text(tmp / "README.md", _model_card(config))
+        files = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
+    return ExportResult(
+        source="python",
+        model="python",
+        out_dir=out,
+        dtype=dtype,
+        embed_dim=embedder.embed_dim,
+        max_abs_diff=diff,
+        onnx_path=out / ONNX_FILE if onnx else None,
+        onnx_max_abs_diff=onnx_diff,
+        files=files,
+    )
+
+
+def _check_inputs(model: str | None, run_dir: Path | None, out: Path, dtype: str, onnx: bool) -> None:
+    """Every mistake that can be found before loading a model: bad dtype, bad ``out``, no onnxruntime."""
+    if dtype not in DTYPES:
+        raise VembedError(f"export dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    resolved = out.resolve()
+    # out may live inside the run dir (RUN/export), but must neither replace nor sit inside the model
+    for src, inside_ok in ((model, False), (run_dir, True)):
+        if src is None or not Path(src).is_dir():
+            continue
+        src_path = Path(src).resolve()
+        inside = src_path in resolved.parents
+        if resolved == src_path or resolved in src_path.parents or (inside and not inside_ok):
+            raise VembedError(f"--out {out} overlaps the source {src}; choose a separate folder")
+    if out.is_file():
+        raise VembedError(f"--out {out} is a file; choose a folder")
+    if out.is_dir() and any(out.iterdir()) and not (out / VEMBED_CONFIG).is_file():
+        raise VembedError(
+            f"--out {out} exists and is not a vembed model folder; choose a new folder (it would be replaced)"
+        )
+    if onnx:
+        for module, package in (
+            ("onnxruntime", "onnxruntime"),
+            ("onnx", "onnx"),
+            ("onnxscript", "onnxscript"),
+        ):
+            try:
+                __import__(module)
+            except ImportError:
+                raise VembedError(
+                    f"--onnx needs the {package} package: pip install {package} (or pip install 'vembed[onnx]')"
+                ) from None
+
+
+def _check_batch(embedder: Embedder, n: int = 2) -> torch.Tensor:
+    """A fixed, reproducible batch of normalised pixel values at the model's input size."""
+    size = embedder.spec.image_size
+    generator = torch.Generator().manual_seed(0)
+    return torch.randn(n, 3, size, size, generator=generator)
+
+
+def _reload_diff(folder: Path, check: torch.Tensor, reference: torch.Tensor) -> float:
+    """Max abs difference between the reloaded export's embeddings (float32) and the reference."""
+    reloaded = create_embedder(str(folder), ModelSettings(device="cpu", dtype="float32"))
+    return float((reloaded.encode(check) - reference).abs().max())
+
+
+def _write_onnx(
+    embedder: Embedder, path: Path, check: torch.Tensor, reference: torch.Tensor, opset: int
+) -> float:
+    """Export ``embedder`` (pixel_values → embeddings, dynamic batch) and compare onnxruntime with PyTorch."""
+    import onnxruntime
+
+    batch = torch.export.Dim("batch", min=1)
+    noise = io.StringIO()
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with (
+            contextlib.redirect_stdout(noise),
+            contextlib.redirect_stderr(noise),
+            warnings.catch_warnings(),
+        ):
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                embedder,
+                (check,),
+                str(path),
+                input_names=["pixel_values"],
+                output_names=["embeddings"],
+                dynamic_shapes={"pixel_values": {0: batch}},
+                opset_version=opset,
+                dynamo=True,
+                external_data=_num_bytes(embedder) > ONNX_SINGLE_FILE_BYTES,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many types; report one line with the cause
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VembedError(f"ONNX export failed: {first}") from None
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    # run a different batch size than the one traced, to check the batch axis really is dynamic
+    bigger = torch.cat([check, check.flip(0)[:1]])
+    with torch.inference_mode():
+        expected = torch.cat([reference, embedder(bigger[len(check) :]).float()])
+    got = torch.from_numpy(session.run(["embeddings"], {"pixel_values": bigger.numpy()})[0])
+    if got.shape != expected.shape:
+        raise VembedError(f"ONNX graph returned shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    diff = float((got - expected).abs().max())
+    if not diff <= ONNX_ATOL:
+        raise VembedError(
+            f"ONNX output differs from PyTorch by {diff:.2e} (max abs, allowed {ONNX_ATOL:.0e}); "
+            "nothing was written"
+        )
+    return diff
+
+
+def _num_bytes(module: nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def _write_preprocessor_config(embedder: Embedder, folder: Path) -> None:
+    """A ``preprocessor_config.json`` that makes ``AutoImageProcessor`` do vembed's eval transform.
+
+    CLIPImageProcessor is resize-shorter-side → centre crop → rescale → normalise, which is exactly
+    :class:`vembed.data.images.EvalTransform` for every family.
+    """
+    spec = embedder.spec
+    write_json(
+        folder / "preprocessor_config.json",
+        {
+            "image_processor_type": "CLIPImageProcessor",
+            "do_convert_rgb": True,
+            "do_resize": True,
+            "size": {"shortest_edge": spec.resize_size},
+            "resample": _RESAMPLE_CODES.get(spec.interpolation, 3),
+            "do_center_crop": True,
+            "crop_size": {"height": spec.image_size, "width": spec.image_size},
+            "do_rescale": True,
+            "rescale_factor": 1 / 255,
+            "do_normalize": True,
+            "image_mean": list(spec.mean),
+            "image_std": list(spec.std),
+        },
+    )
+
+
+def _model_card(config: dict) -> str:
+    """A short README.md: what the folder holds and how to get vembed's embedding without vembed."""
+    pooling = config["pooling"]
+    pool_line = {
+        "cls": "feats = out.last_hidden_state[:, 0]",
+        "pooler": "feats = out.pooler_output",
+        "mean": f"feats = out.last_hidden_state[:, {config['num_prefix_tokens']}:].mean(1)",
+        "cls+mean": (
+            "h = out.last_hidden_state\n"
+            f"feats = torch.cat([h[:, 0], h[:, {config['num_prefix_tokens']}:].mean(1)], -1)"
+        ),
+        "gem": (
+            'p = head["gem.p"].clamp(min=1)\n'
+            f"feats = out.last_hidden_state[:, {config['num_prefix_tokens']}:].clamp(min=1e-6)"
+            ".pow(p).mean(1).pow(1 / p)"
+        ),
+    }[pooling]
+    needs_head = pooling == "gem" or config.get("projection_dim")
+    head_lines = (
+        'from safetensors.torch import load_file\nhead = load_file(f"{path}/vembed_head.safetensors")\n'
+        if needs_head
+        else ""
+    )
+    proj_line = (
+        'feats = feats @ head["projection.weight"].T + head["projection.bias"]\n'
+        if config.get("projection_dim")
+        else ""
+    )
+    norm_line = "emb = torch.nn.functional.normalize(feats, dim=-1)" if config["normalize"] else "emb = feats"
+    export = config.get("export", {})
+    onnx = export.get("onnx")
+    onnx_text = (
+        f"\n`{onnx['file']}` takes `pixel_values` (float32, `[N, 3, {config['preprocessing']['image_size']}, "
+        f"{config['preprocessing']['image_size']}]`, preprocessed as above) and returns `embeddings` "
+        f"(`[N, {config['embed_dim']}]`); max abs difference to PyTorch at export: {onnx['max_abs_diff']:.1e}.\n"
+        if onnx
+        else ""
+    )
+    return f"""# vembed image embedding model
+
+Exported by vembed {config.get("vembed_version", "")} from `{config.get("exported_from", "?")}`
+(base model `{config.get("base_model", "?")}`, {config.get("family")} family).
+Embedding: {config["embed_dim"]} dimensions, pooling `{pooling}`,
+{"L2-normalised" if config["normalize"] else "not normalised"}; weights stored as {export.get("dtype", "float32")}.
+
+With vembed: `vembed embed --model PATH ...`, `vembed search --model PATH ...`, `vembed eval retrieval --model PATH ...`.
+
+With plain transformers:
+
+```python
+import torch
+from PIL import Image, ImageOps
+from transformers import AutoImageProcessor, AutoModel
+
+path = "PATH"
+model = AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+processor = AutoImageProcessor.from_pretrained(path)
+{head_lines}images = [ImageOps.exif_transpose(Image.open(f)).convert("RGB") for f in ["a.jpg", "b.jpg"]]
+with torch.no_grad():
+    out = model(**processor(images, return_tensors="pt"))
+{pool_line}
+{proj_line}{norm_line}
+```
+{onnx_text}"""
+
+
+def _read_json(path: Path) -> dict:
+    if not path.is_file():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
