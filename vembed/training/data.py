@@ -1,0 +1,196 @@
+"""Training and validation data: records → labels, the batch sampler, and deterministic epoch loaders.
+
+The batches of an epoch are a pure function of ``(seed, epoch)`` (P x K or shuffled), and each image's
+augmentation is seeded by ``(seed, epoch, position in the epoch)``, so a run resumed mid-epoch by
+skipping its first batches sees exactly the images and crops an uninterrupted run would have seen,
+whatever the number of DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
+
+from vembed.data.datasets import ImageDataset, build_loader
+from vembed.data.images import EvalTransform, TrainTransform
+from vembed.data.records import ImageRecord, RecordSet, label_codes, read_records
+from vembed.data.samplers import PKBatchSampler
+from vembed.errors import VembedError
+from vembed.models.registry import ModelSpec
+from vembed.settings import Settings, TrainSettings
+
+PAIR_LOSSES = ("infonce", "supcon", "triplet")  # need positives in the batch: P x K by default
+
+
+@dataclass
+class LabelledImages:
+    """Image records with dense integer labels (pairs become two images sharing one label)."""
+
+    records: list[ImageRecord]
+    labels: list[int]
+    class_names: list
+    categories: list[int] | None = None  # dense category id per record, when every record has one
+    is_pairs: bool = False
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def subset(self, keep: Sequence[int]) -> LabelledImages:
+        """The records at positions ``keep`` (labels re-coded densely)."""
+        records = [self.records[i] for i in keep]
+        codes, names = label_codes([self.class_names[self.labels[i]] for i in keep])
+        categories = [self.categories[i] for i in keep] if self.categories is not None else None
+        return LabelledImages(records, codes, names, categories, self.is_pairs, self.problems)
+
+
+def read_labelled(path: Path, settings: Settings, *, what: str) -> LabelledImages:
+    """Read a records file for training or validation; every image record needs a label."""
+    record_set: RecordSet = read_records(
+        path, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad
+    )
+    images = record_set.images()
+    for rec in images:
+        if rec.label is None:
+            raise VembedError(
+                f"{rec.source or rec.image}: missing field 'label' ({what} records need a class label, "
+                "or use query_image/positive pair records)"
+            )
+    labels, names = label_codes([rec.label for rec in images])
+    categories = None
+    if all(rec.category is not None for rec in images):
+        categories, _ = label_codes([rec.category for rec in images])
+    return LabelledImages(images, labels, names, categories, record_set.is_pairs, record_set.problems)
+
+
+def uses_pk(data: LabelledImages, settings: TrainSettings) -> bool:
+    if settings.sampler != "auto":
+        return settings.sampler == "pk"
+    return data.is_pairs or settings.loss.lower() in PAIR_LOSSES
+
+
+def samples_per_class(data: LabelledImages, settings: TrainSettings) -> int:
+    if settings.samples_per_class is not None:
+        return settings.samples_per_class
+    return 2 if data.is_pairs or settings.loss.lower() == "infonce" else 4
+
+
+class ShuffledBatchSampler:
+    """Batches of a seeded permutation (torch's DistributedSampler), a pure function of (seed, epoch)."""
+
+    def __init__(self, size: int, batch_size: int, *, seed: int, num_replicas: int = 1, rank: int = 0):
+        if size // num_replicas < batch_size:
+            raise VembedError(
+                f"the training set has {size} images, fewer than one batch of train.batch_size={batch_size}"
+                + (f" per process ({num_replicas} processes)" if num_replicas > 1 else "")
+            )
+        self.sampler = DistributedSampler(
+            range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
+        )
+        self.batches = BatchSampler(self.sampler, batch_size, drop_last=True)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __iter__(self):
+        return iter(self.batches)
+
+
+def build_batch_sampler(
+    data: LabelledImages, settings: TrainSettings, *, num_replicas: int = 1, rank: int = 0
+) -> PKBatchSampler | ShuffledBatchSampler:
+    """P x K class-balanced batches (optionally few categories per batch), or shuffled batches."""
+    if not uses_pk(data, settings):
+        if settings.categories_per_batch is not None:
+            raise VembedError("train.categories_per_batch needs P x K batches (train.sampler=pk)")
+        return ShuffledBatchSampler(
+            len(data.records), settings.batch_size, seed=settings.seed, num_replicas=num_replicas, rank=rank
+        )
+    k = samples_per_class(data, settings)
+    if settings.batch_size % k:
+        raise VembedError(
+            f"train.batch_size={settings.batch_size} must be a multiple of train.samples_per_class={k} "
+            "(P classes x K images per batch)"
+        )
+    categories = None
+    if settings.categories_per_batch is not None:
+        if data.categories is None:
+            missing = next(rec for rec in data.records if rec.category is None)
+            raise VembedError(
+                f"train.categories_per_batch is set but {missing.source or missing.image} has no 'category'"
+            )
+        categories = data.categories
+    return PKBatchSampler(
+        data.labels,
+        settings.batch_size // k,
+        k,
+        categories=categories,
+        categories_per_batch=settings.categories_per_batch,
+        seed=settings.seed,
+        num_replicas=num_replicas,
+        rank=rank,
+    )
+
+
+def epoch_batches(sampler, epoch: int) -> list[list[int]]:
+    """The batches of ``epoch`` (a list, so a resumed run can skip the ones already trained on)."""
+    sampler.set_epoch(epoch)
+    return [list(batch) for batch in sampler]
+
+
+class AugmentedImages(Dataset):
+    """An :class:`ImageDataset` whose random augmentation is seeded per draw.
+
+    Items are ``(index, tag)``; ``random`` is seeded with ``tag`` (seed/epoch/position) around the
+    transform and restored afterwards, so the crop does not depend on worker count or on resuming.
+    """
+
+    def __init__(self, images: ImageDataset):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, tag = item
+        state = random.getstate()
+        random.seed(tag)
+        try:
+            return self.images[index]
+        finally:
+            random.setstate(state)
+
+
+def train_transform(spec: ModelSpec, settings: TrainSettings):
+    return TrainTransform(spec) if settings.augment else EvalTransform(spec)
+
+
+def epoch_loader(
+    data: LabelledImages,
+    batches: list[list[int]],
+    *,
+    spec: ModelSpec,
+    settings: Settings,
+    epoch: int,
+    first: int = 0,
+) -> DataLoader:
+    """A DataLoader over ``batches[first:]`` of an epoch, decoding and augmenting in workers."""
+    seed = settings.train.seed
+    tagged = [
+        [(index, f"{seed}/{epoch}/{position}/{slot}") for slot, index in enumerate(batch)]
+        for position, batch in enumerate(batches)
+    ][first:]
+    dataset = AugmentedImages(
+        ImageDataset(data.records, train_transform(spec, settings.train), skip_bad=settings.data.skip_bad)
+    )
+    return build_loader(
+        dataset, batch_sampler=tagged, num_workers=settings.data.num_workers, seed=seed * 1000 + epoch
+    )

@@ -1,0 +1,112 @@
+"""The model a run trains: the Embedder with its method applied (LoRA, full, frozen) and its loss."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vembed.errors import VembedError
+from vembed.losses import build_loss, loss_options
+from vembed.models.embedder import Embedder
+from vembed.models.factory import create_embedder
+from vembed.models.lora import apply_lora
+from vembed.settings import Settings, TrainSettings
+
+# train.<key> → the loss option it sets (None values leave the loss's default).
+LOSS_KEYS = ("temperature", "learnable_temperature", "margin", "scale", "mining")
+
+
+def build_embedder(settings: Settings) -> Embedder:
+    """Load the backbone (float32 master weights on the CPU; accelerate places it) and apply the method.
+
+    ``method=lora`` raises :class:`VembedError` here, before any data is read, when no LoRA target
+    matches a Linear module of the backbone.
+    """
+    model = settings.model
+    dtype = "float32" if model.dtype == "auto" else model.dtype
+    embedder = create_embedder(model.name, model.model_copy(update={"device": "cpu", "dtype": dtype}))
+    train = settings.train
+    if train.grad_checkpointing and train.method != "frozen":
+        embedder.backbone.gradient_checkpointing_enable(
+            gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
+    if train.method == "lora":
+        embedder.backbone.requires_grad_(False)
+        apply_lora(embedder, train.lora)
+    elif train.method == "frozen":
+        embedder.backbone.requires_grad_(False)
+        embedder.backbone.eval()
+        if embedder.gem is not None and train.cache_features:
+            embedder.gem.requires_grad_(False)  # the cache holds features pooled with the initial p
+    return embedder
+
+
+def set_train_mode(embedder: Embedder, method: str) -> None:
+    """Training mode, except a frozen backbone (no dropout in features the head is fitted to)."""
+    embedder.train()
+    if method == "frozen":
+        embedder.backbone.eval()
+
+
+def loss_kwargs(settings: TrainSettings) -> dict:
+    """The options ``build_loss`` gets from ``train.*`` keys; keys the loss does not take are errors."""
+    name = settings.loss.strip().lower()
+    accepted = loss_options(name)  # also raises for an unknown loss name, with a suggestion
+    options: dict = {}
+    for key in LOSS_KEYS:
+        value = getattr(settings, key)
+        if value is None or (key == "learnable_temperature" and value is False):
+            continue
+        if key not in accepted:
+            raise VembedError(
+                f"train.{key} does not apply to loss '{name}' (its options: {', '.join(accepted) or 'none'})"
+            )
+        options[key] = value
+    for key, value in settings.loss_options.items():
+        if key in options:
+            raise VembedError(f"train.loss_options.{key} repeats train.{key}; set it once")
+        options[key] = value
+    if settings.matryoshka_dims:
+        options["matryoshka_dims"] = list(settings.matryoshka_dims)
+    return options
+
+
+def make_loss(settings: TrainSettings, *, embed_dim: int, num_classes: int) -> nn.Module:
+    return build_loss(settings.loss, embed_dim=embed_dim, num_classes=num_classes, **loss_kwargs(settings))
+
+
+def check_objective(settings: TrainSettings, embedder: Embedder) -> None:
+    """Loss name and options, and that ``method=frozen`` has something to train — without any data."""
+    with torch.random.fork_rng(devices=[]):  # the probe must not shift the seeded initialisation
+        probe = make_loss(settings, embed_dim=embedder.embed_dim, num_classes=2)
+    trainable = [p for p in embedder.parameters() if p.requires_grad] + list(probe.parameters())
+    if not trainable:
+        raise VembedError(
+            f"method=frozen with loss '{settings.loss}' has nothing to train: set model.projection_dim "
+            "(a projection head), use a loss with parameters (arcface, cosface, ce) or "
+            "train.learnable_temperature=true"
+        )
+
+
+def trainable_state(embedder: Embedder, loss: nn.Module) -> dict[str, torch.Tensor]:
+    """What a checkpoint must hold: trainable weights of the embedder, and the loss's state (``loss.*``)."""
+    state = {name: p.detach() for name, p in embedder.named_parameters() if p.requires_grad}
+    state.update({f"loss.{k}": v.detach() for k, v in loss.state_dict().items()})
+    return state
+
+
+def load_trainable_state(
+    embedder: Embedder, loss: nn.Module, state: dict[str, torch.Tensor], *, where: str
+) -> None:
+    model_part = {k: v for k, v in state.items() if not k.startswith("loss.")}
+    loss_part = {k[len("loss.") :]: v for k, v in state.items() if k.startswith("loss.")}
+    expected = {name for name, p in embedder.named_parameters() if p.requires_grad}
+    missing, unexpected = sorted(expected - set(model_part)), sorted(set(model_part) - expected)
+    if missing or unexpected:
+        detail = f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}"
+        raise VembedError(f"{where}: the checkpoint does not match this model and method ({detail})")
+    embedder.load_state_dict(model_part, strict=False)
+    try:
+        loss.load_state_dict(loss_part)
+    except RuntimeError as exc:
+        raise VembedError(f"{where}: the checkpoint's loss state does not match train.loss ({exc})") from None

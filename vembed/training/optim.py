@@ -1,0 +1,94 @@
+"""AdamW parameter groups (no decay on norms/biases/tokens, layer-wise lr decay, head lr) and the schedule."""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from torch import nn
+from torch.optim import AdamW, Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+from vembed.settings import TrainSettings
+
+# Parameters that are never weight-decayed besides 1-D ones: learned tokens and position embeddings.
+_NO_DECAY = re.compile(r"(cls_token|class_embedding|mask_token|register_tokens|position_embedding)")
+_LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
+_EMBEDDINGS = re.compile(r"(?:^|\.)(embeddings|pre_layrnorm)\.")
+
+
+@dataclass(frozen=True)
+class ParamGroupSpec:
+    name: str
+    lr: float
+    weight_decay: float
+
+
+def head_lr(settings: TrainSettings) -> float:
+    """The lr of the projection and the loss's parameters (see ``train.head_lr``)."""
+    if settings.head_lr is not None:
+        return settings.head_lr
+    return settings.lr if settings.method == "frozen" else 10 * settings.lr
+
+
+def layer_id(name: str, num_layers: int) -> int:
+    """0 for the embeddings, i + 1 for transformer block i, ``num_layers + 1`` for what follows."""
+    match = _LAYER.search(name)
+    if match:
+        return int(match.group(1)) + 1
+    if _EMBEDDINGS.search(name):
+        return 0
+    return num_layers + 1
+
+
+def param_groups(
+    backbone: nn.Module, head: list[tuple[str, nn.Parameter]], settings: TrainSettings
+) -> list[dict]:
+    """AdamW groups for the trainable parameters of ``backbone`` and the ``head`` parameters.
+
+    Backbone parameters get ``settings.lr`` scaled by ``layer_decay ** (L + 1 - layer_id)`` when
+    ``layer_decay`` is set; head parameters (projection, GeM, loss proxies/classifier/temperature) get
+    :func:`head_lr`. 1-D parameters, learned tokens and position embeddings have no weight decay.
+    """
+    num_layers = _num_layers(backbone)
+    groups: dict[tuple[str, float, float], list[nn.Parameter]] = {}
+
+    def add(kind: str, name: str, param: nn.Parameter, lr: float) -> None:
+        decay = 0.0 if param.ndim <= 1 or _NO_DECAY.search(name) else settings.weight_decay
+        groups.setdefault((kind, lr, decay), []).append(param)
+
+    for name, param in backbone.named_parameters():
+        if not param.requires_grad:
+            continue
+        scale = 1.0
+        if settings.layer_decay is not None:
+            scale = settings.layer_decay ** (num_layers + 1 - layer_id(name, num_layers))
+        add("backbone", name, param, settings.lr * scale)
+    for name, param in head:
+        if param.requires_grad:
+            add("head", name, param, head_lr(settings))
+    return [
+        {"params": params, "lr": lr, "weight_decay": decay, "name": f"{kind}/lr={lr:.3g}/wd={decay:g}"}
+        for (kind, lr, decay), params in groups.items()
+    ]
+
+
+def build_optimizer(groups: list[dict], settings: TrainSettings) -> Optimizer:
+    return AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+
+
+def build_scheduler(optimizer: Optimizer, total_steps: int, warmup_ratio: float) -> LambdaLR:
+    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to 0 (transformers')."""
+    from transformers import get_cosine_schedule_with_warmup
+
+    warmup = round(total_steps * warmup_ratio)
+    return get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
+
+
+def _num_layers(backbone: nn.Module) -> int:
+    config = getattr(backbone, "config", None)
+    layers = getattr(config, "num_hidden_layers", None)
+    if layers is None:
+        found = [int(m.group(1)) for name, _ in backbone.named_parameters() if (m := _LAYER.search(name))]
+        layers = max(found, default=-1) + 1
+    return int(layers)

@@ -1,0 +1,74 @@
+"""Validation during training: Recall@K / MAP@R on the validation split, all-vs-all."""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+
+from vembed.evaluation.retrieval import retrieval_metrics
+from vembed.inference import embed_records
+from vembed.models.embedder import Embedder
+from vembed.settings import Settings
+from vembed.training.data import LabelledImages
+
+PRIMARY_METRIC = "recall@1"
+
+
+class Validator:
+    """Embeds the validation records with the model's one inference path and scores them.
+
+    With ``features`` (pooled backbone features of the records, ``method=frozen`` with a cache) only the
+    head runs: the frozen backbone's features do not change between validations.
+    """
+
+    def __init__(
+        self,
+        data: LabelledImages,
+        settings: Settings,
+        *,
+        features: torch.Tensor | None = None,
+        feature_indices: list[int] | None = None,
+    ):
+        self.data = data
+        self.settings = settings
+        self.features = features
+        self.feature_indices = feature_indices
+
+    def __call__(
+        self, embedder: Embedder, *, autocast=contextlib.nullcontext, show_progress: bool = True
+    ) -> dict:
+        # Validation must not move the training RNG streams (a resumed run would diverge).
+        devices = [embedder.device] if embedder.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), autocast():
+            embeddings, indices, problems = self._embed(embedder, show_progress)
+        labels = [self.data.labels[i] for i in indices]
+        ev = self.settings.eval
+        metrics = retrieval_metrics(embeddings, labels, ks=tuple(ev.k), chunk_size=ev.chunk_size)
+        if problems:
+            metrics["num_bad_images"] = len(problems)
+        return metrics
+
+    def _embed(self, embedder: Embedder, show_progress: bool) -> tuple[torch.Tensor, list[int], list[str]]:
+        if self.features is not None:
+            was_training = embedder.training
+            embedder.eval()
+            try:
+                with torch.inference_mode():
+                    chunks = [
+                        embedder.head(chunk.to(embedder.device)).float().cpu()
+                        for chunk in self.features.split(4096)
+                    ]
+            finally:
+                embedder.train(was_training)
+            return torch.cat(chunks), list(self.feature_indices or []), []
+        result = embed_records(
+            embedder,
+            self.data.records,
+            batch_size=self.settings.eval.batch_size,
+            num_workers=self.settings.data.num_workers,
+            skip_bad=self.settings.data.skip_bad,
+            show_progress=show_progress,
+            description="validating",
+        )
+        return result.embeddings, result.indices, result.problems
