@@ -1,12 +1,79 @@
-"""``vembed train``: not implemented yet (issue 4)."""
+"""``vembed train``: fine-tune a backbone from a recipe (also under ``accelerate launch -m vembed train``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.table import Table
 
-from vembed.cli.app import app
+from vembed.cli.app import app, quiet_transformers, settings_from, user_errors
+from vembed.console import console
 
 
-@app.command("train", context_settings={"allow_extra_args": True, "ignore_unknown_options": True})
-def train_command() -> None:
-    """Not yet: fine-tune a backbone (issue 4)."""
-    typer.echo("vembed train is not implemented yet", err=True)
-    raise typer.Exit(1)
+@app.command("train")
+@user_errors
+def train_command(
+    config: Path = typer.Option(
+        None, "--config", "-c", help="YAML recipe (vembed or vembed-factory format)."
+    ),
+    overrides: list[str] = typer.Argument(None, help="key=value settings overrides, e.g. train.lr=3e-4."),
+    resume: bool = typer.Option(
+        None, "--resume", help="Continue from the last checkpoint in train.output_dir (train.resume=true)."
+    ),
+    output_dir: Path = typer.Option(None, "--output-dir", "-o", help="Run directory (train.output_dir)."),
+    model: str = typer.Option(None, "--model", "-m", help="Backbone: registry name, hub id or folder."),
+    data: Path = typer.Option(None, "--data", "-d", help="Training records (data.train)."),
+    val: Path = typer.Option(None, "--val", help="Validation records (data.val), never the test split."),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bars or per-validation lines."),
+) -> None:
+    """Fine-tune a backbone (LoRA, full or frozen) and write RUN_DIR/final, a model every --model accepts.
+
+    Writes settings.yaml, metrics.jsonl and checkpoints/ into the run directory; validates on data.val
+    at each epoch end and keeps the best model. A stopped run continues with --resume.
+    """
+    from vembed.training import TrainingInterrupted, train  # torch: imported on use
+
+    settings = settings_from(
+        config,
+        overrides,
+        train__resume=resume,
+        train__output_dir=output_dir,
+        model__name=model,
+        data__train=data,
+        data__val=val,
+    )
+    quiet_transformers()
+    try:
+        result = train(settings, show_progress=not quiet)
+    except TrainingInterrupted as exc:
+        console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
+        raise typer.Exit(130) from None
+    Console().print(_summary(result))
+
+
+def _summary(result) -> Table:
+    table = Table(title=f"vembed train: {result.run_dir}")
+    table.add_column("step")
+    metric_keys = []
+    for row in result.history:
+        for key in row:
+            if key.startswith(("recall@", "map@")) and key not in metric_keys:
+                metric_keys.append(key)
+    for key in metric_keys:
+        table.add_column(key, justify="right")
+    table.add_column("")
+    best_step = result.best["step"] if result.best else None
+    for row in result.history:
+        label = (
+            "before training" if row["step"] == 0 else ("best → final/" if row["step"] == best_step else "")
+        )
+        table.add_row(
+            str(row["step"]), *(f"{100 * row.get(k, float('nan')):.2f}" for k in metric_keys), label
+        )
+    table.caption = (
+        f"{result.steps} steps, {result.images_per_second:.1f} img/s, {result.seconds:.0f} s; "
+        f"final model ({result.selected}): {result.final_dir}"
+    )
+    return table
