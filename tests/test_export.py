@@ -240,3 +240,21 @@ def test_cli_export_into_the_run_dir_and_json(run_dir, tmp_path):
     assert data["out_dir"] == str(out) and data["max_abs_diff"] <= FP32_TOL and data["embed_dim"] == 16
     # the export is a model folder every --model option accepts
     assert create_embedder(str(out)).embed_dim == 16
+
+
+def test_run_settings_choose_the_export_defaults_and_flags_win(run_dir, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(run_dir, run)
+    (run / "settings.yaml").write_text("model:\n  name: base\nexport:\n  dtype: float16\n  onnx: false\n")
+    assert export_model(run, tmp_path / "a").dtype == "float16"
+    assert export_model(run, tmp_path / "b", dtype="float32").dtype == "float32"
+    cli = runner.invoke(
+        app, ["export", str(run), "--out", str(tmp_path / "c"), "--json", str(tmp_path / "c.json")]
+    )
+    assert cli.exit_code == 0, cli.output
+    assert json.loads((tmp_path / "c.json").read_text())["dtype"] == "float16"
+    (run / "settings.yaml").write_text("export:\n  dtype: int4\n")
+    with pytest.raises(VembedError, match="settings.yaml: export"):
+        export_model(run, tmp_path / "d")

@@ -25,6 +25,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+import yaml
+from pydantic import ValidationError
 from torch import nn
 
 from vembed.console import log
@@ -33,7 +35,7 @@ from vembed.io import atomic_dir, write_json, write_text
 from vembed.models.embedder import Embedder
 from vembed.models.factory import VEMBED_CONFIG, create_embedder, save_embedder
 from vembed.models.registry import REGISTRY
-from vembed.settings import ModelSettings
+from vembed.settings import ExportSettings, ModelSettings
 
 DTYPES = ("float32", "float16", "bfloat16")
 ONNX_FILE = "model.onnx"
@@ -105,19 +107,23 @@ def export_model(
     source: str | Path,
     out: str | Path,
     *,
-    dtype: str = "float32",
-    onnx: bool = False,
+    dtype: str | None = None,
+    onnx: bool | None = None,
     opset: int = ONNX_OPSET,
 ) -> ExportResult:
     """Export ``source`` (a run dir — its ``final/`` —, a model folder, registry name or hub id) to ``out``.
 
     ``dtype`` casts the saved backbone weights (``float32``, ``float16``, ``bfloat16``); ``onnx`` also
     writes ``model.onnx`` (always float32) and fails if onnxruntime's output differs from PyTorch's
-    by more than ``ONNX_ATOL``. Raises :class:`VembedError` before writing anything on a bad source,
-    a bad ``out`` or a missing onnxruntime.
+    by more than ``ONNX_ATOL``. Left as ``None`` they come from the run's ``export`` settings (its
+    ``settings.yaml``), else float32 without ONNX. Raises :class:`VembedError` before writing anything
+    on a bad source, a bad ``out`` or a missing onnxruntime.
     """
     start = time.perf_counter()
     model, run_dir = resolve_export_source(source)
+    defaults = run_export_settings(run_dir)
+    dtype = dtype if dtype is not None else defaults.dtype
+    onnx = onnx if onnx is not None else defaults.onnx
     out = Path(out).expanduser()
     _check_inputs(model, run_dir, out, dtype, onnx)
     log(f"exporting [bold]{model}[/] → {out} ({dtype}{', onnx' if onnx else ''})")
@@ -143,6 +149,20 @@ def export_model(
     result.model = model
     result.seconds = time.perf_counter() - start
     return result
+
+
+def run_export_settings(run_dir: Path | None) -> ExportSettings:
+    """The ``export`` section of a run's ``settings.yaml`` (defaults without a run or a section)."""
+    path = run_dir / "settings.yaml" if run_dir is not None else None
+    if path is None or not path.is_file():
+        return ExportSettings()
+    try:
+        section = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("export") or {}
+        return ExportSettings.model_validate(section)
+    except (yaml.YAMLError, AttributeError) as exc:
+        raise VembedError(f"{path}: cannot read the run's settings ({exc})") from None
+    except ValidationError as exc:
+        raise VembedError(f"{path}: export: {exc.errors()[0]['msg']}") from None
 
 
 def export_embedder(

@@ -21,9 +21,16 @@ def export_command(
     ),
     out: Path = typer.Option(..., "--out", "-o", help="Folder to write (replaced as a whole if it exists)."),
     onnx: bool = typer.Option(
-        False, "--onnx", help="Also write model.onnx and check it against PyTorch with onnxruntime."
+        None,
+        "--onnx/--no-onnx",
+        help="Also write model.onnx and check it against PyTorch with onnxruntime. "
+        "Default: the run's export.onnx setting (off).",
     ),
-    dtype: str = typer.Option("float32", "--dtype", help="Weights as float32, float16 or bfloat16."),
+    dtype: str = typer.Option(
+        None,
+        "--dtype",
+        help="Weights as float32, float16 or bfloat16. Default: the run's export.dtype setting (float32).",
+    ),
     json_out: Path = typer.Option(None, "--json", help="Also write the export summary here as JSON."),
 ) -> None:
     """Write a model folder that vembed and plain transformers.AutoModel load (LoRA merged)."""
