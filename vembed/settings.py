@@ -173,8 +173,12 @@ class EvalSettings(Section):
 
 
 class ExportSettings(Section):
-    dtype: Literal["float32", "float16", "bfloat16"] = "float32"
-    onnx: bool = False
+    """``vembed export RUN``'s defaults, read from the run's settings (``--dtype`` / ``--onnx`` win)."""
+
+    dtype: Literal["float32", "float16", "bfloat16"] = Field(
+        "float32", description="Weights of the exported backbone (ONNX graphs are always float32)."
+    )
+    onnx: bool = Field(False, description="Also write model.onnx, checked against PyTorch (onnxruntime).")
 
 
 class IndexSettings(Section):
