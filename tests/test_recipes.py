@@ -84,3 +84,38 @@ def test_read_yaml_maps_factory_configs(tmp_path):
     path = tmp_path / "f.yaml"
     path.write_text("model_name: facebook/dinov2-small\nretrieval_mode: i2i\n")
     assert _read_yaml(path)["model"]["name"] == "dinov2-small"
+
+
+@pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
+def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
+    """Each recipe's combination of method, loss and options is one the training loop accepts and runs:
+    only the model, the data and the sizes are swapped for tiny ones."""
+    from conftest import make_image_dataset
+
+    from vembed.models.factory import create_embedder
+    from vembed.training import train
+
+    train_file = make_image_dataset(tmp_path / "train", num_classes=4, per_class=6)
+    val_file = make_image_dataset(tmp_path / "val", num_classes=3, per_class=3, seed=1)
+    settings = load_settings(
+        recipe,
+        values={
+            "model.name": str(tiny_model),
+            "model.image_size": None,
+            "model.device": "cpu",
+            "data.train": str(train_file),
+            "data.val": str(val_file),
+            "data.test": None,
+            "data.num_workers": 0,
+            "train.output_dir": str(tmp_path / "run"),
+            "train.batch_size": 8,
+            "train.max_steps": 2,
+            "train.precision": "no",
+            "train.grad_cache_chunk": None,
+            "eval.k": [1],
+        },
+    )
+    result = train(settings, show_progress=False)
+    assert result.steps == 2
+    model = create_embedder(str(result.final_dir))
+    assert model.embed_dim == (settings.model.projection_dim or 32)
