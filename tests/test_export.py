@@ -258,3 +258,41 @@ def test_run_settings_choose_the_export_defaults_and_flags_win(run_dir, tmp_path
     (run / "settings.yaml").write_text("export:\n  dtype: int4\n")
     with pytest.raises(VembedError, match="settings.yaml: export"):
         export_model(run, tmp_path / "d")
+
+
+def test_lora_run_exports_to_the_same_embeddings(tiny_model, tmp_path):
+    """End to end: a LoRA run of the real loop, then `vembed export RUN`; the export equals the run's final/."""
+    from conftest import make_image_dataset
+    from transformers import AutoModel
+
+    from vembed.settings import load_settings
+    from vembed.training import train
+
+    data = make_image_dataset(tmp_path / "data", num_classes=4, per_class=4)
+    settings = load_settings(
+        None,
+        values={
+            "model.name": str(tiny_model),
+            "model.device": "cpu",
+            "data.train": str(data),
+            "data.num_workers": 0,
+            "train.output_dir": str(tmp_path / "run"),
+            "train.method": "lora",
+            "train.lora.r": 4,
+            "train.lr": 5e-2,  # large enough that the merged adapters visibly move the weights
+            "train.batch_size": 8,
+            "train.max_steps": 3,
+        },
+    )
+    run = train(settings, show_progress=False)
+    paths = _images(tmp_path / "img")
+    assert (_embed(run.final_dir, paths) - _embed(tiny_model, paths)).abs().max() > 1e-3
+
+    result = runner.invoke(app, ["export", str(run.run_dir), "--out", str(tmp_path / "out")])
+    assert result.exit_code == 0, result.output
+    assert (_embed(tmp_path / "out", paths) - _embed(run.final_dir, paths)).abs().max() <= FP32_TOL
+    loaded = AutoModel.from_pretrained(tmp_path / "out")
+    assert not any("lora" in name for name, _ in loaded.named_parameters())
+    assert (tmp_path / "out" / "training_settings.yaml").read_text() == (
+        run.run_dir / "settings.yaml"
+    ).read_text()
