@@ -87,7 +87,7 @@ def test_cli_quickstart_reruns_in_place(tmp_path):
     args = ["quickstart", "--out", str(out), "--epochs", "1", "--images-per-class", "12"]
     first = runner.invoke(app, args, terminal_width=200)
     assert first.exit_code == 0, first.output
-    assert "R@1" in first.output and "before" in first.output and "after" in first.output
+    assert "R@1" in first.output and "random init" in first.output and "trained" in first.output
     second = runner.invoke(app, args, terminal_width=200)  # a re-run replaces the previous outputs
     assert second.exit_code == 0, second.output
     assert json.loads((out / "quickstart.json").read_text())["options"]["epochs"] == 1

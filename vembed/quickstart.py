@@ -79,7 +79,7 @@ class QuickstartResult:
     @property
     def title(self) -> str:
         n = int(self.after.metrics.get("num_queries", 0))
-        return f"quickstart: handwritten digits, held-out test split ({n} images, all-vs-all)"
+        return f"quickstart: digits test split, {n} images, all-vs-all"
 
 
 def run_quickstart(
@@ -113,7 +113,7 @@ def run_quickstart(
     before = evaluate_retrieval(
         str(model_dir), prepared.files["test"], settings=settings, show_progress=options.show_progress
     )
-    before.model = "before (random init)"
+    before.model = "random init"
 
     log(f"[bold]4/5 train[/]: full fine-tuning, {options.loss}, P×K batches, {options.epochs} epochs")
     trained = train(settings, show_progress=options.show_progress)
@@ -122,7 +122,7 @@ def run_quickstart(
     after = evaluate_retrieval(
         str(trained.final_dir), prepared.files["test"], settings=settings, show_progress=options.show_progress
     )
-    after.model = "after (trained)"
+    after.model = "trained"
 
     seconds = time.perf_counter() - start
     summary = {
