@@ -163,6 +163,12 @@ class TrainSettings(Section):
 
     _split_dims = field_validator("matryoshka_dims", mode="before")(_split_ints)
 
+    @field_validator("precision", mode="before")
+    @classmethod
+    def _precision_no(cls, value: Any) -> Any:
+        """YAML reads ``precision: no`` (and ``train.precision=no``) as false."""
+        return "no" if value is False else value
+
 
 class EvalSettings(Section):
     k: list[int] = Field(default_factory=lambda: [1, 10, 100], description="Recall@K cut-offs.")

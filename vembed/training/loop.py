@@ -160,6 +160,7 @@ class _Trainer:
         self.resumed_from: Path | None = None
         self.last_validated = -1
         self.last_saved = -1
+        self.window = _Window()  # loss and speed since the last metrics row (kept across a resume)
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -262,7 +263,7 @@ class _Trainer:
                 lr=self._lr(),
                 rate=0.0,
             )
-            window = _Window()
+            window = self.window
             shown = 0.0
             for epoch in range(self.step // self.steps_per_epoch, num_epochs):
                 tic = time.perf_counter()  # step time includes waiting for data
@@ -460,6 +461,7 @@ class _Trainer:
             "images": self.images,
             "train_seconds": self.train_seconds,
             "last_validated": self.last_validated,
+            "window": self.window.state(),
             "scheduler": self.scheduler.state_dict(),
             "scaler": scaler.state_dict() if scaler is not None else None,
             "best": self.best,
@@ -497,6 +499,7 @@ class _Trainer:
         self.history = state["history"]
         self.best = state["best"]
         self.last_validated = state["last_validated"]
+        self.window.load(state["window"])
         self.last_saved = self.step
         self.resumed_from = path
         self._discard_after(self.step)
@@ -528,9 +531,8 @@ class _Trainer:
                 shutil.rmtree(best)
             else:
                 self._save_model(final, selected="last", row=None)
-            log(
-                f"final model ({'best validation ' + PRIMARY_METRIC if selected == 'best' else 'last step'}): {final}"
-            )
+            which = f"best validation {PRIMARY_METRIC}" if selected == "best" else "last step"
+            self._say(f"final model ({which}): {final}")
         acc.wait_for_everyone()
         return final, selected
 
@@ -619,6 +621,13 @@ class _Window:
     @property
     def loss(self) -> float:
         return float(self.loss_sum / self.steps) if self.steps else float(self.last_loss)
+
+    def state(self) -> dict:
+        return {"loss_sum": float(self.loss_sum), "steps": self.steps, "images": self.images, "seconds": self.seconds}
+
+    def load(self, state: dict) -> None:
+        self.loss_sum, self.steps = state["loss_sum"], state["steps"]
+        self.images, self.seconds = state["images"], state["seconds"]
 
     @property
     def rate(self) -> float:
