@@ -1,6 +1,7 @@
 """vembed export: round trip, LoRA merge, plain-transformers reproduction (the documented lines), ONNX."""
 
 import json
+import os
 import re
 from pathlib import Path
 
@@ -69,6 +70,9 @@ def test_export_round_trip_float32(run_dir, tmp_path):
     assert {"config.json", "model.safetensors", "vembed.json", "vembed_head.safetensors"} <= files
     assert {"preprocessor_config.json", "README.md", "training_settings.yaml"} <= files
     assert not list((tmp_path / "out").glob("*.bin")) and not list(tmp_path.glob(".out.*"))  # no temp left
+    umask = os.umask(0)
+    os.umask(umask)
+    assert {p.stat().st_mode & 0o777 for p in (tmp_path / "out").iterdir()} == {0o666 & ~umask}
     source = _embed(run_dir / "final", paths)
     exported = _embed(tmp_path / "out", paths)
     assert exported.shape == (len(paths), 16)

@@ -18,6 +18,7 @@ import copy
 import io
 import json
 import logging
+import os
 import shutil
 import time
 import warnings
@@ -252,6 +253,7 @@ def _export(
         config["export"] = export_info
         write_json(tmp / VEMBED_CONFIG, config)
         write_text(tmp / "README.md", _model_card(config))
+        _readable_by_all(tmp)
         files = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
     return ExportResult(
         source="python",
@@ -364,6 +366,16 @@ def _write_onnx(
             "nothing was written"
         )
     return diff
+
+
+def _readable_by_all(folder: Path) -> None:
+    """Give every file the umask's permissions: transformers 5 saves model.safetensors as 0600,
+    which makes an exported folder unreadable to the other users it is meant for."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in folder.iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~umask)
 
 
 def _num_bytes(module: nn.Module) -> int:
