@@ -18,7 +18,7 @@ def save_tiny_model(path: Path, family: str = "dinov2", seed: int = 0, image_siz
     torch.manual_seed(seed)
     common = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64)
     if family == "dinov2":
-        model = tf.Dinov2Model(tf.Dinov2Config(image_size=image_size, patch_size=14, **common))
+        model = tf.Dinov2Model(tf.Dinov2Config(image_size=image_size, patch_size=14, mlp_ratio=2, **common))
     elif family == "dinov2_with_registers":
         model = tf.Dinov2WithRegistersModel(
             tf.Dinov2WithRegistersConfig(

@@ -18,7 +18,6 @@ import copy
 import io
 import json
 import logging
-import os
 import shutil
 import time
 import warnings
@@ -32,7 +31,7 @@ from torch import nn
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.io import atomic_dir, write_json, write_text
+from vembed.io import atomic_dir, make_readable, write_json, write_text
 from vembed.models.embedder import Embedder
 from vembed.models.factory import VEMBED_CONFIG, create_embedder, save_embedder
 from vembed.models.registry import REGISTRY
@@ -253,7 +252,7 @@ def _export(
         config["export"] = export_info
         write_json(tmp / VEMBED_CONFIG, config)
         write_text(tmp / "README.md", _model_card(config))
-        _readable_by_all(tmp)
+        make_readable(tmp)
         files = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
     return ExportResult(
         source="python",
@@ -366,16 +365,6 @@ def _write_onnx(
             "nothing was written"
         )
     return diff
-
-
-def _readable_by_all(folder: Path) -> None:
-    """Give every file the umask's permissions: transformers 5 saves model.safetensors as 0600,
-    which makes an exported folder unreadable to the other users it is meant for."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in folder.iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~umask)
 
 
 def _num_bytes(module: nn.Module) -> int:

@@ -80,6 +80,14 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def make_readable(folder: str | os.PathLike) -> None:
+    """Give the files in ``folder`` the umask's permissions (libraries such as transformers 5 save
+    ``model.safetensors`` as 0600, which hides a model folder from the other users it is meant for)."""
+    for path in Path(folder).iterdir():
+        if path.is_file():
+            path.chmod(0o666 & ~_umask())
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

@@ -75,11 +75,12 @@ def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
 
 
 def resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:
+    """Shorter side → ``size``; the longer side is truncated as transformers' image processors do."""
     w, h = img.size
     if min(w, h) == size:
         return img
-    scale = size / min(w, h)
-    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), resample)
+    new = (size, max(1, int(size * h / w))) if w <= h else (max(1, int(size * w / h)), size)
+    return img.resize(new, resample)
 
 
 def center_crop(img: Image.Image, size: int) -> Image.Image:

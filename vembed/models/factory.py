@@ -12,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from vembed import __version__
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.io import atomic_path, write_json
+from vembed.io import atomic_path, make_readable, write_json
 from vembed.models.embedder import Embedder
 from vembed.models.registry import ModelSpec, resolve_spec
 from vembed.settings import ModelSettings
@@ -106,6 +106,7 @@ def save_embedder(
     if dtype is not None:
         backbone = backbone.to(dtype)
     backbone.save_pretrained(out_dir, safe_serialization=True)
+    make_readable(out_dir)
     head = {
         k: v.detach().cpu().contiguous()
         for k, v in embedder.state_dict().items()
