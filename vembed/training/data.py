@@ -184,10 +184,11 @@ def epoch_loader(
 ) -> DataLoader:
     """A DataLoader over ``batches[first:]`` of an epoch, decoding and augmenting in workers."""
     seed = settings.train.seed
-    tagged = [
-        [(index, f"{seed}/{epoch}/{position}/{slot}") for slot, index in enumerate(batch)]
-        for position, batch in enumerate(batches)
-    ][first:]
+    tagged, drawn = [], 0
+    for batch in batches:  # tag = the draw's position in the epoch, whatever the batch size
+        tagged.append([(index, f"{seed}/{epoch}/{drawn + slot}") for slot, index in enumerate(batch)])
+        drawn += len(batch)
+    tagged = tagged[first:]
     dataset = AugmentedImages(
         ImageDataset(data.records, train_transform(spec, settings.train), skip_bad=settings.data.skip_bad)
     )

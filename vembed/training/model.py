@@ -27,9 +27,7 @@ def build_embedder(settings: Settings) -> Embedder:
     embedder = create_embedder(model.name, model.model_copy(update={"device": "cpu", "dtype": dtype}))
     train = settings.train
     if train.grad_checkpointing and train.method != "frozen":
-        embedder.backbone.gradient_checkpointing_enable(
-            gradient_checkpointing_kwargs={"use_reentrant": False}
-        )
+        _enable_checkpointing(embedder.backbone)
     if train.method == "lora":
         embedder.backbone.requires_grad_(False)
         apply_lora(embedder, train.lora)
@@ -39,6 +37,14 @@ def build_embedder(settings: Settings) -> Embedder:
         if embedder.gem is not None and train.cache_features:
             embedder.gem.requires_grad_(False)  # the cache holds features pooled with the initial p
     return embedder
+
+
+def _enable_checkpointing(backbone: nn.Module) -> None:
+    """Recompute each block's activations in backward (non-reentrant: works with frozen inputs and LoRA)."""
+    if hasattr(backbone, "activation_checkpointing_enable"):  # transformers >= 5
+        backbone.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    else:
+        backbone.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
 
 
 def set_train_mode(embedder: Embedder, method: str) -> None:
