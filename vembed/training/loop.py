@@ -161,6 +161,7 @@ class _Trainer:
         self.last_validated = -1
         self.last_saved = -1
         self.window = _Window()  # loss and speed since the last metrics row (kept across a resume)
+        self.paused = 0.0  # seconds of validation / checkpoints / on_step inside the training loop
 
     # -- the run ----------------------------------------------------------------------------------
 
@@ -265,12 +266,16 @@ class _Trainer:
             )
             window = self.window
             shown = 0.0
+            # A step's time runs from the end of the previous one (waiting for data and logging included),
+            # minus the pauses for validation, checkpoints and on_step.
+            tic, paused = time.perf_counter(), self.paused
             for epoch in range(self.step // self.steps_per_epoch, num_epochs):
-                tic = time.perf_counter()  # step time includes waiting for data
                 for group in self._epoch_steps(epoch):
                     loss, count = self._optimizer_step(group)
                     self.step += 1
-                    elapsed = time.perf_counter() - tic
+                    now = time.perf_counter()
+                    elapsed = now - tic - (self.paused - paused)
+                    tic, paused = now, self.paused
                     self.train_seconds += elapsed
                     self.images += count * acc.num_processes
                     window.add(loss, count * acc.num_processes, elapsed)
@@ -281,7 +286,6 @@ class _Trainer:
                     self._after_step(epoch, window, stop)
                     if self.step >= self.total_steps:
                         return
-                    tic = time.perf_counter()
 
     def _after_step(self, epoch: int, window: _Window, stop: _StopRequest) -> None:
         s, step = self.s, self.step
@@ -295,9 +299,10 @@ class _Trainer:
         if (s.checkpoint_every and step % s.checkpoint_every == 0) or epoch_end or last or stopping:
             self._save_checkpoint()
         if self.on_step is not None:
-            self.on_step(
-                StepInfo(step, self.total_steps, epoch, float(window.last_loss), self._lr(), self.run_dir)
-            )
+            with self._pause():
+                self.on_step(
+                    StepInfo(step, self.total_steps, epoch, float(window.last_loss), self._lr(), self.run_dir)
+                )
         if stopping:
             path = ckpt.checkpoint_dir(self.run_dir, step)
             raise TrainingInterrupted(
@@ -390,9 +395,24 @@ class _Trainer:
 
     # -- validation, logging, checkpoints ---------------------------------------------------------
 
+    @contextlib.contextmanager
+    def _pause(self):
+        """Time spent here is not training time (throughput); the device finishes queued work first."""
+        if self.accelerator.device.type == "cuda":
+            torch.cuda.synchronize(self.accelerator.device)
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.paused += time.perf_counter() - start
+
     def _validate(self) -> None:
         if self.validator is None or self.last_validated == self.step:
             return
+        with self._pause():
+            self._run_validation()
+
+    def _run_validation(self) -> None:
         acc = self.accelerator
         self.last_validated = self.step
         if acc.is_main_process:
@@ -434,6 +454,10 @@ class _Trainer:
     def _save_checkpoint(self) -> None:
         if self.last_saved == self.step:
             return
+        with self._pause():
+            self._write_checkpoint()
+
+    def _write_checkpoint(self) -> None:
         acc = self.accelerator
         tmp = ckpt.begin(self.run_dir, self.step)
         acc.wait_for_everyone()
@@ -623,7 +647,12 @@ class _Window:
         return float(self.loss_sum / self.steps) if self.steps else float(self.last_loss)
 
     def state(self) -> dict:
-        return {"loss_sum": float(self.loss_sum), "steps": self.steps, "images": self.images, "seconds": self.seconds}
+        return {
+            "loss_sum": float(self.loss_sum),
+            "steps": self.steps,
+            "images": self.images,
+            "seconds": self.seconds,
+        }
 
     def load(self, state: dict) -> None:
         self.loss_sum, self.steps = state["loss_sum"], state["steps"]
