@@ -16,7 +16,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import io
-import json
 import logging
 import shutil
 import time
@@ -31,7 +30,7 @@ from torch import nn
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.io import atomic_dir, make_readable, write_json, write_text
+from vembed.io import atomic_dir, make_readable, read_json, write_json, write_text
 from vembed.models.embedder import Embedder
 from vembed.models.factory import VEMBED_CONFIG, create_embedder, save_embedder
 from vembed.models.registry import REGISTRY
@@ -128,7 +127,7 @@ def export_model(
     _check_inputs(model, run_dir, out, dtype, onnx)
     log(f"exporting [bold]{model}[/] → {out} ({dtype}{', onnx' if onnx else ''})")
     embedder = create_embedder(model, ModelSettings(device="cpu", dtype="float32"))
-    saved = _read_json(Path(model) / VEMBED_CONFIG) if Path(model).is_dir() else {}
+    saved = read_json(Path(model) / VEMBED_CONFIG, missing={}) if Path(model).is_dir() else {}
     extra = {"exported_from": str(run_dir or model)}
     if saved.get("base_model"):
         extra["base_model"] = saved["base_model"]
@@ -248,7 +247,7 @@ def _export(
             )
         export_info["max_abs_diff"] = diff
         export_info["atol"] = RELOAD_ATOL[dtype]
-        config = _read_json(tmp / VEMBED_CONFIG)
+        config = read_json(tmp / VEMBED_CONFIG, missing={})
         config["export"] = export_info
         write_json(tmp / VEMBED_CONFIG, config)
         write_text(tmp / "README.md", _model_card(config))
@@ -461,12 +460,3 @@ with torch.no_grad():
 {proj_line}{norm_line}
 ```
 {onnx_text}"""
-
-
-def _read_json(path: Path) -> dict:
-    if not path.is_file():
-        return {}
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None

@@ -80,6 +80,19 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+def read_json(path: str | os.PathLike, *, missing: Any = None) -> Any:
+    """Parse a JSON file; ``missing`` when it does not exist; invalid JSON names file and line."""
+    path = Path(path)
+    if not path.is_file():
+        return missing
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        from vembed.errors import VembedError
+
+        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+
+
 def make_readable(folder: str | os.PathLike) -> None:
     """Give the files in ``folder`` the umask's permissions (libraries such as transformers 5 save
     ``model.safetensors`` as 0600, which hides a model folder from the other users it is meant for)."""

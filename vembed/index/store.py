@@ -125,14 +125,7 @@ def build_store(
             "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
             "normalize": embedder.normalize,
         },
-        "preprocessing": {
-            "image_size": spec.image_size,
-            "resize_size": spec.resize_size,
-            "crop_pct": spec.crop_pct,
-            "mean": list(spec.mean),
-            "std": list(spec.std),
-            "interpolation": spec.interpolation,
-        },
+        "preprocessing": spec.preprocessing(),
         "source": source,
         "num_skipped": len(problems or []),
     }

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
@@ -12,7 +11,7 @@ from safetensors.torch import load_file, save_file
 from vembed import __version__
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.io import atomic_path, make_readable, write_json
+from vembed.io import atomic_path, make_readable, read_json, write_json
 from vembed.models.embedder import Embedder
 from vembed.models.registry import ModelSpec, resolve_spec
 from vembed.settings import ModelSettings
@@ -62,7 +61,7 @@ def create_embedder(model: str | Path | None = None, settings: ModelSettings | N
     spec = resolve_spec(name)
     if settings.image_size:
         spec = spec.replace(image_size=settings.image_size)
-    saved = _saved_config(name)
+    saved = read_json(Path(name) / VEMBED_CONFIG)
     pooling = settings.pooling or spec.pooling
     projection_dim = settings.projection_dim
     normalize = settings.normalize
@@ -128,25 +127,8 @@ def save_embedder(
             "embed_dim": embedder.embed_dim,
             "num_prefix_tokens": embedder.num_prefix_tokens,
             "lora_targets": list(spec.lora_targets),
-            "preprocessing": {
-                "image_size": spec.image_size,
-                "resize_size": spec.resize_size,
-                "crop_pct": spec.crop_pct,
-                "mean": list(spec.mean),
-                "std": list(spec.std),
-                "interpolation": spec.interpolation,
-            },
+            "preprocessing": spec.preprocessing(),
             **(extra or {}),
         },
     )
     return out_dir
-
-
-def _saved_config(name: str) -> dict | None:
-    path = Path(name) / VEMBED_CONFIG
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None

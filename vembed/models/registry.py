@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vembed.errors import VembedError
+from vembed.io import read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -125,6 +126,17 @@ class ModelSpec:
     def resize_size(self) -> int:
         """Shorter side before the centre crop (timm's crop_pct convention)."""
         return round(self.image_size / self.crop_pct)
+
+    def preprocessing(self) -> dict:
+        """The eval preprocessing as recorded in ``vembed.json`` and store metadata."""
+        return {
+            "image_size": self.image_size,
+            "resize_size": self.resize_size,
+            "crop_pct": self.crop_pct,
+            "mean": list(self.mean),
+            "std": list(self.std),
+            "interpolation": self.interpolation,
+        }
 
     def replace(self, **changes) -> ModelSpec:
         return dataclasses.replace(self, **changes)
@@ -270,9 +282,9 @@ def spec_from_directory(path: Path) -> ModelSpec:
         config = json.loads(config_file.read_text())
     except json.JSONDecodeError as exc:
         raise VembedError(f"{config_file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    preprocessor = _read_json_if_exists(path / "preprocessor_config.json")
+    preprocessor = read_json(path / "preprocessor_config.json")
     spec = spec_from_config(config, name=str(path), source=str(path), preprocessor=preprocessor)
-    saved = _read_json_if_exists(path / "vembed.json")
+    saved = read_json(path / "vembed.json")
     if saved:
         pre = saved.get("preprocessing", {})
         spec = spec.replace(
@@ -334,12 +346,3 @@ def spec_from_config(config: dict, *, name: str, source: str, preprocessor: dict
         interpolation=fam.interpolation,
         num_register_tokens=int(vision.get("num_register_tokens", 0) or 0),
     )
-
-
-def _read_json_if_exists(path: Path) -> dict | None:
-    if not path.is_file():
-        return None
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
-        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
