@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -257,3 +258,13 @@ def _cli_args(tiny_model, data, out: Path) -> list[str]:
         for section in ("model", "data", "train", "eval")
         for arg in flatten(f"{section}.", getattr(settings, section).model_dump(mode="json"))
     ]
+
+
+def test_resuming_a_finished_run_changes_nothing(tiny_model, data, tmp_path, reference):
+    out = tmp_path / "copy"
+    shutil.copytree(reference.run_dir, out)
+    before = {p.name: p.read_bytes() for p in (out / "final").iterdir()}
+    result = train(_settings(tiny_model, data, out, "train.resume=true"), show_progress=False)
+    assert result.steps == 10 and result.selected == reference.selected
+    assert result.best == reference.best and result.history == reference.history
+    assert {p.name: p.read_bytes() for p in (out / "final").iterdir()} == before

@@ -50,7 +50,8 @@ def train_command(
     except TrainingInterrupted as exc:
         console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
-    Console().print(_summary(result))
+    if result.main_process:
+        Console().print(_summary(result))
 
 
 def _summary(result) -> Table:
@@ -65,7 +66,7 @@ def _summary(result) -> Table:
         table.add_column(key, justify="right")
     table.add_column("")
     best_step = result.best["step"] if result.best else None
-    for row in result.history:
+    for row in _some_rows(result.history, best_step):
         label = (
             "before training" if row["step"] == 0 else ("best → final/" if row["step"] == best_step else "")
         )
@@ -77,3 +78,13 @@ def _summary(result) -> Table:
         f"final model ({result.selected}): {result.final_dir}"
     )
     return table
+
+
+def _some_rows(history: list[dict], best_step: int | None, most: int = 12) -> list[dict]:
+    """All validations of a short run; of a long one the first, the best, the last and some between."""
+    if len(history) <= most:
+        return history
+    every = -(-len(history) // (most - 3))
+    keep = {0, len(history) - 1, *range(0, len(history), every)}
+    keep |= {i for i, row in enumerate(history) if row["step"] == best_step}
+    return [history[i] for i in sorted(keep)]

@@ -26,9 +26,9 @@ from accelerate.utils import DistributedType, set_seed
 
 from vembed.console import log, progress, rate_column
 from vembed.errors import VembedError
-from vembed.io import atomic_dir, write_text
+from vembed.io import atomic_dir, write_json, write_text
 from vembed.losses import LOSSES
-from vembed.models.factory import VEMBED_CONFIG, save_embedder
+from vembed.models.factory import VEMBED_CONFIG, resolve_device, save_embedder
 from vembed.models.lora import merge_lora
 from vembed.settings import Settings, settings_to_yaml
 from vembed.training import checkpoint as ckpt
@@ -85,6 +85,7 @@ class TrainResult:
     train_seconds: float = 0.0
     resumed_from: Path | None = None
     selected: str = "last"  # "best": final/ is the best validation model; "last": the last step's
+    main_process: bool = True  # False on the other processes of a multi-process run (history empty)
 
 
 class TrainingInterrupted(Exception):
@@ -169,6 +170,7 @@ class _Trainer:
         start = time.perf_counter()
         check_settings(self.settings)
         self.accelerator = _make_accelerator(self.settings)
+        main_process = self.accelerator.is_main_process
         try:
             with _deterministic(self.s.deterministic):
                 self._setup()
@@ -189,6 +191,7 @@ class _Trainer:
             train_seconds=self.train_seconds,
             resumed_from=self.resumed_from,
             selected=selected,
+            main_process=main_process,
         )
 
     def _setup(self) -> None:
@@ -247,6 +250,8 @@ class _Trainer:
 
     def _fit(self, stop: _StopRequest) -> None:
         acc, s = self.accelerator, self.s
+        if self.step >= self.total_steps:
+            return  # resumed a finished run
         if self.step == 0 and s.eval_at_start:
             self._validate()
         num_epochs = math.ceil(self.total_steps / self.steps_per_epoch)
@@ -544,14 +549,16 @@ class _Trainer:
         acc = self.accelerator
         final = self.run_dir / FINAL_DIR
         best = self.run_dir / BEST_DIR
-        if self.step >= self.total_steps and not best.is_dir() and _saved_step(final) == self.step:
-            # resumed a run that had already finished: final/ is complete
-            return final, _saved_selection(final)
+        if _saved_training(final).get("finished_step") == self.step and not best.is_dir():
+            return final, _saved_selection(final)  # resumed a run that had already finished
         selected = "best" if self.validator is not None and best.is_dir() else "last"
         if acc.is_main_process:
             if selected == "best":
                 with atomic_dir(final) as tmp:
                     shutil.copytree(best, tmp, dirs_exist_ok=True)
+                    config = json.loads((tmp / VEMBED_CONFIG).read_text())
+                    config["training"]["finished_step"] = self.step
+                    write_json(tmp / VEMBED_CONFIG, config)
                 shutil.rmtree(best)
             else:
                 self._save_model(final, selected="last", row=None)
@@ -571,6 +578,7 @@ class _Trainer:
             "loss": self.s.loss,
             "metrics": {k: v for k, v in (row or {}).items() if k not in ("kind",)},
             "run_dir": str(self.run_dir),
+            "finished_step": self.step if selected == "last" else None,  # set in final/ when the run ends
         }
         with atomic_dir(out) as tmp:
             save_embedder(merged, tmp, extra={"training": training})
@@ -619,7 +627,8 @@ class _Trainer:
         if self.accelerator.num_processes > 1:
             t = torch.tensor(float(flag), device=self.accelerator.device)
             flag = bool(self.accelerator.reduce(t, reduction="sum") > 0)
-            stop.signal = stop.signal or "a stop signal on another process"
+            if flag and stop.signal is None:
+                stop.signal = "a stop signal on another process"
         return flag
 
 
@@ -698,7 +707,8 @@ def _make_accelerator(settings: Settings) -> Accelerator:
     kwargs: dict = {
         "mixed_precision": s.precision,
         "gradient_accumulation_steps": s.grad_accum,
-        "cpu": settings.model.device == "cpu",
+        # on a machine without an accelerator, accelerate runs several processes (torchrun) only with cpu=True
+        "cpu": resolve_device(settings.model.device).type == "cpu",
     }
     from accelerate.utils import is_tensorboard_available
 
