@@ -29,6 +29,7 @@ from safetensors.torch import load_file, save_file
 from torch.optim import Optimizer
 
 from vembed.errors import VembedError
+from vembed.io import make_readable
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -93,6 +94,7 @@ def write_rng(tmp: Path, rank: int) -> None:
 
 def commit(tmp: Path, final: Path, *, keep: int) -> None:
     """Make the checkpoint visible (fsync, rename), then delete the oldest beyond ``keep``."""
+    make_readable(tmp)  # safetensors writes 0600
     for p in tmp.iterdir():
         with open(p, "rb+") as fh:
             os.fsync(fh.fileno())
