@@ -478,6 +478,7 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
             value.backward()
             results[name] = (value.detach(), emb.grad)
         torch.save(results, f"{out_dir}/rank{rank}.pt")
+        dist.barrier()  # no rank tears gloo down while the other still has a collective in flight
     finally:
         dist.destroy_process_group()
 
