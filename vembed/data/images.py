@@ -66,12 +66,22 @@ def to_rgb(img: Image.Image) -> Image.Image:
     return img.convert("RGB")
 
 
+class Normalize:
+    """RGB image → float tensor ``[3, H, W]``, ``(x / 255 - mean) / std`` folded into one multiply-add."""
+
+    def __init__(self, mean, std):
+        std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+        self.scale = 1.0 / (255.0 * std_t)
+        self.shift = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1) / std_t
+
+    def __call__(self, img: Image.Image) -> torch.Tensor:
+        arr = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)
+        return arr.mul(self.scale).sub_(self.shift)
+
+
 def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
-    """RGB image → normalised float tensor ``[3, H, W]``."""
-    arr = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float().div_(255.0)
-    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
-    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
-    return arr.sub_(mean_t).div_(std_t)
+    """RGB image → normalised float tensor ``[3, H, W]`` (one-off use; transforms keep a Normalize)."""
+    return Normalize(mean, std)(img)
 
 
 def resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:
@@ -95,7 +105,7 @@ class EvalTransform:
     def __init__(self, spec: ModelSpec):
         self.size = spec.image_size
         self.resize_size = spec.resize_size
-        self.mean, self.std = spec.mean, spec.std
+        self.normalize = Normalize(spec.mean, spec.std)
         self.resample = _RESAMPLE.get(spec.interpolation, Image.Resampling.BICUBIC)
 
     @property
@@ -104,7 +114,7 @@ class EvalTransform:
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
         img = center_crop(resize_shorter(img, self.resize_size, self.resample), self.size)
-        return to_tensor(img, self.mean, self.std)
+        return self.normalize(img)
 
 
 class TrainTransform:
@@ -114,7 +124,7 @@ class TrainTransform:
         self.size = spec.image_size
         self.scale = scale
         self.flip = flip
-        self.mean, self.std = spec.mean, spec.std
+        self.normalize = Normalize(spec.mean, spec.std)
         self.resample = _RESAMPLE.get(spec.interpolation, Image.Resampling.BICUBIC)
 
     @property
@@ -137,4 +147,4 @@ class TrainTransform:
         img = img.resize((self.size, self.size), self.resample, box=(left, top, left + cw, top + ch))
         if self.flip and random.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return to_tensor(img, self.mean, self.std)
+        return self.normalize(img)
