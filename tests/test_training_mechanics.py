@@ -98,7 +98,11 @@ def test_gradient_cache_gives_the_full_batch_update(tiny_model, data, tmp_path):
         tiny_settings(tiny_model, data[0], tmp_path / "cached", *common, "train.grad_cache_chunk=5"),
         show_progress=False,
     )
-    assert max_abs_diff(_last_weights(plain), _last_weights(cached)) < 1e-5
+    # same losses, and weights equal up to float summation noise that Adam's m / sqrt(v) amplifies on
+    # weights whose gradient is ~0 (measured 1.4e-5 with lr 1e-3): 0.05 x lr
+    for a, b in zip(_train_rows(plain), _train_rows(cached), strict=True):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
+    assert max_abs_diff(_last_weights(plain), _last_weights(cached)) < 5e-5
 
 
 def test_gradient_cache_replays_dropout_per_chunk():
