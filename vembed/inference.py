@@ -39,12 +39,17 @@ def iter_embedding_batches(
     skip_bad: bool = False,
     show_progress: bool = True,
     description: str = "embedding",
+    pooled: bool = False,
 ) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
-    """Yield ``(embeddings, record indices, problems)`` batch by batch (for streaming output)."""
+    """Yield ``(embeddings, record indices, problems)`` batch by batch (for streaming output).
+
+    ``pooled=True`` yields pooled backbone features instead (see :meth:`Embedder.encode`).
+    """
     dataset = ImageDataset(records, EvalTransform(embedder.spec), skip_bad=skip_bad)
     loader = build_loader(
         dataset, batch_size=batch_size, num_workers=min(num_workers, len(records) // batch_size + 1)
     )
+    width = embedder.feature_dim if pooled else embedder.embed_dim
     start = time.perf_counter()
     done = 0
     with progress(rate_column(), enabled=show_progress) as bar:
@@ -52,9 +57,9 @@ def iter_embedding_batches(
         for batch in _without_worker_tracebacks(loader):
             problems = [b.message for b in batch.bad]
             emb = (
-                embedder.encode(batch.pixel_values)
+                embedder.encode(batch.pixel_values, pooled=pooled)
                 if len(batch.indices)
-                else torch.empty(0, embedder.embed_dim)
+                else torch.empty(0, width)
             )
             done += len(batch.indices) + len(batch.bad)
             bar.update(task, completed=done, rate=done / max(time.perf_counter() - start, 1e-9))
@@ -93,5 +98,6 @@ def embed_records(embedder: Embedder, records: Sequence[ImageRecord], **options)
         chunks.append(emb)
         indices.extend(idx)
         problems.extend(bad)
-    embeddings = torch.cat(chunks) if chunks else torch.empty(0, embedder.embed_dim)
+    width = embedder.feature_dim if options.get("pooled") else embedder.embed_dim
+    embeddings = torch.cat(chunks) if chunks else torch.empty(0, width)
     return Embeddings(embeddings, indices, problems, time.perf_counter() - start)

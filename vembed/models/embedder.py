@@ -99,12 +99,17 @@ class Embedder(nn.Module):
         return next(self.backbone.parameters()).dtype
 
     @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        """Embeddings for a batch of preprocessed images: float32 ``[N, D]`` on the CPU."""
+    def encode(self, pixel_values: torch.Tensor, *, pooled: bool = False) -> torch.Tensor:
+        """Embeddings for a batch of preprocessed images: float32 ``[N, D]`` on the CPU.
+
+        ``pooled=True`` stops before the head: pooled backbone features ``[N, feature_dim]``
+        (what a frozen-backbone run caches once and trains its head on).
+        """
         was_training = self.training
         self.eval()
         try:
-            out = self(pixel_values.to(self.device, self.dtype, non_blocking=True))
+            pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
+            out = self.features(pixels) if pooled else self(pixels)
         finally:
             self.train(was_training)
         return out.float().cpu()

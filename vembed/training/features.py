@@ -11,26 +11,6 @@ from vembed.inference import embed_records
 from vembed.models.embedder import Embedder
 
 
-class _FeatureEncoder:
-    """Looks like an Embedder to :func:`embed_records`, but returns pooled backbone features."""
-
-    def __init__(self, embedder: Embedder):
-        self.embedder = embedder
-        self.spec = embedder.spec
-        self.embed_dim = embedder.feature_dim
-
-    @torch.inference_mode()
-    def encode(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        model = self.embedder
-        was_training = model.training
-        model.eval()
-        try:
-            out = model.features(pixel_values.to(model.device, model.dtype, non_blocking=True))
-        finally:
-            model.train(was_training)
-        return out.float().cpu()
-
-
 def extract_features(
     embedder: Embedder,
     records: Sequence[ImageRecord],
@@ -46,8 +26,9 @@ def extract_features(
     Same decoding, preprocessing and batching as every other embedding path (:func:`embed_records`).
     """
     result = embed_records(
-        _FeatureEncoder(embedder),  # type: ignore[arg-type]
+        embedder,
         records,
+        pooled=True,
         batch_size=batch_size,
         num_workers=num_workers,
         skip_bad=skip_bad,
