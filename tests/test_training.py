@@ -90,6 +90,20 @@ def test_recall_rises_for_each_method_and_loss(tiny_model, data, tmp_path, metho
     assert again["recall@1"] == pytest.approx(result.best["recall@1"], abs=1e-6)
 
 
+def test_a_tie_keeps_the_later_model_not_the_untrained_one(tiny_model, tmp_path):
+    """A validation set every model scores perfectly on must not leave the step-0 model in final/."""
+    from conftest import make_image_dataset
+
+    easy = make_image_dataset(tmp_path / "easy", num_classes=3, per_class=4)  # R@1 = 1.0 untrained
+    train_file, _ = make_nuisance_dataset(tmp_path / "train", per_class=4, seed=0), None
+    settings = tiny_settings(
+        tiny_model, train_file, tmp_path / "run", "train.max_steps=3", "train.eval_every=1", val=easy
+    )
+    result = train(settings, show_progress=False)
+    assert {row["recall@1"] for row in result.history} == {1.0}
+    assert result.best["step"] == result.steps == 3
+
+
 def test_run_directory_layout_and_metrics(tiny_model, data, tmp_path):
     train_file, val_file = data
     out = tmp_path / "run"

@@ -427,7 +427,7 @@ class _Trainer:
             row = {"kind": "val", "step": self.step, "epoch": self._epoch(), **metrics}
             self.history.append(row)
             self.metrics.append(row)
-            improved = self.best is None or metrics[PRIMARY_METRIC] > self.best[PRIMARY_METRIC]
+            improved = self.best is None or _rank_key(metrics) >= _rank_key(self.best)
             self._say(
                 f"step {self.step}: validation "
                 + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("recall", "map")))
@@ -694,6 +694,12 @@ class _StopRequest:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name
         log(f"[yellow]{self.signal}:[/] finishing this step and saving a checkpoint (Ctrl-C again to abort)")
+
+
+def _rank_key(metrics: dict) -> tuple[float, float]:
+    """Validation order: recall@1, then MAP@R; a later model that ties is preferred (``>=``), so a
+    validation set too easy to move never keeps the untrained model as the result."""
+    return metrics[PRIMARY_METRIC], metrics.get("map@r", 0.0)
 
 
 def _field(name: str, fmt: str):
