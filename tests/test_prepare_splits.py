@@ -9,6 +9,7 @@ import pytest
 
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.splits import (
+    SplitOptions,
     hold_out_classes,
     make_splits,
     split_by_ratio,
@@ -140,7 +141,8 @@ def test_support_query_small_classes_keep_a_query_and_are_reported():
 def test_make_splits_with_holdout_and_shots():
     recs = records({c: 20 for c in range(10)})
     log = ProblemLog()
-    splits = make_splits(recs, seed=0, log=log, val_ratio=0.1, test_ratio=0.3, holdout_ratio=0.2, shots=2)
+    options = SplitOptions(seed=0, val_ratio=0.1, test_ratio=0.3, holdout_ratio=0.2, shots=2)
+    splits = make_splits(recs, options, log=log)
     assert list(splits) == [
         "train",
         "val",
@@ -164,10 +166,8 @@ def test_make_splits_keeps_predefined_and_carves_only_what_is_missing():
     log = ProblemLog()
     splits = make_splits(
         train + test,
-        seed=0,
+        SplitOptions(seed=0, val_ratio=0.2, test_ratio=0.5),
         log=log,
-        val_ratio=0.2,
-        test_ratio=0.5,
         predefined={"train": train, "test": test},
     )
     assert splits["test"] == test  # kept as given; test_ratio unused
@@ -177,6 +177,8 @@ def test_make_splits_keeps_predefined_and_carves_only_what_is_missing():
 
 def test_make_splits_zero_ratio_means_no_split():
     splits = make_splits(
-        records({c: 10 for c in range(3)}), seed=0, log=ProblemLog(), val_ratio=0, test_ratio=0.2
+        records({c: 10 for c in range(3)}),
+        SplitOptions(seed=0, val_ratio=0, test_ratio=0.2),
+        log=ProblemLog(),
     )
     assert list(splits) == ["train", "test"]

@@ -38,6 +38,9 @@ SKIP_BAD = typer.Option(
 VAL = typer.Option(0.1, "--val-ratio", help="Share of each class's images in val (0: no val split).")
 TEST = typer.Option(0.1, "--test-ratio", help="Share of each class's images in test (0: no test split).")
 SHOTS = typer.Option(0, "--shots", min=0, help="Also write k-shot support/query files with this many shots.")
+HOLDOUT = typer.Option(
+    0.0, "--holdout-classes", help="Share of the classes held out entirely (unseen.jsonl)."
+)
 
 
 @prepare_app.command("sop")
@@ -122,9 +125,7 @@ def imagefolder_command(
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: data/<folder name>)."),
     val_ratio: float = VAL,
     test_ratio: float = TEST,
-    holdout_classes: float = typer.Option(
-        0.0, "--holdout-classes", help="Share of the classes held out entirely (unseen.jsonl)."
-    ),
+    holdout_classes: float = HOLDOUT,
     shots: int = SHOTS,
     seed: int = SEED,
     check_images: bool = CHECK,
@@ -165,9 +166,7 @@ def _table_command(fmt: str):
         delimiter: str = typer.Option(None, "--delimiter", help="CSV delimiter (default: sniffed)."),
         val_ratio: float = VAL,
         test_ratio: float = TEST,
-        holdout_classes: float = typer.Option(
-            0.0, "--holdout-classes", help="Share of the classes held out entirely (unseen.jsonl)."
-        ),
+        holdout_classes: float = HOLDOUT,
         shots: int = SHOTS,
         seed: int = SEED,
         check_images: bool = CHECK,

@@ -20,7 +20,8 @@ from vembed.console import log as console_log
 from vembed.data.prepare import download
 from vembed.data.prepare.output import PrepareResult, clean_records, write_prepared
 from vembed.data.prepare.problems import ProblemLog
-from vembed.data.prepare.splits import check_ratios, make_splits
+from vembed.data.prepare.splits import SplitOptions, make_splits
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
 
@@ -50,9 +51,8 @@ def prepare_flowers102(
     ``shots=0`` writes no support/query files; ``holdout_ratio=0`` holds no class out.
     ``official_split`` splits the seen classes by ``setid.mat`` (trnid/valid/tstid) instead of ratios.
     """
-    check_ratios(val_ratio=val_ratio, test_ratio=test_ratio)
-    if shots < 0:
-        raise VembedError(f"--shots must be 0 (no k-shot files) or more, got {shots}")
+    splitting = SplitOptions(seed, val_ratio, test_ratio, holdout_ratio, shots)
+    splitting.check()  # before any download
     out = Path(out)
     folder, images = locate_flowers(root, out, kaggle=kaggle)
     console_log(f"Oxford Flowers-102 from {folder}")
@@ -62,17 +62,9 @@ def prepare_flowers102(
         ImageRecord(images / f"image_{i:05d}.jpg", int(label), None, f"{folder / LABELS}[{i}]")
         for i, label in enumerate(labels, start=1)
     ]
-    kept = clean_records(records, log, check_images=check_images, workers=workers, skip_bad=skip_bad)
-    splits = make_splits(
-        kept,
-        seed=seed,
-        log=log,
-        val_ratio=val_ratio,
-        test_ratio=test_ratio,
-        holdout_ratio=holdout_ratio,
-        shots=shots,
-        predefined=official_splits(kept, folder / SETID) if official_split else None,
-    )
+    kept = clean_records(records, log, CheckOptions(check_images, workers, skip_bad))
+    predefined = official_splits(kept, folder / SETID) if official_split else None
+    splits = make_splits(kept, splitting, log=log, predefined=predefined)
     options = {
         "holdout_ratio": holdout_ratio,
         "split": "official" if official_split else {"val_ratio": val_ratio, "test_ratio": test_ratio},

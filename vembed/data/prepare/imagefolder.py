@@ -13,7 +13,8 @@ from vembed.console import log as console_log
 from vembed.data.prepare import download
 from vembed.data.prepare.output import PrepareResult, clean_records, write_prepared
 from vembed.data.prepare.problems import ProblemLog
-from vembed.data.prepare.splits import make_splits
+from vembed.data.prepare.splits import SplitOptions, make_splits
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import IMAGE_EXTENSIONS, ImageRecord
 from vembed.errors import VembedError
 
@@ -65,20 +66,12 @@ def prepare_imagefolder(
             f"{base}: no images in class folders (expected {base}/<class>/<image>, "
             f"extensions {', '.join(IMAGE_EXTENSIONS)})"
         )
-    kept = clean_records(records, log, check_images=check_images, workers=workers, skip_bad=skip_bad)
+    kept = clean_records(records, log, CheckOptions(check_images, workers, skip_bad))
     if predefined is not None:
         good = {id(rec) for rec in kept}
         predefined = {name: [r for r in recs if id(r) in good] for name, recs in predefined.items()}
-    splits = make_splits(
-        kept,
-        seed=seed,
-        log=log,
-        val_ratio=val_ratio,
-        test_ratio=test_ratio,
-        holdout_ratio=holdout_ratio,
-        shots=shots,
-        predefined=predefined,
-    )
+    splitting = SplitOptions(seed, val_ratio, test_ratio, holdout_ratio, shots)
+    splits = make_splits(kept, splitting, log=log, predefined=predefined)
     options = {
         "kaggle": kaggle,
         "layout": "split folders" if layout else "class folders",

@@ -18,7 +18,7 @@ from typing import Any
 from vembed.console import log as console_log
 from vembed.data.prepare.problems import Problem, ProblemLog
 from vembed.data.prepare.summary import build_summary
-from vembed.data.prepare.validate import single_image_classes, validate_records
+from vembed.data.prepare.validate import CheckOptions, single_image_classes, validate_records
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
 from vembed.io import write_json, write_jsonl, write_text
@@ -41,19 +41,12 @@ class PrepareResult:
         return self.out / SUMMARY
 
 
-def clean_records(
-    records: Sequence[ImageRecord],
-    log: ProblemLog,
-    *,
-    check_images: bool = False,
-    workers: int | None = None,
-    skip_bad: bool = False,
-) -> list[ImageRecord]:
+def clean_records(records: Sequence[ImageRecord], log: ProblemLog, checks: CheckOptions) -> list[ImageRecord]:
     """Validate the records (see :func:`validate_records`), stop on fatal problems unless ``skip_bad``,
     and log the classes with a single image."""
-    console_log(f"checking {len(records):,} images" + (" (decoding each)" if check_images else ""))
-    kept = validate_records(records, log, check_images=check_images, workers=workers)
-    log.raise_if_fatal(skip_bad=skip_bad)
+    console_log(f"checking {len(records):,} images" + (" (decoding each)" if checks.check_images else ""))
+    kept = validate_records(records, log, check_images=checks.check_images, workers=checks.workers)
+    log.raise_if_fatal(skip_bad=checks.skip_bad)
     if not kept:
         raise VembedError("no usable images left after validation")
     for label in single_image_classes(kept):

@@ -16,6 +16,7 @@ from vembed.data.prepare import download
 from vembed.data.prepare.output import PrepareResult, clean_records, write_prepared
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.splits import hold_out_classes
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
 
@@ -47,7 +48,7 @@ def prepare_sop(
     log = ProblemLog()
     train = read_ebay_list(folder / TRAIN_LIST, log)
     test = read_ebay_list(folder / TEST_LIST, log)
-    kept = clean_records(train + test, log, check_images=check_images, workers=workers, skip_bad=skip_bad)
+    kept = clean_records(train + test, log, CheckOptions(check_images, workers, skip_bad))
     good = {id(rec) for rec in kept}
     train = [rec for rec in train if id(rec) in good]
     test = [rec for rec in test if id(rec) in good]

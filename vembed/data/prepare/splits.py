@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Hashable, Sequence
+from dataclasses import dataclass
 
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.records import ImageRecord, Label
@@ -34,6 +35,23 @@ def group_by_label(records: Sequence[ImageRecord]) -> dict[Label, list[int]]:
     for i, rec in enumerate(records):
         groups.setdefault(rec.label, []).append(i)
     return groups
+
+
+@dataclass(frozen=True)
+class SplitOptions:
+    """How :func:`make_splits` splits a labelled set (the ``--seed``/``--*-ratio``/``--shots`` options)."""
+
+    seed: int = 0
+    val_ratio: float = 0.1
+    test_ratio: float = 0.1
+    holdout_ratio: float = 0.0
+    shots: int = 0
+
+    def check(self) -> None:
+        """Refuse ratios outside [0, 1) or summing to 1+, and negative shots."""
+        check_ratios(val_ratio=self.val_ratio, test_ratio=self.test_ratio)
+        if self.shots < 0:
+            raise VembedError(f"--shots must be 0 (no k-shot files) or more, got {self.shots}")
 
 
 def check_ratios(**ratios: float) -> None:
@@ -182,13 +200,9 @@ def _avoid_lone_images(counts: dict, room: dict, rng: random.Random) -> None:
 
 def make_splits(
     records: Sequence[ImageRecord],
+    options: SplitOptions,
     *,
-    seed: int,
     log: ProblemLog,
-    val_ratio: float = 0.1,
-    test_ratio: float = 0.1,
-    holdout_ratio: float = 0.0,
-    shots: int = 0,
     predefined: dict[str, list[ImageRecord]] | None = None,
 ) -> dict[str, list[ImageRecord]]:
     """The splits of a labelled data set, in the order they are written.
@@ -200,9 +214,9 @@ def make_splits(
     adds ``unseen`` (whole classes, removed from every other split); ``shots`` > 0 adds
     ``seen_support``/``seen_query`` (from test) and ``unseen_support``/``unseen_query``.
     """
-    check_ratios(val_ratio=val_ratio, test_ratio=test_ratio)
-    if shots < 0:
-        raise VembedError(f"--shots must be 0 (no k-shot files) or more, got {shots}")
+    options.check()
+    seed, val_ratio, test_ratio = options.seed, options.val_ratio, options.test_ratio
+    holdout_ratio, shots = options.holdout_ratio, options.shots
     seen, unseen = hold_out_classes(records, ratio=holdout_ratio, seed=seed, by_category=True)
     held = {rec.label for rec in unseen}
     if predefined is None:

@@ -16,7 +16,8 @@ from typing import Any, NamedTuple
 from vembed.console import log as console_log
 from vembed.data.prepare.output import PrepareResult, clean_records, write_prepared
 from vembed.data.prepare.problems import ProblemLog
-from vembed.data.prepare.splits import SPLITS, make_splits
+from vembed.data.prepare.splits import SPLITS, SplitOptions, make_splits
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
 
@@ -85,7 +86,7 @@ def prepare_table(
                 log.add("bad-record", rec.source, f"no '{split_key}' value, but other lines have one")
         records = [rec for rec in records if id(rec) in split_of]
     console_log(f"{len(records):,} records from {file}")
-    kept = clean_records(records, log, check_images=check_images, workers=workers, skip_bad=skip_bad)
+    kept = clean_records(records, log, CheckOptions(check_images, workers, skip_bad))
     predefined = None
     if predefined_split:
         predefined = {}
@@ -94,16 +95,8 @@ def prepare_table(
         if "train" not in predefined:
             raise VembedError(f"{file}: the '{split_key}' column has no train rows")
         predefined = {name: predefined[name] for name in SPLITS if name in predefined}
-    splits = make_splits(
-        kept,
-        seed=seed,
-        log=log,
-        val_ratio=val_ratio,
-        test_ratio=test_ratio,
-        holdout_ratio=holdout_ratio,
-        shots=shots,
-        predefined=predefined,
-    )
+    splitting = SplitOptions(seed, val_ratio, test_ratio, holdout_ratio, shots)
+    splits = make_splits(kept, splitting, log=log, predefined=predefined)
     _refuse_overwriting(file, out, splits)
     options = {
         "format": fmt,

@@ -6,12 +6,22 @@ import os
 from collections import defaultdict
 from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 
 from vembed.console import progress
 from vembed.data.images import load_image
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
+
+
+@dataclass(frozen=True)
+class CheckOptions:
+    """How hard to check images (``--check-images``, ``--workers``) and whether to skip bad ones."""
+
+    check_images: bool = False
+    workers: int | None = None
+    skip_bad: bool = False
 
 
 def image_key(rec: ImageRecord) -> str:
