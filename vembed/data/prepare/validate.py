@@ -9,7 +9,6 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from vembed.console import progress
-from vembed.data.images import load_image
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
@@ -65,6 +64,7 @@ def drop_undecodable(
     records: Sequence[ImageRecord], log: ProblemLog, *, workers: int | None = None
 ) -> list[ImageRecord]:
     """Decode every image in parallel threads (Pillow releases the GIL); log and drop the bad ones."""
+    from vembed.data.images import load_image  # imports torch: only when images are decoded
 
     def check(rec: ImageRecord) -> str | None:
         try:
