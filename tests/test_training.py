@@ -119,6 +119,7 @@ def test_run_directory_layout_and_metrics(tiny_model, data, tmp_path):
     result = train(settings, show_progress=False)
     assert result.run_dir == out and result.final_dir == out / "final"
     assert (out / "settings.yaml").is_file() and not (out / "best").exists()
+    assert (out / "metrics.png").is_file()  # loss and validation curves
     steps_per_epoch = 64 // 8
     assert result.steps == 2 * steps_per_epoch
     checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())

@@ -51,6 +51,7 @@ from vembed.training.model import (
     trainable_state,
 )
 from vembed.training.optim import build_optimizer, build_scheduler, param_groups
+from vembed.training.plot import PLOT_FILE, plot_metrics
 from vembed.training.validation import PRIMARY_METRIC, Validator
 
 SETTINGS_FILE = "settings.yaml"
@@ -564,6 +565,9 @@ class _Trainer:
                 self._save_model(final, selected="last", row=None)
             which = f"best validation {PRIMARY_METRIC}" if selected == "best" else "last step"
             self._say(f"final model ({which}): {final}")
+            plot = plot_metrics(self.metrics.rows, self.run_dir / PLOT_FILE, title=str(self.run_dir))
+            if plot is not None:
+                self._say(f"curves: {plot}")
         acc.wait_for_everyone()
         return final, selected
 
