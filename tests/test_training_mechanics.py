@@ -214,8 +214,10 @@ def test_layer_wise_lr_decay_and_no_decay_groups(tiny_model, tmp_path):
 
 def test_frozen_caches_features_once_and_keeps_the_backbone(tiny_model, data, tmp_path, monkeypatch):
     calls = []
-    real = loop_module.extract_features
-    monkeypatch.setattr(loop_module, "extract_features", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = loop_module.embed_records
+    monkeypatch.setattr(
+        loop_module, "embed_records", lambda *a, **k: calls.append(k["pooled"]) or real(*a, **k)
+    )
     settings = tiny_settings(
         tiny_model,
         data[0],
@@ -226,7 +228,7 @@ def test_frozen_caches_features_once_and_keeps_the_backbone(tiny_model, data, tm
         val=data[1],
     )
     result = train(settings, show_progress=False)
-    assert len(calls) == 2  # training and validation features, once for 3 epochs and 4 validations
+    assert calls == [True, True]  # training and validation features, once for 3 epochs and 4 validations
     assert len(result.history) == 4
     weights = _last_weights(result)
     assert set(weights) == {"projection.weight", "projection.bias"}

@@ -26,6 +26,7 @@ from accelerate.utils import DistributedType, set_seed
 
 from vembed.console import log, progress, rate_column
 from vembed.errors import VembedError
+from vembed.inference import embed_records
 from vembed.io import atomic_dir, write_json, write_text
 from vembed.losses import LOSSES
 from vembed.models.factory import VEMBED_CONFIG, resolve_device, save_embedder
@@ -38,7 +39,6 @@ from vembed.training.data import (
     epoch_loader,
     read_labelled,
 )
-from vembed.training.features import extract_features
 from vembed.training.gradcache import grad_cache_backward
 from vembed.training.metrics import METRICS_FILE, MetricsLog
 from vembed.training.model import (
@@ -599,17 +599,23 @@ class _Trainer:
         )
         devices = [acc.device] if acc.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices), acc.autocast():
-            features, indices, problems = extract_features(self.embedder, self.data.records, **options)
-            if problems:
-                self.data = self.data.subset(indices)
-            self.features = features
+            cached = embed_records(
+                self.embedder, self.data.records, pooled=True, description="caching features", **options
+            )
+            if cached.problems:
+                self.data = self.data.subset(cached.indices)
+            self.features = cached.embeddings
             self.feature_labels = torch.tensor(self.data.labels, dtype=torch.long)
             if self.val is None:
                 return None
-            val_features, val_indices, _ = extract_features(
-                self.embedder, self.val.records, description="caching validation features", **options
+            val = embed_records(
+                self.embedder,
+                self.val.records,
+                pooled=True,
+                description="caching validation features",
+                **options,
             )
-        return val_features, val_indices
+        return val.embeddings, val.indices
 
     def _report_problems(self) -> None:
         for what, data in (("training", self.data), ("validation", self.val)):
