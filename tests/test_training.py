@@ -214,6 +214,22 @@ def test_config_mistakes_fail_early_with_one_line(
     assert not (tmp_path / "run" / "checkpoints").exists()
 
 
+def test_skip_bad_with_several_processes_is_refused(tiny_model, data, tmp_path, no_data_reads, monkeypatch):
+    """Several ranks + skip_bad could give unequal batches to the all-gather: refused before data is read."""
+    real = loop_module._make_accelerator
+
+    def two_processes(settings):
+        acc = real(settings)
+        monkeypatch.setattr(type(acc), "num_processes", property(lambda self: 2))
+        return acc
+
+    monkeypatch.setattr(loop_module, "_make_accelerator", two_processes)
+    settings = tiny_settings(tiny_model, data[0], tmp_path / "run", "data.skip_bad=true")
+    with pytest.raises(VembedError, match=r"data\.skip_bad=true with several processes.*--check-images"):
+        train(settings, show_progress=False)
+    loop_module.check_processes(settings, 1)  # one process: fine
+
+
 def test_lora_on_a_model_without_matching_modules_fails_early(tiny_model, data, tmp_path, no_data_reads):
     model = _lora_unmatched_model(tiny_model, tmp_path)
     with pytest.raises(VembedError) as exc:

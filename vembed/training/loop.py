@@ -147,6 +147,16 @@ def check_settings(settings: Settings) -> None:
         )
 
 
+def check_processes(settings: Settings, num_processes: int) -> None:
+    """Settings that only fail with several processes (DDP)."""
+    if num_processes > 1 and settings.data.skip_bad:
+        raise VembedError(
+            "data.skip_bad=true with several processes: a batch that loses an image would give the ranks "
+            "unequal batches for the cross-device loss. Drop bad images first "
+            "(`vembed prepare jsonl FILE --check-images --skip-bad`), then train without data.skip_bad"
+        )
+
+
 class _Trainer:
     def __init__(self, settings: Settings, *, show_progress: bool, on_step):
         self.settings = settings
@@ -171,6 +181,7 @@ class _Trainer:
         start = time.perf_counter()
         check_settings(self.settings)
         self.accelerator = _make_accelerator(self.settings)
+        check_processes(self.settings, self.accelerator.num_processes)
         main_process = self.accelerator.is_main_process
         try:
             with _deterministic(self.s.deterministic):
