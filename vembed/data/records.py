@@ -114,16 +114,22 @@ def read_records(
     return RecordSet(path, records, problems)
 
 
+def json_object(line: str) -> dict[str, Any] | str:
+    """One JSONL line → its object, or the problem with it as text (the caller adds file:line)."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as exc:
+        return f"malformed JSON ({exc.msg}, column {exc.colno})"
+    return obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
+
+
 def parse_record(
     line: str, *, root: Path, where: str, require_label: bool = False
 ) -> ImageRecord | PairRecord:
     """Parse one JSONL line into a record; errors name ``where``."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise VembedError(f"{where}: malformed JSON ({exc.msg}, column {exc.colno})") from None
-    if not isinstance(obj, dict):
-        raise VembedError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    obj = json_object(line)
+    if isinstance(obj, str):
+        raise VembedError(f"{where}: {obj}")
     label = _label(obj.get("label"), where)
     if require_label and label is None:
         raise VembedError(f"{where}: missing field 'label'")

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import sys
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,6 +12,7 @@ import torch
 from vembed.data.records import (
     IMAGE_EXTENSIONS,
     ImageRecord,
+    json_object,
     read_records,
     records_from_folder,
     records_from_paths,
@@ -135,12 +135,9 @@ def _query_path(text: str, where: str, label=None) -> Query:
 
 
 def _query_from_json(line: str, where: str) -> Query:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as exc:
-        raise VembedError(f"{where}: malformed JSON ({exc.msg}, column {exc.colno})") from None
-    if not isinstance(obj, dict):
-        raise VembedError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    obj = json_object(line)
+    if isinstance(obj, str):
+        raise VembedError(f"{where}: {obj}")
     name = obj.get("path", obj.get("image"))
     if name is not None and not isinstance(name, str):
         raise VembedError(f"{where}: 'path' must be a string")

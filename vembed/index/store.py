@@ -27,7 +27,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from vembed import __version__
-from vembed.data.records import ImageRecord
+from vembed.data.records import ImageRecord, json_object
 from vembed.errors import VembedError
 from vembed.io import atomic_dir, write_json, write_jsonl, write_text
 from vembed.models.embedder import Embedder
@@ -301,13 +301,10 @@ def _read_manifest(path: Path) -> list[dict[str, Any]]:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise VembedError(
-                    f"{path}:{lineno}: malformed JSON ({exc.msg}, column {exc.colno})"
-                ) from None
-            if not isinstance(row, dict) or not isinstance(row.get("path"), str):
+            row = json_object(line)
+            if isinstance(row, str):
+                raise VembedError(f"{path}:{lineno}: {row}")
+            if not isinstance(row.get("path"), str):
                 raise VembedError(f"{path}:{lineno}: expected an object with a 'path' string")
             rows.append(row)
     return rows

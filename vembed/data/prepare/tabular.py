@@ -8,7 +8,6 @@ resolve against ``image_root`` or the file's folder, and every problem names ``f
 from __future__ import annotations
 
 import csv
-import json
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -18,7 +17,7 @@ from vembed.data.prepare.output import PrepareResult, clean_records, write_prepa
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.splits import SPLITS, SplitOptions, make_splits
 from vembed.data.prepare.validate import CheckOptions
-from vembed.data.records import ImageRecord
+from vembed.data.records import ImageRecord, json_object
 from vembed.errors import VembedError
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
@@ -182,17 +181,8 @@ def parse_row(
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
     with open(path, encoding="utf-8") as fh:
         for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as exc:
-                yield lineno, f"malformed JSON ({exc.msg}, column {exc.colno})"
-                continue
-            yield (
-                lineno,
-                obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}",
-            )
+            if line.strip():
+                yield lineno, json_object(line)
 
 
 def _csv_rows(path: Path, delimiter: str | None) -> Iterator[tuple[int, dict | str]]:
