@@ -1,5 +1,3 @@
-import json
-
 import pytest
 
 from vembed.data.records import (
@@ -115,4 +113,13 @@ def test_folder_labels_codes_and_json(images):
         "label": "sub",
         "category": "cat",
     }
-    assert json.dumps(record_to_json(PairRecord(images / "a.png", images / "b.png", 1), relative_to=images))
+    pair = PairRecord(images / "a.png", images / "b.png", 1)
+    assert record_to_json(pair, relative_to=images) == {
+        "query_image": "a.png",
+        "positive": "b.png",
+        "label": 1,
+    }
+    outside = ImageRecord(images.parent / "elsewhere.png")  # not under the base: absolute, not relative
+    assert record_to_json(outside, relative_to=images) == {
+        "image": str((images.parent / "elsewhere.png").resolve())
+    }
