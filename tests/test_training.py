@@ -216,14 +216,14 @@ def test_config_mistakes_fail_early_with_one_line(
 
 def test_skip_bad_with_several_processes_is_refused(tiny_model, data, tmp_path, no_data_reads, monkeypatch):
     """Several ranks + skip_bad could give unequal batches to the all-gather: refused before data is read."""
-    real = loop_module._make_accelerator
+    real = loop_module.make_accelerator
 
     def two_processes(settings):
         acc = real(settings)
         monkeypatch.setattr(type(acc), "num_processes", property(lambda self: 2))
         return acc
 
-    monkeypatch.setattr(loop_module, "_make_accelerator", two_processes)
+    monkeypatch.setattr(loop_module, "make_accelerator", two_processes)
     settings = tiny_settings(tiny_model, data[0], tmp_path / "run", "data.skip_bad=true")
     with pytest.raises(VembedError, match=r"data\.skip_bad=true with several processes.*--check-images"):
         train(settings, show_progress=False)

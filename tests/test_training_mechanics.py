@@ -24,6 +24,7 @@ from vembed.losses import build_loss
 from vembed.models.factory import create_embedder
 from vembed.training import checkpoint as ckpt
 from vembed.training import loop as loop_module
+from vembed.training import steps as steps_module
 from vembed.training import train
 from vembed.training.data import build_batch_sampler, epoch_batches, read_labelled
 from vembed.training.gradcache import grad_cache_backward
@@ -214,9 +215,9 @@ def test_layer_wise_lr_decay_and_no_decay_groups(tiny_model, tmp_path):
 
 def test_frozen_caches_features_once_and_keeps_the_backbone(tiny_model, data, tmp_path, monkeypatch):
     calls = []
-    real = loop_module.embed_records
+    real = steps_module.embed_records
     monkeypatch.setattr(
-        loop_module, "embed_records", lambda *a, **k: calls.append(k["pooled"]) or real(*a, **k)
+        steps_module, "embed_records", lambda *a, **k: calls.append(k["pooled"]) or real(*a, **k)
     )
     settings = tiny_settings(
         tiny_model,

@@ -55,6 +55,18 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return Path(path)
 
 
+def append_jsonl(path: str | os.PathLike, row: dict) -> None:
+    """Append one JSON line to a log (e.g. metrics.jsonl): O(1) per row, no fsync.
+
+    Logs are the one exception to the atomic writes: a kill can cut the last line short, so readers skip
+    a line that does not parse, and whoever resumes the log rewrites it with :func:`write_jsonl`.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` as a whole.

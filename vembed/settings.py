@@ -106,6 +106,17 @@ class TrainSettings(Section):
     warmup_ratio: float = Field(
         0.05, ge=0, lt=1, description="Linear warm-up share of the steps, then cosine."
     )
+    scheduler: Literal["cosine", "step", "constant"] = Field(
+        "cosine",
+        description="lr after warm-up: cosine decay to 0, step (x step_gamma every step_epochs epochs) or "
+        "constant.",
+    )
+    step_epochs: int | list[int] | None = Field(
+        None,
+        description="scheduler=step: multiply the lr by step_gamma every N epochs (an integer) or after "
+        "each of these epochs (a list).",
+    )
+    step_gamma: float = Field(0.1, gt=0, le=1, description="scheduler=step: lr factor at each step.")
     grad_clip: float | None = Field(1.0, gt=0, description="Clip the global gradient norm (null: off).")
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision (accelerate).")
@@ -149,7 +160,18 @@ class TrainSettings(Section):
     cache_features: bool = Field(
         True, description="method=frozen: compute backbone features once and train the head on them."
     )
-    # validation, logging, checkpoints
+    # validation, model selection, logging, checkpoints
+    select: Literal["best", "last"] = Field(
+        "best",
+        description="final/: the best validated model by select_metric, or the last step's (also the "
+        "result without data.val).",
+    )
+    select_metric: str = Field(
+        "map@r", description="Validation metric that ranks models (map@r, recall@1, recall@10, ...)."
+    )
+    select_smoothing: int = Field(
+        1, ge=1, description="Rank by the mean of the metric over this many validations ending at each one."
+    )
     eval_every: int | None = Field(
         None, ge=1, description="Validate every N steps (default: each epoch end)."
     )
@@ -162,6 +184,20 @@ class TrainSettings(Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
     _split_dims = field_validator("matryoshka_dims", mode="before")(_split_ints)
+
+    @field_validator("step_epochs", mode="before")
+    @classmethod
+    def _step_epochs_list(cls, value: Any) -> Any:
+        """``"10"`` is a period, ``"10,15"`` (command line) a list of epochs."""
+        return _split_ints(value) if isinstance(value, str) and "," in value else value
+
+    @field_validator("step_epochs")
+    @classmethod
+    def _step_epochs_positive(cls, value: Any) -> Any:
+        values = value if isinstance(value, list) else [value]
+        if value is not None and (not values or any(v < 1 for v in values)):
+            raise ValueError("step_epochs must be an epoch count >= 1 or a list of them")
+        return value
 
     @field_validator("precision", mode="before")
     @classmethod

@@ -77,12 +77,37 @@ def build_optimizer(groups: list[dict], settings: TrainSettings) -> Optimizer:
     return AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
 
 
-def build_scheduler(optimizer: Optimizer, total_steps: int, warmup_ratio: float) -> LambdaLR:
-    """Linear warm-up over ``warmup_ratio`` of the steps, then cosine decay to 0 (transformers')."""
-    from transformers import get_cosine_schedule_with_warmup
+def build_scheduler(
+    optimizer: Optimizer, settings: TrainSettings, *, total_steps: int, steps_per_epoch: int
+) -> LambdaLR:
+    """Linear warm-up over ``train.warmup_ratio`` of the steps, then ``train.scheduler``:
 
-    warmup = round(total_steps * warmup_ratio)
-    return get_cosine_schedule_with_warmup(optimizer, warmup, max(total_steps, 1))
+    - ``cosine``: cosine decay to 0 at the last step (transformers' schedule);
+    - ``step``: the lr times ``train.step_gamma`` at each ``train.step_epochs`` boundary (every N epochs,
+      or after each listed epoch), counted in optimiser steps (``epoch x steps_per_epoch``);
+    - ``constant``: the peak lr throughout.
+    """
+    warmup = round(total_steps * settings.warmup_ratio)
+    total = max(total_steps, 1)
+    if settings.scheduler == "cosine":
+        from transformers import get_cosine_schedule_with_warmup
+
+        return get_cosine_schedule_with_warmup(optimizer, warmup, total)
+    boundaries: list[int] = []
+    if settings.scheduler == "step":
+        epochs = settings.step_epochs
+        if isinstance(epochs, list):
+            boundaries = sorted(e * steps_per_epoch for e in epochs)
+        else:
+            boundaries = list(range(epochs * steps_per_epoch, total + 1, epochs * steps_per_epoch))
+    gamma = settings.step_gamma
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return float(step) / float(max(1, warmup))
+        return gamma ** sum(step >= b for b in boundaries)
+
+    return LambdaLR(optimizer, factor)
 
 
 def _num_layers(backbone: nn.Module) -> int:

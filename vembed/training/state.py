@@ -1,0 +1,95 @@
+"""What a run has done so far: one :class:`TrainState`, saved in each checkpoint's ``state.json``.
+
+``to_dict`` writes it and ``from_dict`` reads it back, so checkpoint and resume cannot drift apart.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+
+import torch
+
+
+class LossWindow:
+    """Running loss and throughput since the last metrics row."""
+
+    def __init__(self):
+        self.reset()
+        self.last_loss = float("nan")
+
+    def reset(self) -> None:
+        self.loss_sum, self.steps, self.images, self.seconds = 0.0, 0, 0, 0.0
+
+    def add(self, loss, images: int, seconds: float) -> None:
+        # the loss stays a tensor: reading it would wait for the GPU
+        self.loss_sum = self.loss_sum + (loss.detach() if isinstance(loss, torch.Tensor) else loss)
+        self.steps += 1
+        self.images += images
+        self.seconds += seconds
+        self.last_loss = loss
+
+    @property
+    def loss(self) -> float:
+        return float(self.loss_sum / self.steps) if self.steps else float(self.last_loss)
+
+    @property
+    def rate(self) -> float:
+        return self.images / self.seconds if self.seconds else 0.0
+
+    def to_dict(self) -> dict:
+        return {
+            "loss_sum": float(self.loss_sum),
+            "steps": self.steps,
+            "images": self.images,
+            "seconds": self.seconds,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict) -> LossWindow:
+        window = cls()
+        window.loss_sum, window.steps = data["loss_sum"], data["steps"]
+        window.images, window.seconds = data["images"], data["seconds"]
+        return window
+
+
+@dataclass
+class TrainState:
+    """Counters, validation history and the selected validation row of a run.
+
+    ``scheduler``/``scaler`` hold the state dicts of the lr schedule and the fp16 grad scaler as they were
+    when the state was saved; ``settings`` the run's settings (a resume checks them).
+    """
+
+    step: int = 0
+    total_steps: int = 0
+    steps_per_epoch: int = 1
+    images: int = 0  # images trained on, all processes
+    train_seconds: float = 0.0  # training time (validation, checkpoints and callbacks excluded)
+    last_validated: int = -1
+    history: list[dict] = field(default_factory=list)  # one row per validation
+    best: dict | None = None  # the validation row train.select chose so far
+    window: LossWindow = field(default_factory=LossWindow)
+    scheduler: dict | None = None
+    scaler: dict | None = None
+    settings: dict = field(default_factory=dict)
+
+    @property
+    def epoch(self) -> float:
+        return round(self.step / self.steps_per_epoch, 4)
+
+    @property
+    def finished(self) -> bool:
+        return self.step >= self.total_steps
+
+    def to_dict(self) -> dict:
+        out = {f.name: getattr(self, f.name) for f in fields(self)}
+        out["window"] = self.window.to_dict()
+        out["epoch"] = self.epoch  # for readers of state.json; derived, not read back
+        return out
+
+    @classmethod
+    def from_dict(cls, data: dict) -> TrainState:
+        known = {f.name for f in fields(cls)}
+        state = cls(**{k: v for k, v in data.items() if k in known and k != "window"})
+        state.window = LossWindow.from_dict(data["window"])
+        return state
