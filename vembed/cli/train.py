@@ -60,19 +60,18 @@ def _summary(result) -> Table:
     metric_keys = []
     for row in result.history:
         for key in row:
-            if key.startswith(("recall@", "map@")) and key not in metric_keys:
+            if key.startswith(("recall@", "map@", "top")) and key not in metric_keys:
                 metric_keys.append(key)
     for key in metric_keys:
         table.add_column(key, justify="right")
     table.add_column("")
-    best_step = result.best["step"] if result.best else None
-    for row in _some_rows(result.history, best_step):
-        label = (
-            "before training" if row["step"] == 0 else ("best → final/" if row["step"] == best_step else "")
-        )
-        table.add_row(
-            str(row["step"]), *(f"{100 * row.get(k, float('nan')):.2f}" for k in metric_keys), label
-        )
+    selected_step = result.best["step"] if result.best else None
+    last_step = result.history[-1]["step"] if result.history else None
+    for row in _some_rows(result.history, selected_step):
+        label = _label(row["step"], selected_step, last_step, result.selected)
+        style = "bold green" if label.endswith("final/") else None
+        cells = (f"{100 * row[k]:.2f}" if isinstance(row.get(k), float) else "" for k in metric_keys)
+        table.add_row(str(row["step"]), *cells, label, style=style)
     table.caption = (
         f"{result.steps} steps, {result.images_per_second:.1f} img/s, {result.seconds:.0f} s; "
         f"final model ({result.selected}): {result.final_dir}"
@@ -80,8 +79,19 @@ def _summary(result) -> Table:
     return table
 
 
+def _label(step: int, selected: int | None, last: int | None, mode: str) -> str:
+    parts = []
+    if step == 0:
+        parts.append("before training")
+    if step == last:
+        parts.append("last")
+    if step == selected or (mode == "last" and step == last):
+        parts.append("selected → final/")
+    return ", ".join(parts)
+
+
 def _some_rows(history: list[dict], best_step: int | None, most: int = 12) -> list[dict]:
-    """All validations of a short run; of a long one the first, the best, the last and some between."""
+    """All validations of a short run; of a long one the first, the selected, the last and some between."""
     if len(history) <= most:
         return history
     every = -(-len(history) // (most - 3))
