@@ -135,7 +135,10 @@ class TrainSettings(Section):
     learnable_temperature: bool = Field(False, description="infonce / supcon: learn the temperature.")
     margin: float | None = Field(None, ge=0, description="arcface / cosface / triplet margin.")
     scale: float | None = Field(None, gt=0, description="arcface / cosface / ce (normalized) logit scale.")
-    mining: Literal["hard", "semihard", "all"] | None = Field(None, description="triplet miner.")
+    mining: Literal["hard", "semihard", "all"] | None = Field(
+        None,
+        description="Miner of triplet (default hard), infonce and supcon (default none): hard, semihard, all.",
+    )
     loss_options: dict[str, Any] = Field(
         default_factory=dict, description="Other keyword options of the loss (e.g. label_smoothing)."
     )

@@ -34,6 +34,10 @@ class ImageDataset(Dataset):
         return len(self.records)
 
     def __getitem__(self, index: int):
+        return self.load(index, self.transform)
+
+    def load(self, index: int, transform: Callable):
+        """Item ``index`` through ``transform`` (e.g. one bound to a seeded generator)."""
         rec = self.records[index]
         try:
             image = load_image(rec.image, min_size=self.min_size)
@@ -42,7 +46,7 @@ class ImageDataset(Dataset):
             if self.skip_bad:
                 return BadItem(index, message)
             raise VembedError(message) from None
-        return self.transform(image), index
+        return transform(image), index
 
 
 @dataclass

@@ -120,6 +120,8 @@ class EvalTransform:
 class TrainTransform:
     """Random resized crop (scale ``scale``), horizontal flip, normalise."""
 
+    takes_generator = True  # __call__(img, generator): training passes a seeded random.Random
+
     def __init__(self, spec: ModelSpec, *, scale: tuple[float, float] = (0.35, 1.0), flip: bool = True):
         self.size = spec.image_size
         self.scale = scale
@@ -131,20 +133,22 @@ class TrainTransform:
     def min_decode_size(self) -> int:
         return self.size
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, generator: random.Random | None = None) -> torch.Tensor:
+        """``generator`` draws the crop and flip (training seeds one per image); default: a fresh one."""
+        rng = generator if generator is not None else random.Random()
         w, h = img.size
         area = w * h
         for _ in range(10):
-            target = area * random.uniform(*self.scale)
-            ratio = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+            target = area * rng.uniform(*self.scale)
+            ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
             cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
             if 0 < cw <= w and 0 < ch <= h:
-                left, top = random.randint(0, w - cw), random.randint(0, h - ch)
+                left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
                 break
         else:
             cw = ch = min(w, h)
             left, top = (w - cw) // 2, (h - ch) // 2
         img = img.resize((self.size, self.size), self.resample, box=(left, top, left + cw, top + ch))
-        if self.flip and random.random() < 0.5:
+        if self.flip and rng.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return self.normalize(img)

@@ -5,8 +5,10 @@ Pick one by name with :func:`build_loss`::
     loss = build_loss("arcface", embed_dim=768, num_classes=11318, margin=0.4)
     loss = build_loss("infonce", embed_dim=768, matryoshka_dims=[64, 128, 256, 768])
 
-Every loss has ``needs_num_classes``: True for arcface / cosface / ce, which own learnable class proxies
-or a classifier. Any loss may have parameters (also infonce/supcon with ``learnable_temperature=True``):
+Every loss class declares ``needs_num_classes`` (True for arcface / cosface / ce, which own learnable
+class proxies or a classifier) and ``batches``, the batches it needs: ``"pairs"`` (positives in the batch,
+two per class suffice: infonce), ``"pk"`` (P classes x K images: supcon, triplet) or ``"any"``.
+Pair-based losses take ``mining=`` (a miner of :mod:`vembed.losses.miners`). Any loss may have parameters (also infonce/supcon with ``learnable_temperature=True``):
 give ``loss.parameters()`` to the optimizer and keep ``loss.state_dict()`` in checkpoints.
 """
 
@@ -24,10 +26,12 @@ from vembed.losses.contrastive import InfoNCELoss, SupConLoss
 from vembed.losses.distributed import gather_with_grad
 from vembed.losses.margin import ArcFaceLoss, CosFaceLoss
 from vembed.losses.matryoshka import MatryoshkaLoss
-from vembed.losses.triplet import MINING_STRATEGIES, TripletLoss
+from vembed.losses.miners import MINERS, MINING_STRATEGIES, build_miner
+from vembed.losses.triplet import TripletLoss
 
 __all__ = [
     "LOSSES",
+    "MINERS",
     "MINING_STRATEGIES",
     "ArcFaceLoss",
     "CosFaceLoss",
@@ -37,6 +41,8 @@ __all__ = [
     "SupConLoss",
     "TripletLoss",
     "build_loss",
+    "build_miner",
+    "loss_class",
     "gather_with_grad",
     "loss_options",
 ]
@@ -57,6 +63,11 @@ _WRAPPER_OPTIONS = ("matryoshka_dims", "matryoshka_weights")
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
     close = difflib.get_close_matches(word, list(choices), n=1)
     return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def loss_class(name: str) -> type[nn.Module]:
+    """The class registered as ``name`` (its ``batches`` says which batches it needs)."""
+    return LOSSES[_check_name(name)]
 
 
 def loss_options(name: str) -> dict[str, object]:

@@ -35,6 +35,7 @@ class CrossEntropyLoss(nn.Module):
     """
 
     needs_num_classes: ClassVar[bool] = True
+    batches: ClassVar[str] = "any"  # class labels: any shuffled batch works
     name: ClassVar[str] = "ce"
     summary: ClassVar[str] = "classifier + softmax cross-entropy (needs class labels)"
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from vembed.errors import VembedError
 from vembed.losses._common import check_batch, check_positive, float32_forward, normalize, zero_with_grad
 from vembed.losses.distributed import gather_candidates, self_mask
+from vembed.losses.miners import build_miner
 
 __all__ = ["InfoNCELoss", "SupConLoss"]
 
@@ -28,6 +29,7 @@ class _TemperatureLoss(nn.Module):
     """Holds the temperature: a fixed float, or a learnable log-temperature clamped to [min, max]."""
 
     needs_num_classes: ClassVar[bool] = False
+    batches: ClassVar[str] = "pk"
     name: ClassVar[str] = ""
 
     def __init__(
@@ -36,8 +38,11 @@ class _TemperatureLoss(nn.Module):
         learnable_temperature: bool,
         min_temperature: float,
         max_temperature: float,
+        mining: str | None = None,
+        mining_margin: float = 0.2,
     ) -> None:
         super().__init__()
+        self.miner = build_miner(mining, margin=mining_margin, loss_name=self.name)
         temperature = check_positive(temperature, "temperature", self.name)
         self.min_temperature = check_positive(min_temperature, "min_temperature", self.name)
         self.max_temperature = check_positive(max_temperature, "max_temperature", self.name)
@@ -61,13 +66,21 @@ class _TemperatureLoss(nn.Module):
         return self._fixed_temperature
 
     def _logits_and_masks(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits [N, M], positives [N, M], self [N, M])`` for local anchors vs. all candidates."""
+        """``(logits [N, M], positives [N, M], negatives [N, M])`` for local anchors vs. all candidates.
+
+        Without a miner the positives are every other same-label candidate and the negatives every
+        other-label one; with a miner, the pairs it mined.
+        """
         anchors = normalize(embeddings)
         candidates, candidate_labels, offset = gather_candidates(anchors, labels)
-        logits = anchors @ candidates.T / self.temperature
+        similarities = anchors @ candidates.T
+        logits = similarities / self.temperature
         own = self_mask(anchors.shape[0], candidates.shape[0], offset, anchors.device)
-        positives = (labels[:, None] == candidate_labels[None, :]) & ~own
-        return logits, positives, own
+        same = labels[:, None] == candidate_labels[None, :]
+        positives, negatives = same & ~own, ~same
+        if self.miner is not None:
+            positives, negatives = self.miner.pairs(1.0 - similarities.detach(), positives, negatives)
+        return logits, positives, negatives
 
     def extra_repr(self) -> str:
         temperature = self.temperature
@@ -92,9 +105,13 @@ class InfoNCELoss(_TemperatureLoss):
         temperature: t, fixed (default 0.05), or the initial value when learnable.
         learnable_temperature: learn log(t) (a parameter: give it to the optimizer), clamped to
             [min_temperature, max_temperature].
+        mining: None (every pair), or a miner of :mod:`vembed.losses.miners` ("hard", "semihard", "all"):
+            only the mined positives and negatives enter the loss.
+        mining_margin: the miner's margin in cosine distance (semihard, all).
     """
 
     name: ClassVar[str] = "infonce"
+    batches: ClassVar[str] = "pairs"
     summary: ClassVar[str] = "in-batch negatives, temperature-scaled (pairs or any batch with >= 2 per label)"
 
     def __init__(
@@ -104,16 +121,19 @@ class InfoNCELoss(_TemperatureLoss):
         learnable_temperature: bool = False,
         min_temperature: float = 0.01,
         max_temperature: float = 1.0,
+        mining: str | None = None,
+        mining_margin: float = 0.2,
     ) -> None:
-        super().__init__(temperature, learnable_temperature, min_temperature, max_temperature)
+        super().__init__(
+            temperature, learnable_temperature, min_temperature, max_temperature, mining, mining_margin
+        )
 
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels, self.name)
         if embeddings.shape[0] == 0:
             return zero_with_grad(embeddings)
-        logits, positives, own = self._logits_and_masks(embeddings, labels)
-        negatives = ~(positives | own)
+        logits, positives, negatives = self._logits_and_masks(embeddings, labels)
         # log-sum-exp over each anchor's negatives; l_ij = log(1 + exp(neg_lse_i - s_ij)).
         negative_lse = torch.logsumexp(logits.masked_fill(~negatives, _MASKED), dim=1)
         pair_losses = F.softplus(negative_lse[:, None] - logits) * positives
@@ -136,6 +156,9 @@ class SupConLoss(_TemperatureLoss):
     Args:
         temperature: t, fixed (default 0.1, as in the paper), or the initial value when learnable.
         learnable_temperature: learn log(t), clamped to [min_temperature, max_temperature].
+        mining: None (every pair), or a miner of :mod:`vembed.losses.miners` ("hard", "semihard", "all"):
+            only the mined positives and negatives enter the loss (the denominator runs over them).
+        mining_margin: the miner's margin in cosine distance (semihard, all).
     """
 
     name: ClassVar[str] = "supcon"
@@ -148,16 +171,20 @@ class SupConLoss(_TemperatureLoss):
         learnable_temperature: bool = False,
         min_temperature: float = 0.01,
         max_temperature: float = 1.0,
+        mining: str | None = None,
+        mining_margin: float = 0.2,
     ) -> None:
-        super().__init__(temperature, learnable_temperature, min_temperature, max_temperature)
+        super().__init__(
+            temperature, learnable_temperature, min_temperature, max_temperature, mining, mining_margin
+        )
 
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels, self.name)
         if embeddings.shape[0] == 0:
             return zero_with_grad(embeddings)
-        logits, positives, own = self._logits_and_masks(embeddings, labels)
-        denominator = torch.logsumexp(logits.masked_fill(own, _MASKED), dim=1)
+        logits, positives, negatives = self._logits_and_masks(embeddings, labels)
+        denominator = torch.logsumexp(logits.masked_fill(~(positives | negatives), _MASKED), dim=1)
         pair_losses = (denominator[:, None] - logits) * positives
         num_positives = positives.sum(dim=1)
         valid = num_positives > 0

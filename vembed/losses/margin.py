@@ -38,6 +38,7 @@ _COS_EPS = 1e-6
 
 class _ProxyMarginLoss(nn.Module):
     needs_num_classes: ClassVar[bool] = True
+    batches: ClassVar[str] = "any"  # class labels: any shuffled batch works
     name: ClassVar[str] = ""
 
     def __init__(self, embed_dim: int, num_classes: int, *, scale: float, margin: float) -> None:

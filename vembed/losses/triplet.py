@@ -7,13 +7,11 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from vembed.errors import VembedError
 from vembed.losses._common import check_batch, check_non_negative, float32_forward, normalize, zero_with_grad
 from vembed.losses.distributed import gather_candidates, self_mask
+from vembed.losses.miners import MINING_STRATEGIES, build_miner
 
 __all__ = ["MINING_STRATEGIES", "TripletLoss"]
-
-MINING_STRATEGIES = ("hard", "semihard", "all")
 
 
 class TripletLoss(nn.Module):
@@ -37,16 +35,14 @@ class TripletLoss(nn.Module):
     """
 
     needs_num_classes: ClassVar[bool] = False
+    batches: ClassVar[str] = "pk"
     name: ClassVar[str] = "triplet"
     summary: ClassVar[str] = "margin on cosine distance with hard-negative mining (P x K batches)"
 
     def __init__(self, margin: float = 0.2, *, mining: str = "hard") -> None:
         super().__init__()
         self.margin = check_non_negative(margin, "margin", self.name)
-        if mining not in MINING_STRATEGIES:
-            raise VembedError(
-                f"loss 'triplet': unknown mining {mining!r}; valid: {', '.join(MINING_STRATEGIES)}"
-            )
+        self.miner = build_miner(mining, margin=self.margin, loss_name=self.name)
         self.mining = mining
 
     def _distances(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
@@ -66,35 +62,13 @@ class TripletLoss(nn.Module):
         batch on one process, the concatenation of every rank's batch on several).
         """
         check_batch(embeddings, labels, self.name)
-        distances, positives, negatives = self._distances(embeddings.float(), labels)
-        return self._mine(distances, positives, negatives)
-
-    def _mine(self, distances: Tensor, positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        distances = distances.detach()
-        if self.mining == "hard":
-            valid = positives.any(dim=1) & negatives.any(dim=1)
-            hardest_positive = distances.masked_fill(~positives, -torch.inf).argmax(dim=1)
-            hardest_negative = distances.masked_fill(~negatives, torch.inf).argmin(dim=1)
-            anchor = torch.nonzero(valid).flatten()
-            return anchor, hardest_positive[anchor], hardest_negative[anchor]
-
-        anchor, positive = torch.nonzero(positives, as_tuple=True)
-        d_ap = distances[anchor, positive][:, None]
-        d_an = distances[anchor]  # [pairs, M]
-        violating = negatives[anchor] & (d_an < d_ap + self.margin)
-        if self.mining == "semihard":
-            semihard = violating & (d_an > d_ap)
-            negative = d_an.masked_fill(~semihard, torch.inf).argmin(dim=1)
-            keep = semihard.any(dim=1)
-            return anchor[keep], positive[keep], negative[keep]
-        pair, negative = torch.nonzero(violating, as_tuple=True)
-        return anchor[pair], positive[pair], negative
+        return self.miner.triplets(*self._distances(embeddings.float(), labels))
 
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels, self.name)
         distances, positives, negatives = self._distances(embeddings, labels)
-        anchor, positive, negative = self._mine(distances, positives, negatives)
+        anchor, positive, negative = self.miner.triplets(distances, positives, negatives)
         if anchor.numel() == 0:
             return zero_with_grad(embeddings)
         losses = distances[anchor, positive] - distances[anchor, negative] + self.margin

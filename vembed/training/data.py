@@ -20,10 +20,9 @@ from vembed.data.images import EvalTransform, TrainTransform
 from vembed.data.records import ImageRecord, RecordSet, label_codes, read_records
 from vembed.data.samplers import PKBatchSampler
 from vembed.errors import VembedError
+from vembed.losses import loss_class
 from vembed.models.registry import ModelSpec
 from vembed.settings import Settings, TrainSettings
-
-PAIR_LOSSES = ("infonce", "supcon", "triplet")  # need positives in the batch: P x K by default
 
 
 @dataclass
@@ -71,13 +70,13 @@ def read_labelled(path: Path, settings: Settings, *, what: str) -> LabelledImage
 def uses_pk(data: LabelledImages, settings: TrainSettings) -> bool:
     if settings.sampler != "auto":
         return settings.sampler == "pk"
-    return data.is_pairs or settings.loss.lower() in PAIR_LOSSES
+    return data.is_pairs or loss_class(settings.loss).batches != "any"  # positives in each batch
 
 
 def samples_per_class(data: LabelledImages, settings: TrainSettings) -> int:
     if settings.samples_per_class is not None:
         return settings.samples_per_class
-    return 2 if data.is_pairs or settings.loss.lower() == "infonce" else 4
+    return 2 if data.is_pairs or loss_class(settings.loss).batches == "pairs" else 4
 
 
 class ShuffledBatchSampler:
@@ -149,8 +148,8 @@ def epoch_batches(sampler, epoch: int) -> list[list[int]]:
 class AugmentedImages(Dataset):
     """An :class:`ImageDataset` whose random augmentation is seeded per draw.
 
-    Items are ``(index, tag)``; ``random`` is seeded with ``tag`` (seed/epoch/position) around the
-    transform and restored afterwards, so the crop does not depend on worker count or on resuming.
+    Items are ``(index, tag)``; the transform draws from ``random.Random(tag)`` (tag = seed/epoch/position),
+    so the crop does not depend on worker count or on resuming, and no global generator is touched.
     """
 
     def __init__(self, images: ImageDataset):
@@ -161,12 +160,11 @@ class AugmentedImages(Dataset):
 
     def __getitem__(self, item):
         index, tag = item
-        state = random.getstate()
-        random.seed(tag)
-        try:
+        transform = self.images.transform
+        if not getattr(transform, "takes_generator", False):
             return self.images[index]
-        finally:
-            random.setstate(state)
+        generator = random.Random(tag)
+        return self.images.load(index, lambda image: transform(image, generator))
 
 
 def train_transform(spec: ModelSpec, settings: TrainSettings):
