@@ -1,0 +1,257 @@
+"""Which model should a run keep? Test Recall@1 of the model each selection rule picks, on two real small sets.
+
+    python bench/quality.py                          # both sets, infonce + supcon, 1 seed, 15 epochs
+    python bench/quality.py --sets photos --losses infonce --seeds 0 1 2 --epochs 15 --json out.json
+
+Two real, offline data sets (no download):
+
+- ``digits``: scikit-learn's 1,797 handwritten digits (10 classes) as 32 px PNGs, split like the
+  quickstart (60 % train = 1,078 images, 15 % val, 25 % test; the same 10 classes in every split);
+- ``photos``: scikit-image's bundled sample photos; each photo's left and right halves are two classes,
+  and the images of a class are random crops (10-50 % of the half's area, aspect 3/4-4/3) at random
+  scales, 40 px. Classes are split whole: 24 training classes x 42 images (1,008), 8 validation classes
+  x 18 images (144), the rest for test (unseen classes, 30 images each).
+
+On each set a small random-init ViT (the quickstart's: DINOv2 architecture, 32 px, 4 layers, width 64,
+mean pooling) is fully fine-tuned (batch 64, lr 3e-4, ``--epochs``, validation at each epoch end, a
+checkpoint at each epoch end kept). Every checkpoint is then evaluated on the test split, so one run
+answers for every rule: before training, the last step, the best validation Recall@1 / MAP@R, and the same
+with the metric smoothed over 3 validations (``train.select_smoothing=3``). The oracle row (best test
+Recall@1 of any validated step) bounds what selection can gain.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import random
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from vembed.evaluation.retrieval import retrieval_metrics
+from vembed.inference import embed_records
+from vembed.io import write_json
+from vembed.settings import load_settings
+from vembed.training import checkpoint as ckpt
+from vembed.training.selection import Selection
+
+# skimage.data photos bundled with the package (no pooch download); "cat" is chelsea again.
+PHOTOS = (
+    "astronaut", "binary_blobs", "brick", "camera", "cell", "chelsea", "clock", "coffee", "coins",
+    "colorwheel", "grass", "gravel", "horse", "hubble_deep_field", "immunohistochemistry", "logo", "moon",
+    "page", "retina", "rocket", "shepp_logan_phantom", "text", "stereo_motorcycle", "checkerboard",
+)  # fmt: skip
+RULES = {
+    "best recall@1": Selection("recall@1"),
+    "best map@r": Selection("map@r"),
+    "best recall@1, smoothed 3": Selection("recall@1", smoothing=3),
+    "best map@r, smoothed 3": Selection("map@r", smoothing=3),
+    "last step": Selection("map@r", mode="last"),
+}
+
+
+def make_digits(root: Path, seed: int) -> dict[str, Path]:
+    from vembed.data.prepare import prepare_imagefolder
+    from vembed.quickstart import write_digits
+
+    images = write_digits(root / "images", px=32)
+    prepared = prepare_imagefolder(images, root / "data", seed=seed, val_ratio=0.15, test_ratio=0.25)
+    return {split: prepared.files[split] for split in ("train", "val", "test")}
+
+
+def make_photos(root: Path, seed: int, *, px: int = 40) -> dict[str, Path]:
+    import skimage.data
+
+    rng = random.Random(seed)
+    classes = []
+    for name in PHOTOS:
+        array = getattr(skimage.data, name)()
+        if isinstance(array, tuple):
+            array = array[0]
+        array = np.asarray(array)
+        if array.dtype == bool:
+            array = array.astype(np.uint8) * 255
+        image = Image.fromarray(array.astype(np.uint8)).convert("RGB")
+        w, h = image.size
+        classes.append((f"{name}-left", image.crop((0, 0, w // 2, h))))
+        classes.append((f"{name}-right", image.crop((w - w // 2, 0, w, h))))
+    rng.shuffle(classes)
+    splits = {"train": (classes[:24], 42), "val": (classes[24:32], 18), "test": (classes[32:], 30)}
+    files = {}
+    for split, (members, count) in splits.items():
+        lines = []
+        for label, image in members:
+            folder = root / "images" / label
+            folder.mkdir(parents=True, exist_ok=True)
+            for i in range(count):
+                path = folder / f"{i:03d}.png"
+                _random_crop(image, rng, px).save(path)
+                lines.append(json.dumps({"image": str(path), "label": label}))
+        files[split] = root / f"{split}.jsonl"
+        files[split].write_text("\n".join(lines) + "\n")
+    return files
+
+
+def _random_crop(image: Image.Image, rng: random.Random, px: int) -> Image.Image:
+    w, h = image.size
+    for _ in range(20):
+        area = w * h * rng.uniform(0.1, 0.5)
+        ratio = math.exp(rng.uniform(math.log(3 / 4), math.log(4 / 3)))
+        cw, ch = round(math.sqrt(area * ratio)), round(math.sqrt(area / ratio))
+        if cw <= w and ch <= h:
+            break
+    else:
+        cw = ch = min(w, h)
+    left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+    return image.resize((px, px), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
+
+
+def build_model(folder: Path, seed: int) -> Path:
+    from vembed.quickstart import QuickstartOptions
+    from vembed.quickstart import build_model as quickstart_model
+
+    return quickstart_model(folder, QuickstartOptions(seed=seed, show_progress=False))
+
+
+def run(
+    files: dict[str, Path], model: Path, out: Path, *, loss: str, seed: int, epochs: int, extra: list[str]
+):
+    """One training run (every epoch validated and checkpointed); test Recall@1 at every validated step."""
+    from vembed.training import train
+
+    settings = load_settings(
+        None,
+        [
+            f"model.name={model}",
+            "model.pooling=mean",
+            f"data.train={files['train']}",
+            f"data.val={files['val']}",
+            "data.num_workers=0",
+            f"train.output_dir={out}",
+            "train.method=full",
+            f"train.loss={loss}",
+            "train.batch_size=64",
+            "train.lr=3e-4",
+            f"train.epochs={epochs}",
+            f"train.seed={seed}",
+            "train.keep_checkpoints=1000",
+            "eval.k=1,10",
+            "eval.batch_size=256",
+            *extra,
+        ],
+    )
+    start = time.perf_counter()
+    result = train(settings, show_progress=False)
+    seconds = time.perf_counter() - start
+    test = _test_recall(settings, files["test"], model, out)
+    history = [{**row, "test_recall@1": test[row["step"]]} for row in result.history if row["step"] in test]
+    return history, seconds
+
+
+def _test_recall(settings, test_file: Path, model: Path, run_dir: Path) -> dict[int, float]:
+    """Test Recall@1 of the untrained model (step 0) and of every checkpoint of the run."""
+    import torch
+
+    from vembed.data.records import read_records
+    from vembed.models.factory import create_embedder
+
+    records = read_records(test_file).images()
+    labels = [r.label for r in records]
+    embedder = create_embedder(str(model), settings.model.model_copy(update={"device": "cpu"}))
+    states = {0: None} | {int(p.name.split("-")[1]): p for p in ckpt.list_checkpoints(run_dir)}
+    out = {}
+    for step, path in states.items():
+        if path is not None:
+            weights = {k: v for k, v in ckpt.load_model_state(path).items() if not k.startswith("loss.")}
+            missing = set(dict(embedder.named_parameters())) - set(weights)
+            assert not missing, f"{path}: not a full fine-tuning checkpoint ({sorted(missing)[:3]})"
+            embedder.load_state_dict(weights, strict=False)
+        with torch.inference_mode():
+            found = embed_records(embedder, records, batch_size=256, num_workers=0, show_progress=False)
+        out[step] = float(retrieval_metrics(found.embeddings, labels, ks=(1,))["recall@1"])
+    return out
+
+
+def select(history: list[dict]) -> dict[str, dict]:
+    """The row each rule keeps, plus 'before training' and the oracle."""
+    chosen = {"before training": history[0]}
+    chosen.update({name: rule.choose(history) for name, rule in RULES.items()})
+    chosen["oracle (best test)"] = max(history[1:], key=lambda row: row["test_recall@1"])
+    return chosen
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sets", nargs="+", default=["digits", "photos"], choices=["digits", "photos"])
+    parser.add_argument("--losses", nargs="+", default=["infonce", "supcon"])
+    parser.add_argument("--seeds", nargs="+", type=int, default=[0])
+    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--extra", nargs="*", default=[], help="more key=value settings for every run")
+    parser.add_argument("--json", type=Path, help="write every run's history and the table here")
+    parser.add_argument("--work", type=Path, help="keep the data and runs here (default: a temp folder)")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    torch.set_num_threads(1)  # 2 loaded cores: one intra-op thread is faster for this tiny model
+    work = args.work or Path(tempfile.mkdtemp(prefix="vembed-quality-"))
+    runs = []
+    for name in args.sets:
+        for seed in args.seeds:
+            root = work / f"{name}-seed{seed}"
+            files = (make_digits if name == "digits" else make_photos)(root / "data", seed)
+            model = build_model(root / "model", seed)
+            for loss in args.losses:
+                history, seconds = run(
+                    files,
+                    model,
+                    root / f"run-{loss}",
+                    loss=loss,
+                    seed=seed,
+                    epochs=args.epochs,
+                    extra=args.extra,
+                )
+                picks = select(history)
+                runs.append({"set": name, "loss": loss, "seed": seed, "seconds": seconds, "history": history})
+                runs[-1]["picks"] = {
+                    rule: {"step": r["step"], "test_recall@1": r["test_recall@1"]}
+                    for rule, r in picks.items()
+                }
+                queries = history[0].get("num_queries")
+                print(
+                    f"{name} {loss} seed {seed}: {seconds:.0f} s, {queries} validation queries",
+                    file=sys.stderr,
+                )
+    table = _table(runs)
+    print(table)
+    if args.json:
+        write_json(args.json, {"argv": sys.argv[1:], "runs": runs, "table": table})
+    return 0
+
+
+def _table(runs: list[dict]) -> str:
+    columns = sorted({(r["set"], r["loss"]) for r in runs})
+    rules = list(runs[0]["picks"])
+    lines = [
+        "| rule | " + " | ".join(f"{s} {loss}" for s, loss in columns) + " |",
+        "|---|" + "---|" * len(columns),
+    ]
+    for rule in rules:
+        cells = []
+        for column in columns:
+            picks = [r["picks"][rule] for r in runs if (r["set"], r["loss"]) == column]
+            mean = sum(p["test_recall@1"] for p in picks) / len(picks)
+            steps = "/".join(str(p["step"]) for p in picks)
+            cells.append(f"{mean:.3f} (step {steps})")
+        lines.append(f"| {rule} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
