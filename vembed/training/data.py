@@ -168,7 +168,9 @@ def fit_pk(batch_size: int, k: int, num_classes: int, *, say=log) -> tuple[int, 
         raise VembedError(
             f"P x K batches need at least 2 classes with 2 images or more; the training set has {num_classes}"
         )
-    fitting = [d for d in range(k, batch_size // 2 + 1) if batch_size % d == 0 and batch_size // d <= num_classes]
+    fitting = [
+        d for d in range(k, batch_size // 2 + 1) if batch_size % d == 0 and batch_size // d <= num_classes
+    ]
     new_k = fitting[0] if fitting else batch_size // num_classes
     p = batch_size // new_k if fitting else num_classes
     size = "" if p * new_k == batch_size else f"; batches of {p * new_k} images instead of {batch_size}"
