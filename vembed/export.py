@@ -381,8 +381,9 @@ def _model_card(config: dict) -> str:
         ),
         "gem": (
             'p = head["gem.p"].clamp(min=1)\n'
-            f"feats = out.last_hidden_state[:, {config['num_prefix_tokens']}:].clamp(min=1e-6)"
-            ".pow(p).mean(1).pow(1 / p)"
+            f"t = out.last_hidden_state[:, {config['num_prefix_tokens']}:]\n"
+            "m = t.amin(1) - 1e-6  # GeM over tokens shifted to be positive (see vembed's GeM)\n"
+            "feats = (t - m[:, None]).pow(p).mean(1).pow(1 / p) + m"
         ),
     }[pooling]
     needs_head = pooling == "gem" or config.get("projection_dim")
