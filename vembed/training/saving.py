@@ -8,7 +8,6 @@ into the model once and merged (LoRA folded in) into ``final/``.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 from pathlib import Path
@@ -18,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from vembed.errors import VembedError
 from vembed.io import atomic_dir, read_json, write_json
-from vembed.models.factory import VEMBED_CONFIG, save_embedder
+from vembed.models.factory import save_embedder
+from vembed.models.loader import read_model_config
 from vembed.models.lora import merge_lora
 from vembed.training import checkpoint as ckpt
 
@@ -93,8 +93,10 @@ def save_model(out: Path, embedder, training: dict) -> None:
 
 
 def saved_training(model_dir: Path) -> dict:
-    """The ``training`` block of a saved model's vembed.json ({} when absent)."""
+    """The ``training`` block of a saved model's vembed.json ({} when absent or unreadable)."""
     try:
-        return json.loads((model_dir / VEMBED_CONFIG).read_text())["training"]
-    except (OSError, KeyError, ValueError, TypeError):
+        config = read_model_config(model_dir)
+    except VembedError:
         return {}
+    training = config.extra.get("training") if config is not None else None
+    return training if isinstance(training, dict) else {}
