@@ -41,7 +41,7 @@ def test_sop_recipe_is_the_seed_setting():
     assert (s.train.method, s.train.loss, s.train.epochs, s.train.batch_size, s.train.lr) == (
         "lora",
         "infonce",
-        2,
+        4,  # the published 2 epochs of pairs: an epoch here draws each image once
         128,
         1e-4,
     )

@@ -34,7 +34,7 @@ DIRECT: dict[str, str] = {
     "num_workers": "data.num_workers",
     "skip_invalid_records": "data.skip_bad",
     "output_dir": "train.output_dir",
-    "epochs": "train.epochs",
+    "epochs": "train.epochs",  # an epoch here draws each image once (see docs/training.md)
     "max_steps": "train.max_steps",
     "batch_size": "train.batch_size",
     "learning_rate": "train.lr",
@@ -74,8 +74,8 @@ IGNORED: dict[str, str] = {
     "dry_run": "`vembed config show` prints the resolved settings",
     "debug_gpu_memory": "debugging aid",
     "early_stopping_patience": "vembed trains every epoch and keeps the best checkpoint",
-    "eval_metric": "vembed selects the best checkpoint by validation Recall@1",
-    "eval_metric_better": "vembed selects the best checkpoint by validation Recall@1",
+    "eval_metric": "vembed selects the model by train.select_metric (default map@r)",
+    "eval_metric_better": "vembed selects the model by train.select_metric (default map@r)",
     "distillation_alpha": "distillation is not supported",
     "distillation_temperature": "distillation is not supported",
     "distillation_loss_type": "distillation is not supported",
@@ -301,9 +301,10 @@ def _warmup_steps(value: Any, fail: Fail):
 
 
 def _scheduler_type(value: Any, fail: Fail):
-    if str(value).lower() not in ("cosine", "cosine_with_warmup"):
-        raise fail(f"{value!r} is not supported: vembed uses linear warm-up then cosine decay")
-    return iter(())
+    name = str(value).lower()
+    if name not in ("cosine", "cosine_with_warmup", "constant", "constant_with_warmup"):
+        raise fail(f"{value!r} is not supported: train.scheduler is cosine, step or constant")
+    yield "train.scheduler", "constant" if name.startswith("constant") else "cosine"
 
 
 def _fp16(value: Any, fail: Fail):
