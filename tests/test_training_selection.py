@@ -149,35 +149,23 @@ def data(tmp_path_factory):
     )
 
 
-def _scripted_validator(values: dict[int, float]):
-    """A Validator whose map@r is ``values[step]`` (default 0.1): selection on a known history."""
+@pytest.fixture()
+def scripted(monkeypatch):
+    """``scripted({step: map@r})``: the loop's validation reports these values (default 0.1)."""
+    current = {"step": 0, "values": {}}
+    run_validation = loop_module._Trainer._run_validation
+
+    def tracking(self):
+        current["step"] = self.state.step
+        return run_validation(self)
 
     class Scripted(loop_module.Validator):
         def __call__(self, embedder, **kwargs):
-            step = loop_module_trainer_step[0]
-            return {"recall@1": 0.5, "map@r": values.get(step, 0.1), "num_queries": 16}
+            return {"recall@1": 0.5, "map@r": current["values"].get(current["step"], 0.1), "num_queries": 16}
 
-    return Scripted
-
-
-loop_module_trainer_step = [0]
-
-
-@pytest.fixture()
-def scripted(monkeypatch):
-    """Patch the loop's validator; the test gives the map@r per step."""
-    real_validate = loop_module._Trainer._run_validation
-
-    def run_validation(self):
-        loop_module_trainer_step[0] = self.state.step
-        return real_validate(self)
-
-    monkeypatch.setattr(loop_module._Trainer, "_run_validation", run_validation)
-
-    def use(values):
-        monkeypatch.setattr(loop_module, "Validator", _scripted_validator(values))
-
-    return use
+    monkeypatch.setattr(loop_module._Trainer, "_run_validation", tracking)
+    monkeypatch.setattr(loop_module, "Validator", Scripted)
+    return lambda values: current.update(values=values)
 
 
 # 4 steps per epoch: validations at 0, 4, 5, 8; checkpoints at 3, 4, 6, 8
@@ -231,3 +219,22 @@ def test_select_last_keeps_the_last_step(tiny_model, data, tmp_path, scripted):
     assert result.selected == "last" and result.best is None
     saved = json.loads((result.final_dir / "vembed.json").read_text())["training"]
     assert saved["selected"] == "last" and saved["step"] == 8
+
+
+def test_the_start_says_what_epochs_and_max_steps_mean():
+    from types import SimpleNamespace
+
+    from vembed.training.state import TrainState
+
+    trainer = loop_module._Trainer.__new__(loop_module._Trainer)
+    trainer.accelerator = SimpleNamespace(num_processes=1)
+    trainer.data = SimpleNamespace(records=[None] * 1078)
+    trainer.state = TrainState(total_steps=240, steps_per_epoch=16)
+    trainer.s = load_settings(None, ["train.epochs=15", "train.batch_size=64"]).train
+    assert trainer._plan() == (
+        "train.epochs=15: 240 steps of 64 images = 15,360 images "
+        "(15 epochs; an epoch is 16 steps, 1,024 of the 1,078 training images)"
+    )
+    trainer.state = TrainState(total_steps=40, steps_per_epoch=16)
+    trainer.s = load_settings(None, ["train.max_steps=40", "train.batch_size=64"]).train
+    assert trainer._plan().startswith("train.max_steps=40: 40 steps of 64 images = 2,560 images (2.5 epochs;")
