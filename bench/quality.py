@@ -7,10 +7,11 @@ Two real, offline data sets (no download):
 
 - ``digits``: scikit-learn's 1,797 handwritten digits (10 classes) as 32 px PNGs, split like the
   quickstart (60 % train = 1,078 images, 15 % val, 25 % test; the same 10 classes in every split);
-- ``photos``: scikit-image's bundled sample photos; each photo's left and right halves are two classes,
-  and the images of a class are random crops (10-50 % of the half's area, aspect 3/4-4/3) at random
-  scales, 40 px. Classes are split whole: 24 training classes x 42 images (1,008), 8 validation classes
-  x 18 images (144), the rest for test (unseen classes, 30 images each).
+- ``photos``: scikit-image's 24 bundled sample photos; each photo's four quadrants are four classes, and
+  the images of a class are random crops (10-50 % of the quadrant's area, aspect 3/4-4/3) at 40 px with
+  brightness and contrast jittered by up to 30 %. Classes are split whole: 48 training classes x 21
+  images (1,008), 8 validation classes x 18 images (144), the other 40 classes for test (unseen in
+  training, 12 images each: 480).
 
 On each set a small random-init ViT (the quickstart's: DINOv2 architecture, 32 px, 4 layers, width 64,
 mean pooling) is fully fine-tuned (batch 64, lr 3e-4, ``--epochs``, validation at each epoch end, a
@@ -79,10 +80,12 @@ def make_photos(root: Path, seed: int, *, px: int = 40) -> dict[str, Path]:
             array = array.astype(np.uint8) * 255
         image = Image.fromarray(array.astype(np.uint8)).convert("RGB")
         w, h = image.size
-        classes.append((f"{name}-left", image.crop((0, 0, w // 2, h))))
-        classes.append((f"{name}-right", image.crop((w - w // 2, 0, w, h))))
+        for row in range(2):
+            for col in range(2):
+                box = (col * w // 2, row * h // 2, (col + 1) * w // 2, (row + 1) * h // 2)
+                classes.append((f"{name}-{row}{col}", image.crop(box)))
     rng.shuffle(classes)
-    splits = {"train": (classes[:24], 42), "val": (classes[24:32], 18), "test": (classes[32:], 30)}
+    splits = {"train": (classes[:48], 21), "val": (classes[48:56], 18), "test": (classes[56:], 12)}
     files = {}
     for split, (members, count) in splits.items():
         lines = []
@@ -99,6 +102,15 @@ def make_photos(root: Path, seed: int, *, px: int = 40) -> dict[str, Path]:
 
 
 def _random_crop(image: Image.Image, rng: random.Random, px: int) -> Image.Image:
+    """A random crop (10-50 % of the area) at ``px``, with brightness and contrast jittered by up to 30 %."""
+    from PIL import ImageEnhance
+
+    crop = _crop(image, rng, px)
+    crop = ImageEnhance.Brightness(crop).enhance(rng.uniform(0.7, 1.3))
+    return ImageEnhance.Contrast(crop).enhance(rng.uniform(0.7, 1.3))
+
+
+def _crop(image: Image.Image, rng: random.Random, px: int) -> Image.Image:
     w, h = image.size
     for _ in range(20):
         area = w * h * rng.uniform(0.1, 0.5)
