@@ -65,15 +65,18 @@ def create_embedder(model: str | Path | None = None, settings: ModelSettings | N
     pooling = settings.pooling or spec.pooling
     projection_dim = settings.projection_dim
     normalize = settings.normalize
+    truncate_dim = settings.truncate_dim
     if saved:
         projection_dim = saved.get("projection_dim") if projection_dim is None else projection_dim
         normalize = saved.get("normalize", normalize)
+        truncate_dim = saved.get("truncate_dim") if truncate_dim is None else truncate_dim
     embedder = Embedder(
         load_backbone(spec, revision=settings.revision),
         spec,
         pooling=pooling,
         projection_dim=projection_dim,
         normalize=normalize,
+        truncate_dim=truncate_dim,
     )
     head_file = Path(name) / HEAD_WEIGHTS
     if projection_dim and not head_file.is_file():
@@ -125,6 +128,7 @@ def save_embedder(
             "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
             "normalize": embedder.normalize,
             "embed_dim": embedder.embed_dim,
+            "truncate_dim": embedder.truncate_dim,
             "num_prefix_tokens": embedder.num_prefix_tokens,
             "lora_targets": list(spec.lora_targets),
             "preprocessing": spec.preprocessing(),
