@@ -116,7 +116,7 @@ def test_probe_cache_is_reused_and_invalidated(tiny_model, prepared, tmp_path, m
     def no_model(*args, **kwargs):
         raise AssertionError("the model was loaded although every split is cached")
 
-    monkeypatch.setattr(linear_probe, "load_embedder", no_model)
+    monkeypatch.setattr(linear_probe, "embedder_for", no_model)
     again = evaluate_linear_probe(
         str(tiny_model), *files, settings=SETTINGS, cache=cache, show_progress=False
     )

@@ -27,7 +27,7 @@ __all__ = [
     "Evaluator",
     "LabelledEmbeddings",
     "embed_labelled",
-    "load_embedder",
+    "embedder_for",
     "parse_dims",
     "read_labelled",
 ]
@@ -117,7 +117,7 @@ def embed_labelled(
     return LabelledEmbeddings(out.embeddings, [images[i].label for i in out.indices], source, out.problems)
 
 
-def load_embedder(model: str | Path | Embedder, settings: Settings | None = None) -> Embedder:
+def embedder_for(model: str | Path | Embedder, settings: Settings | None = None) -> Embedder:
     """``model`` itself when it is an :class:`Embedder`, else the model it names (``settings.model``)."""
     if isinstance(model, Embedder):
         return model

@@ -40,9 +40,12 @@ def default_cache_dir() -> Path:
 
 def model_identity(model: str | Path) -> dict:
     """What identifies a model's weights: a folder's files (name, size, mtime), else the reference."""
-    path = Path(model)
-    if not path.is_dir():
-        return {"ref": str(model)}
+    from vembed.models.loader import resolve_ref
+
+    ref = resolve_ref(model)
+    if ref.folder is None:
+        return {"ref": ref.name}
+    path = ref.folder
     files = sorted(p for p in path.iterdir() if p.is_file() and not p.name.startswith("."))
     return {
         "folder": str(path.resolve()),

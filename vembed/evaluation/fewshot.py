@@ -33,8 +33,8 @@ from vembed.evaluation.base import (
     class_list,
     drop_unknown_labels,
     embed_labelled,
+    embedder_for,
     label_sort_key,
-    load_embedder,
     model_name,
     read_labelled,
 )
@@ -245,7 +245,7 @@ def evaluate_fewshot(
         name: (read_labelled(s, settings), read_labelled(q, settings)) for name, (s, q) in sets.items()
     }
     _check_disjoint(records)
-    embedder = load_embedder(model, settings)
+    embedder = embedder_for(model, settings)
     options = EmbedOptions.from_settings(settings, show_progress=show_progress)
     embedded = {
         name: (

@@ -23,8 +23,8 @@ from vembed.evaluation.base import (
     accuracy_by_class,
     drop_unknown_labels,
     embed_labelled,
+    embedder_for,
     label_sort_key,
-    load_embedder,
     model_name,
     read_labelled,
 )
@@ -137,7 +137,7 @@ def evaluate_knn(
     if k < 1:
         raise VembedError(f"--k must be at least 1, got {k}")
     train_records, test_records = read_labelled(train, settings), read_labelled(test, settings)
-    embedder = load_embedder(model, settings)
+    embedder = embedder_for(model, settings)
     options = EmbedOptions.from_settings(settings, show_progress=show_progress)
     train_emb = embed_labelled(embedder, train_records, options, description="embedding train")
     test_emb = embed_labelled(embedder, test_records, options, description="embedding test")

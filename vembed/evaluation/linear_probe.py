@@ -26,7 +26,7 @@ from vembed.evaluation.base import (
     LabelledEmbeddings,
     accuracy_by_class,
     drop_unknown_labels,
-    load_embedder,
+    embedder_for,
     model_name,
     read_labelled,
 )
@@ -147,7 +147,7 @@ def evaluate_linear_probe(
 
     def get_embedder() -> Embedder:
         if not loaded:
-            loaded.append(load_embedder(model, settings))
+            loaded.append(embedder_for(model, settings))
         return loaded[0]
 
     usable_cache = cache if not isinstance(model, Embedder) else None
