@@ -60,7 +60,7 @@ def segmentation_command(
         segmentation_json,
         segmentation_table,
     )
-    from vembed.models.segfactory import create_segmenter, saved_segmentation
+    from vembed.models.segfactory import create_segmenter, segmentation_head
 
     settings = settings_from(config, overrides, model__name=model, data__skip_bad=skip_bad)
     data = data or settings.data.val or settings.data.test
@@ -72,9 +72,9 @@ def segmentation_command(
     severities = parse_severities(severity)
     models = [settings.model.name, *(compare or [])]
     for name in models:
-        if not saved_segmentation(name):
+        if not segmentation_head(name):
             raise VembedError(
-                f"{name}: not a segmentation model (no vembed.json with task segmentation); "
+                f"{name}: not a segmentation model (its vembed.json has no segmenter task_head); "
                 "give a run's final/ or a `vembed export` of a segmentation run"
             )
     records = read_mask_records(data, settings)

@@ -75,6 +75,7 @@ def plot_segmentation(
         ax.set_xlabel("severity")
         ax.set_ylabel("mIoU")
         ax.set_xticks(range(1, 6))
+        ax.set_ylim(0, 100)
         ax.legend(fontsize=7, ncol=3)
         ax.grid(alpha=0.3)
     if title:
