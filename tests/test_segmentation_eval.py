@@ -8,10 +8,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import save_tiny_model
 from PIL import Image
 from typer.testing import CliRunner
 
-from conftest import save_tiny_model
 from vembed.cli import app
 from vembed.data.prepare import prepare_segfolder
 from vembed.data.shapes import write_shapes
