@@ -13,6 +13,7 @@ from vembed.cli import (  # noqa: F401  (registers commands)
     export,
     inspect,
     prepare,
+    segment,
     train,
 )
 from vembed.cli.app import app
