@@ -67,6 +67,13 @@ def append_jsonl(path: str | os.PathLike, row: dict) -> None:
         fh.write(json.dumps(row, ensure_ascii=False, default=_json_default) + "\n")
 
 
+def write_image(path: str | os.PathLike, image: Any, *, format: str = "PNG", **options: Any) -> Path:
+    """Atomically save a ``PIL.Image`` (a PNG unless ``format`` says otherwise)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=format, **options)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` as a whole.

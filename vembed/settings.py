@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from vembed.errors import VembedError
 
@@ -38,7 +38,22 @@ class ModelSettings(Section):
     pooling: Pooling | None = Field(None, description="Token pooling; default: the model spec's.")
     projection_dim: int | None = Field(None, ge=1, description="Add a linear projection to this width.")
     normalize: bool = Field(True, description="L2-normalise embeddings.")
-    image_size: int | None = Field(None, ge=14, description="Override the spec's input size.")
+    truncate_dim: int | None = Field(
+        None,
+        ge=1,
+        description="Keep the first N dims of each embedding, re-normalised (a Matryoshka width; "
+        "see train.matryoshka_dims).",
+    )
+    image_size: int | None = Field(
+        None,
+        ge=14,
+        description="Override the spec's input size (segmentation: rounded to a multiple of the patch).",
+    )
+    decoder: Literal["linear", "fpn"] = Field(
+        "linear",
+        description="train.task=segmentation: linear (1x1 conv on the last layer's patch features) or fpn "
+        "(features of four layers).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 (or fp16) on GPU, fp32 on CPU."
     )
@@ -83,6 +98,11 @@ class TrainSettings(Section):
     """
 
     output_dir: Path = Field(Path("runs/vembed"), description="Run directory.")
+    task: Literal["retrieval", "segmentation"] = Field(
+        "retrieval",
+        description="retrieval: an embedding model (train.loss); segmentation: a decoder on the patch "
+        "tokens, pixel cross-entropy (255 ignored), best model by validation mIoU.",
+    )
     method: Literal["lora", "full", "frozen"] = Field(
         "lora", description="lora: adapters on the backbone; full: every weight; frozen: head/proxies only."
     )
@@ -213,8 +233,20 @@ class EvalSettings(Section):
     k: list[int] = Field(default_factory=lambda: [1, 10, 100], description="Recall@K cut-offs.")
     batch_size: int = Field(64, ge=1, description="Images per forward pass.")
     chunk_size: int = Field(4096, ge=1, description="Query rows per similarity block.")
+    shots: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 3, 10], description="`eval fewshot`: support images per class (k)."
+    )
+    episodes: int = Field(
+        1, ge=1, description="`eval fewshot`: 1 = the first k per class; N > 1 = N seeded random draws."
+    )
+    knn_k: int = Field(20, ge=1, description="`eval knn`: neighbours that vote.")
+    cache_dir: Path | None = Field(
+        None,
+        description="`eval linear-probe` embedding cache (default $VEMBED_CACHE_DIR or "
+        "~/.cache/vembed/embeddings).",
+    )
 
-    _split_k = field_validator("k", mode="before")(_split_ints)
+    _split_k = field_validator("k", "shots", mode="before")(_split_ints)
 
 
 class ExportSettings(Section):
