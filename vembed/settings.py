@@ -40,7 +40,9 @@ class ModelSettings(Section):
     normalize: bool = Field(True, description="L2-normalise embeddings.")
     image_size: int | None = Field(None, ge=14, description="Override the spec's input size.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bf16 (or fp16) on GPU, fp32 on CPU."
+        "auto",
+        description="Inference dtype. auto: bf16 on GPUs (fp16 without bf16) and on CPUs with native bf16 "
+        "(AMX / AVX512-BF16, ARM BF16), fp32 otherwise; training keeps fp32 weights (see train.precision).",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps ...")
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")

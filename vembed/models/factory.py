@@ -13,6 +13,7 @@ from vembed.console import log
 from vembed.errors import VembedError
 from vembed.io import atomic_path, make_readable, read_json, write_json
 from vembed.models.embedder import Embedder
+from vembed.models.precision import resolve_dtype
 from vembed.models.registry import ModelSpec, resolve_spec
 from vembed.settings import ModelSettings
 
@@ -29,15 +30,6 @@ def resolve_device(device: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
-
-
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 on GPUs that support it (fp16 otherwise), fp32 on CPU."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
 
 
 def load_backbone(spec: ModelSpec, *, revision: str | None = None) -> torch.nn.Module:
