@@ -156,7 +156,8 @@ def measure(profile: Profile, *, size: str, batch: int, precision: str, steps: i
             best["plain"] = max(best["plain"], plain_loop(model, records, args)["images_per_second"])
         tag = f"{size}-{precision}-{r}-{len(list(profile.workdir.glob('run-*')))}"
         best["vembed"] = max(
-            best["vembed"], vembed_loop(model, records, profile.workdir / f"run-{tag}", args)["images_per_second"]
+            best["vembed"],
+            vembed_loop(model, records, profile.workdir / f"run-{tag}", args)["images_per_second"],
         )
         log(f"train {size} {precision} {extra}: {best}")
     return best
