@@ -42,20 +42,27 @@ def case_names() -> list[str]:
     return [name for _, name in sorted(found)]
 
 
-def run_case_here(name: str, profile_name: str, workdir: Path) -> None:
+def run_case_here(name: str, profile_name: str, workdir: Path, overrides: list[str]) -> None:
     """Child process: run one case, print its figures as one JSON line on stdout."""
     from bench.common import PROFILES
 
     profile = PROFILES[profile_name]
-    profile = type(profile)(**{**profile.__dict__, "workdir": workdir})
+    fields = {**profile.__dict__, "workdir": workdir}
+    for item in overrides:
+        key, _, value = item.partition("=")
+        if key not in fields or key in ("name", "workdir"):
+            raise SystemExit(f"--set {item}: not a profile field ({', '.join(sorted(fields))})")
+        fields[key] = type(fields[key])(value)
+    profile = type(profile)(**fields)
     module = importlib.import_module(f"bench.{name}")
     figures = module.run(profile)
     print(json.dumps([f.to_json() for f in figures]))
 
 
-def run_case(name: str, profile: str, workdir: Path, timeout: float) -> dict:
+def run_case(name: str, profile: str, workdir: Path, timeout: float, overrides: list[str]) -> dict:
     """Run one case in a child interpreter; its figures, or its error."""
     cmd = [sys.executable, "-m", "bench", "--case", name, "--profile", profile, "--workdir", str(workdir)]
+    cmd += [arg for item in overrides for arg in ("--set", item)]
     start = time.perf_counter()
     try:
         done = subprocess.run(cmd, stdout=subprocess.PIPE, text=True, timeout=timeout, cwd=HERE.parent)
@@ -120,19 +127,32 @@ def main() -> None:
     parser.add_argument("--gpu", action="store_true", help="same as --profile gpu")
     parser.add_argument("--only", default="", help="comma-separated cases to run (default: all)")
     parser.add_argument("--skip", default="", help="comma-separated cases to leave out")
-    parser.add_argument("--timeout", type=float, default=900, help="seconds per case (default 900)")
+    parser.add_argument("--timeout", type=float, default=900, help="seconds per case at most (default 900)")
+    parser.add_argument(
+        "--budget",
+        type=float,
+        default=None,
+        help="seconds for the whole run (default: 570 with --gpu, else none)",
+    )
     parser.add_argument(
         "--json", type=Path, default=None, help="results file (default bench/results-PROFILE.json)"
     )
     parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="override a profile size (bench/common.py Profile), e.g. --set retrieval_n=60000",
+    )
     parser.add_argument("--case", help=argparse.SUPPRESS)  # child process: run one case
     parser.add_argument("--workdir", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     profile = args.profile or ("gpu" if args.gpu else "cpu")
 
     if args.case:
-        run_case_here(args.case, profile, args.workdir or Path(tempfile.mkdtemp()))
+        run_case_here(args.case, profile, args.workdir or Path(tempfile.mkdtemp()), args.set)
         return
     names = case_names()
     if args.list:
@@ -158,10 +178,15 @@ def main() -> None:
         "cases": [],
     }
     start = time.perf_counter()
+    budget = args.budget if args.budget is not None else (570.0 if profile == "gpu" else float("inf"))
     with tempfile.TemporaryDirectory(prefix="vembed-bench-") as tmp:
         for name in selected:
+            left = budget - (time.perf_counter() - start)
+            if left < 20:
+                run["cases"].append({"case": name, "error": f"skipped: the {budget:.0f} s budget is spent"})
+                continue
             print(f"[bench] {name} ...", file=sys.stderr, flush=True)
-            result = run_case(name, profile, Path(tmp) / name, args.timeout)
+            result = run_case(name, profile, Path(tmp) / name, min(args.timeout, left), args.set)
             run["cases"].append(result)
             for f in result.get("figures", []):
                 print(f"[bench]   {f['what']}: ratio {f['ratio']} vs {f['baseline_name']}", file=sys.stderr)

@@ -32,12 +32,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def load_backbone(spec: ModelSpec, *, revision: str | None = None) -> torch.nn.Module:
-    """Load the vision tower named by ``spec`` through ``from_pretrained`` (hub id or folder)."""
+def load_backbone(
+    spec: ModelSpec, *, revision: str | None = None, attention: str = "auto"
+) -> torch.nn.Module:
+    """Load the vision tower named by ``spec`` through ``from_pretrained`` (hub id or folder).
+
+    ``attention`` is transformers' ``attn_implementation`` (``auto``: transformers' default).
+    """
     cls = getattr(transformers, spec.family_info.model_class)
     transformers.utils.logging.disable_progress_bar()
+    options = {} if attention == "auto" else {"attn_implementation": attention}
     try:
-        return cls.from_pretrained(spec.source, revision=revision)
+        return cls.from_pretrained(spec.source, revision=revision, **options)
+    except (ImportError, ValueError) as exc:
+        if not options:
+            raise
+        raise VembedError(f"model.attention={attention}: {str(exc).splitlines()[0]}") from None
     except OSError as exc:
         raise VembedError(f"cannot load model weights from {spec.source!r}: {exc}") from None
 
@@ -61,7 +71,7 @@ def create_embedder(model: str | Path | None = None, settings: ModelSettings | N
         projection_dim = saved.get("projection_dim") if projection_dim is None else projection_dim
         normalize = saved.get("normalize", normalize)
     embedder = Embedder(
-        load_backbone(spec, revision=settings.revision),
+        load_backbone(spec, revision=settings.revision, attention=settings.attention),
         spec,
         pooling=pooling,
         projection_dim=projection_dim,
