@@ -54,6 +54,10 @@ def run_case_here(name: str, profile_name: str, workdir: Path, overrides: list[s
             raise SystemExit(f"--set {item}: not a profile field ({', '.join(sorted(fields))})")
         fields[key] = type(fields[key])(value)
     profile = type(profile)(**fields)
+    if profile.threads:
+        import torch
+
+        torch.set_num_threads(profile.threads)
     module = importlib.import_module(f"bench.{name}")
     figures = module.run(profile)
     print(json.dumps([f.to_json() for f in figures]))
@@ -91,7 +95,8 @@ def markdown(run: dict) -> str:
         f"## {run['date']} — profile `{run['profile']}`",
         "",
         f"- machine: {m['cpu']}, {m['cores']} cores (native bf16: {'yes' if m['cpu_bf16'] else 'no'}), "
-        f"{gpu}; torch {m['torch']}; load average at start {m['load_average']}",
+        f"{gpu}; torch {m['torch']}, threads per case: {run.get('threads', 'torch default')}; "
+        f"load average at start {m['load_average']}",
         f"- command: `{run['command']}` ({run['seconds']:.0f} s)",
         "",
         "| case | what | vembed / option | baseline | ratio | target | note |",
@@ -167,7 +172,7 @@ def main() -> None:
         parser.error(f"unknown case(s) {', '.join(sorted(unknown))}; cases: {', '.join(names)}")
     selected = [n for n in names if (not only or n in only) and n not in skip]
 
-    from bench.common import machine
+    from bench.common import PROFILES, machine
     from vembed.io import write_json
 
     run = {
@@ -175,6 +180,7 @@ def main() -> None:
         "profile": profile,
         "machine": machine(),
         "command": shlex.join(["python", "-m", "bench", *sys.argv[1:]]),
+        "threads": PROFILES[profile].threads or "torch default",
         "cases": [],
     }
     start = time.perf_counter()

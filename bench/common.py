@@ -46,6 +46,7 @@ class Profile:
     retrieval_n: int  # all-vs-all Recall@K size
     retrieval_dim: int
     photo_count: int  # SOP-like JPEGs for the input pipeline case
+    threads: int = 0  # torch threads per case process (0: torch's default)
     workdir: Path = field(default=Path("/tmp"))
 
     @property
@@ -66,6 +67,9 @@ PROFILES = {
         retrieval_n=20_000,
         retrieval_dim=768,
         photo_count=96,
+        # On a shared 2-core machine two OpenMP threads wait on each other whenever another process
+        # holds a core (a tiny Linear then takes milliseconds): one thread gives stable ratios.
+        threads=1,
     ),
     "smoke": Profile(  # seconds: checks that every case runs (python -m bench --profile smoke)
         name="smoke",
@@ -79,6 +83,7 @@ PROFILES = {
         retrieval_n=3000,
         retrieval_dim=64,
         photo_count=8,
+        threads=1,
     ),
     "gpu": Profile(
         name="gpu",
