@@ -69,7 +69,7 @@ def run(profile: Profile) -> list[Figure]:
     # 2. bf16 vs fp32 on the profile's real shape
     size = {"cpu": "small", "smoke": "tiny"}.get(profile.name, profile.model)
     model = save_model(profile.workdir / size, size)
-    count = {"cpu": 48, "smoke": 16}.get(profile.name, 1024)
+    count = {"cpu": 48, "smoke": 16}.get(profile.name, 512)
     photos = _records(make_records(profile.workdir / "jpg", count, (400, 800), fmt="jpg"))
     out = {}
     times = {}

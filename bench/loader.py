@@ -61,7 +61,8 @@ def gpu_step_rate(batch: int = 128) -> float:
     config = tf.Dinov2Config(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
                              intermediate_size=mlp, image_size=size, patch_size=14)  # fmt: skip
     model = get_peft_model(
-        tf.Dinov2Model(config), LoraConfig(r=16, lora_alpha=32, target_modules=["query", "key", "value"])
+        tf.Dinov2Model(config),
+        LoraConfig(r=16, lora_alpha=32, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
     ).cuda()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
     pixels = torch.randn(batch, 3, size, size, device="cuda")
