@@ -131,7 +131,7 @@ def build_model(folder: Path, seed: int) -> Path:
     return quickstart_model(folder, QuickstartOptions(seed=seed, show_progress=False))
 
 
-def run(
+def train_and_test(
     files: dict[str, Path], model: Path, out: Path, *, loss: str, seed: int, epochs: int, extra: list[str]
 ):
     """One training run (every epoch validated and checkpointed); test Recall@1 at every validated step."""
@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
             files = (make_digits if name == "digits" else make_photos)(root / "data", seed)
             model = build_model(root / "model", seed)
             for loss in args.losses:
-                history, seconds = run(
+                history, seconds = train_and_test(
                     files,
                     model,
                     root / f"run-{loss}",
