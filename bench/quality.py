@@ -2,6 +2,7 @@
 
     python bench/quality.py                          # both sets, infonce + supcon, 1 seed, 15 epochs
     python bench/quality.py --sets photos --losses infonce --seeds 0 1 2 --epochs 15 --json out.json
+    python bench/quality.py --tables a.json b.json     # one table (means over seeds) of earlier runs
 
 Two real, offline data sets (no download):
 
@@ -207,7 +208,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--extra", nargs="*", default=[], help="more key=value settings for every run")
     parser.add_argument("--json", type=Path, help="write every run's history and the table here")
     parser.add_argument("--work", type=Path, help="keep the data and runs here (default: a temp folder)")
+    parser.add_argument("--tables", nargs="+", type=Path, help="only print the table of these --json files")
     args = parser.parse_args(argv)
+    if args.tables:
+        print(_table([run for path in args.tables for run in json.loads(path.read_text())["runs"]]))
+        return 0
 
     import torch
 
@@ -251,6 +256,8 @@ def _table(runs: list[dict]) -> str:
     columns = sorted({(r["set"], r["loss"]) for r in runs})
     rules = list(runs[0]["picks"])
     lines = [
+        "mean test Recall@1 (runs where the rule's model is at least as good as the last step's; steps picked)",
+        "",
         "| rule | " + " | ".join(f"{s} {loss}" for s, loss in columns) + " |",
         "|---|" + "---|" * len(columns),
     ]
@@ -260,7 +267,11 @@ def _table(runs: list[dict]) -> str:
             picks = [r["picks"][rule] for r in runs if (r["set"], r["loss"]) == column]
             mean = sum(p["test_recall@1"] for p in picks) / len(picks)
             steps = "/".join(str(p["step"]) for p in picks)
-            cells.append(f"{mean:.3f} (step {steps})")
+            wins = sum(
+                p["test_recall@1"] >= r["picks"]["last step"]["test_recall@1"]
+                for p, r in zip(picks, [r for r in runs if (r["set"], r["loss"]) == column], strict=True)
+            )
+            cells.append(f"{mean:.3f} ({wins}/{len(picks)}; steps {steps})")
         lines.append(f"| {rule} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
