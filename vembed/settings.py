@@ -268,6 +268,8 @@ def settings_to_yaml(settings: Settings) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise VembedError(f"{path}: is a folder; --config takes a YAML recipe file")
     if not path.is_file():
         raise VembedError(f"recipe not found: {path}")
     try:

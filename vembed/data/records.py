@@ -137,14 +137,23 @@ def parse_record(
         for key in ("query_image", "positive"):
             if not isinstance(obj.get(key), str) or not obj[key]:
                 raise VembedError(
-                    f"{where}: missing field '{key}' (a pair record needs query_image and positive)"
+                    f"{where}: {_bad_field(obj, key)} (a pair record needs query_image and positive)"
                 )
         return PairRecord(_resolve(obj["query_image"], root), _resolve(obj["positive"], root), label, where)
     image = obj.get("image")
     if not isinstance(image, str) or not image:
-        raise VembedError(f"{where}: missing field 'image' (or 'query_image'/'positive' for a pair record)")
+        raise VembedError(
+            f"{where}: {_bad_field(obj, 'image')} (or 'query_image'/'positive' for a pair record)"
+        )
     category = obj.get("category")
     return ImageRecord(_resolve(image, root), label, None if category is None else str(category), where)
+
+
+def _bad_field(obj: dict[str, Any], key: str) -> str:
+    """Why ``obj[key]`` is not a usable path: missing, or of the wrong type (the value shown)."""
+    if obj.get(key) in (None, ""):
+        return f"missing field '{key}'"
+    return f"field '{key}' must be a path (a JSON string), got {type(obj[key]).__name__} {json.dumps(obj[key])[:60]}"
 
 
 def records_from_paths(paths: Iterable[str | Path], *, check_exists: bool = True) -> RecordSet:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vembed import __version__
 from vembed.console import log
@@ -14,6 +14,7 @@ from vembed.errors import VembedError
 from vembed.io import atomic_path, make_readable, read_json, write_json
 from vembed.models.embedder import Embedder
 from vembed.models.registry import ModelSpec, resolve_spec
+from vembed.models.weights import check_model_folder, load_safetensors, refusal
 from vembed.settings import ModelSettings
 
 VEMBED_CONFIG = "vembed.json"
@@ -44,10 +45,17 @@ def load_backbone(spec: ModelSpec, *, revision: str | None = None) -> torch.nn.M
     """Load the vision tower named by ``spec`` through ``from_pretrained`` (hub id or folder)."""
     cls = getattr(transformers, spec.family_info.model_class)
     transformers.utils.logging.disable_progress_bar()
+    if Path(spec.source).is_dir():
+        check_model_folder(spec.source)
     try:
         return cls.from_pretrained(spec.source, revision=revision)
     except OSError as exc:
         raise VembedError(f"cannot load model weights from {spec.source!r}: {exc}") from None
+    except Exception as exc:  # a pickle refused by weights_only, a broken safetensors file
+        error = refusal(spec.source, exc)
+        if error is None:
+            raise
+        raise error from None
 
 
 def create_embedder(model: str | Path | None = None, settings: ModelSettings | None = None) -> Embedder:
@@ -82,7 +90,7 @@ def create_embedder(model: str | Path | None = None, settings: ModelSettings | N
             f"{projection_dim}-d projection (it needs training before its embeddings mean anything)"
         )
     if saved and head_file.is_file():
-        state = load_file(str(head_file))
+        state = load_safetensors(head_file)
         missing, unexpected = embedder.load_state_dict(state, strict=False)
         if unexpected:
             raise VembedError(f"{head_file}: unexpected weights {unexpected}")
