@@ -55,6 +55,12 @@ class DataSettings(Section):
     )
     num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
     skip_bad: bool = Field(False, description="Skip (and count) bad records and images instead of failing.")
+    max_image_pixels: int = Field(
+        100_000_000,
+        ge=0,
+        description="Largest image decoded (width × height); larger JPEGs decode at a reduced scale, other "
+        "formats are refused (skipped with skip_bad). 0: no limit.",
+    )
 
 
 class LoraSettings(Section):
@@ -273,7 +279,7 @@ def _read_yaml(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise VembedError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

@@ -38,7 +38,10 @@ def settings_from(config: Path | None, overrides: list[str] | None, **explicit) 
     Flags are passed as ``section__key=value`` (``model__name="dinov2-base"``).
     """
     values = {key.replace("__", "."): value for key, value in explicit.items() if value is not None}
-    return load_settings(config, list(overrides or []), values)
+    settings = load_settings(config, list(overrides or []), values)
+    # read by vembed.data.images.load_image, here and in data-loading worker processes
+    os.environ["VEMBED_MAX_IMAGE_PIXELS"] = str(settings.data.max_image_pixels)
+    return settings
 
 
 def quiet_transformers() -> None:

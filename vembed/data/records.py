@@ -87,7 +87,7 @@ def read_records(
     records: list[ImageRecord | PairRecord] = []
     problems: list[str] = []
     kind: str | None = None
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue

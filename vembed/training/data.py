@@ -15,6 +15,7 @@ from pathlib import Path
 
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
+from vembed.console import log
 from vembed.data.datasets import ImageDataset, build_loader
 from vembed.data.images import EvalTransform, TrainTransform
 from vembed.data.records import ImageRecord, RecordSet, label_codes, read_records
@@ -128,7 +129,7 @@ def build_batch_sampler(
                 f"train.categories_per_batch is set but {missing.source or missing.image} has no 'category'"
             )
         categories = data.categories
-    return PKBatchSampler(
+    sampler = PKBatchSampler(
         data.labels,
         settings.batch_size // k,
         k,
@@ -138,6 +139,13 @@ def build_batch_sampler(
         num_replicas=num_replicas,
         rank=rank,
     )
+    if sampler.num_excluded_classes and rank == 0:
+        log(
+            f"[yellow]note:[/] {sampler.num_excluded_classes} class(es) with a single image "
+            f"({sampler.num_excluded_samples} image(s)) left out of the P×K batches: a class needs 2 images "
+            "to form a positive pair"
+        )
+    return sampler
 
 
 def epoch_batches(sampler, epoch: int) -> list[list[int]]:
