@@ -260,7 +260,7 @@ CASES += [
     Case(
         "train-single-class",
         f"train --data {{bad}}/single.jsonl {TRAIN}",
-        "1 class(es) with a single image",
+        "1 of 4 classes have a single image",
         0,
     ),
     Case("train-unknown-loss", f"train --data {{data}} {TRAIN} train.loss=nope", "nope"),
