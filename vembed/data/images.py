@@ -42,11 +42,7 @@ def load_image(
                 scale = min(scale, math.sqrt(limit / (w * h)) / 2)
             if scale < 1 and img.format == "JPEG":
                 img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            if limit and img.size[0] * img.size[1] > limit:
-                raise VembedError(
-                    f"{path}: {w}×{h} pixels is over the limit of {limit:,} (data.max_image_pixels); "
-                    "too large to decode safely — shrink it, raise the limit, or skip it with --skip-bad"
-                )
+            check_pixels(path, img.size, limit, original=(w, h))
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
@@ -60,6 +56,16 @@ def load_image(
 # Pillow's own check would refuse it (or print a raw warning) before the draft.
 Image.MAX_IMAGE_PIXELS = None
 MAX_IMAGE_PIXELS = 100_000_000  # data.max_image_pixels' default: ~300 MB once decoded as RGB
+
+
+def check_pixels(path, size: tuple[int, int], limit: int, *, original: tuple[int, int] | None = None) -> None:
+    """Refuse, naming the file, an image of ``size`` over ``limit`` pixels (0: no limit)."""
+    if limit and size[0] * size[1] > limit:
+        w, h = original or size
+        raise VembedError(
+            f"{path}: {w}×{h} pixels is over the limit of {limit:,} (data.max_image_pixels); "
+            "too large to decode safely — shrink it, raise the limit, or skip it with --skip-bad"
+        )
 
 
 def max_image_pixels() -> int:
@@ -193,6 +199,7 @@ def load_mask(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            check_pixels(path, img.size, max_image_pixels())
             img.load()
             mode = img.mode
             if mode in ("L", "P"):
