@@ -165,6 +165,34 @@ def world(tmp_path_factory):
     }
 
 
+def add_segmentation(world: dict) -> dict:
+    """A tiny segmentation model, mask records, and mask records with one bad mask each (``seg_*``)."""
+    from vembed.data.prepare import prepare_segfolder
+    from vembed.data.shapes import write_shapes
+    from vembed.models.segfactory import create_segmenter, save_segmenter
+    from vembed.settings import ModelSettings
+
+    seg = world["root"] / "seg"
+    if not seg.exists():
+        write_shapes(seg / "shapes", count=6, size=40)
+        prepare_segfolder(seg / "shapes", seg / "data", val_ratio=0.5, test_ratio=0)
+        model = create_segmenter(world["model"], ModelSettings(image_size=28), num_classes=3)
+        save_segmenter(model, seg / "model")
+        val = (seg / "data" / "val.jsonl").read_text().splitlines()
+        first = json.loads(val[0])
+        image = str(seg / "data" / first["image"])
+        bad = world["bad"]
+        Image.new("RGB", (40, 40), (10, 200, 30)).save(bad / "colour_mask.png")
+        (bad / "predict_bomb.jsonl").write_text('{"image": "full.png"}\n{"image": "bomb.png"}\n')
+        for kind in [*BAD_IMAGES, "colour_mask"]:
+            row = json.dumps({"image": image, "mask": str(bad / image_file(kind))})
+            absolute = [
+                json.dumps({k: str(seg / "data" / v) for k, v in json.loads(line).items()}) for line in val
+            ]
+            (bad / f"seg_{kind}.jsonl").write_text("\n".join([*absolute, row]) + "\n")
+    return {**world, "segmodel": seg / "model", "segdata": seg / "data" / "val.jsonl"}
+
+
 # -- the table ------------------------------------------------------------------------------------
 
 
@@ -287,6 +315,41 @@ CASES += [
     # a failed embed into an existing store leaves it as it was
     Case("embed-over-store-bad", f"embed {{bad}}/trunc.png {EMBED}", "trunc.png", prior="store"),
 ]
+for kind in [*BAD_IMAGES, "colour_mask"]:  # segmentation: bad masks and bad images
+    f = image_file(kind)
+    CASES.append(
+        Case(
+            f"eval-seg-mask-{kind}",
+            f"eval segmentation --model {{segmodel}} --data {{bad}}/seg_{kind}.jsonl",
+            f,
+        )
+    )
+    if kind != "colour_mask":
+        CASES.append(
+            Case(f"predict-masks-{kind}", f"predict-masks {{segmodel}} {{bad}}/{f} --out {{out}}", f)
+        )
+CASES += [
+    Case(
+        "predict-masks-skip-bomb",
+        "predict-masks {segmodel} {bad}/predict_bomb.jsonl --out {out} --skip-bad",
+        "bomb.png",
+        0,
+    ),
+    Case("predict-masks-not-seg", "predict-masks {model} {query} --out {out}", "not a segmentation model"),
+    Case("predict-masks-out-file", "predict-masks {segmodel} {query} --out {data}", "records.jsonl"),
+    Case(
+        "eval-seg-json-folder", "eval segmentation --model {segmodel} --data {segdata} --json {bad}", "--json"
+    ),
+    Case(
+        "eval-seg-plot-folder", "eval segmentation --model {segmodel} --data {segdata} --plot {bad}", "--plot"
+    ),
+    Case("eval-seg-records-not-masks", "eval segmentation --model {segmodel} --data {data}", "records.jsonl"),
+    Case(
+        "eval-seg-truncated-model",
+        "eval segmentation --model {models}/truncated --data {segdata}",
+        "truncated",
+    ),
+]
 for name, culprit in CONFIG_CASES:
     config = f"{{bad}}/{name}" if name else "{bad}"
     CASES += [
@@ -350,6 +413,8 @@ def test_bad_input(case: Case, world, tmp_path, request):
     paths = {**world, "out": tmp_path / "out"}
     if "{run}" in case.args:
         paths["run"] = request.getfixturevalue("run_with_truncated_checkpoint")
+    if "{seg" in case.args:
+        paths = {**add_segmentation(world), "out": paths["out"]}
     if case.prior:
         shutil.copytree(world[case.prior], paths["out"])
     prior = _snapshot(paths["out"]) if case.prior else None
