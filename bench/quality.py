@@ -50,8 +50,8 @@ PHOTOS = (
     "page", "retina", "rocket", "shepp_logan_phantom", "text", "stereo_motorcycle", "checkerboard",
 )  # fmt: skip
 RULES = {
-    "best recall@1": Selection("recall@1"),
-    "best map@r": Selection("map@r"),
+    "best recall@1": Selection("recall@1", smoothing=1),
+    "best map@r": Selection("map@r", smoothing=1),
     "best recall@1, smoothed 3": Selection("recall@1", smoothing=3),
     "best map@r, smoothed 3": Selection("map@r", smoothing=3),
     "last step": Selection("map@r", mode="last"),
@@ -199,6 +199,12 @@ def select(history: list[dict]) -> dict[str, dict]:
     return chosen
 
 
+def _picks(history: list[dict]) -> dict[str, dict]:
+    return {
+        rule: {"step": r["step"], "test_recall@1": r["test_recall@1"]} for rule, r in select(history).items()
+    }
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--sets", nargs="+", default=["digits", "photos"], choices=["digits", "photos"])
@@ -211,7 +217,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tables", nargs="+", type=Path, help="only print the table of these --json files")
     args = parser.parse_args(argv)
     if args.tables:
-        print(_table([run for path in args.tables for run in json.loads(path.read_text())["runs"]]))
+        runs = [run for path in args.tables for run in json.loads(path.read_text())["runs"]]
+        for run in runs:  # the rules as this code applies them
+            run["picks"] = _picks(run["history"])
+        print(_table(runs))
         return 0
 
     import torch
@@ -234,12 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                     epochs=args.epochs,
                     extra=args.extra,
                 )
-                picks = select(history)
                 runs.append({"set": name, "loss": loss, "seed": seed, "seconds": seconds, "history": history})
-                runs[-1]["picks"] = {
-                    rule: {"step": r["step"], "test_recall@1": r["test_recall@1"]}
-                    for rule, r in picks.items()
-                }
+                runs[-1]["picks"] = _picks(history)
                 queries = history[0].get("num_queries")
                 print(
                     f"{name} {loss} seed {seed}: {seconds:.0f} s, {queries} validation queries",

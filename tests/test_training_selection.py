@@ -36,9 +36,9 @@ HISTORY = _history(
 
 
 def test_selection_picks_the_best_step_of_the_chosen_metric():
-    assert Selection("recall@1").choose(HISTORY)["step"] == 20
-    assert Selection("map@r").choose(HISTORY)["step"] == 50  # tie at 0.31: the later model
-    assert Selection("top1").choose(HISTORY)["step"] == 40  # any metric name the validation reports
+    assert Selection("recall@1", smoothing=1).choose(HISTORY)["step"] == 20
+    assert Selection("map@r", smoothing=1).choose(HISTORY)["step"] == 50  # tie at 0.31: the later model
+    assert Selection("top1", smoothing=1).choose(HISTORY)["step"] == 40  # any metric the validation reports
     assert Selection("recall@1", mode="last").choose(HISTORY)["step"] == 50
     assert Selection("recall@1").choose([]) is None
 
@@ -50,9 +50,20 @@ def test_smoothing_ranks_by_the_mean_of_the_last_validations():
     assert Selection("top1", smoothing=2).choose(HISTORY)["step"] == 40
 
 
+def test_smoothing_compares_full_windows_only():
+    """An early spike (the mean over a window that is still short) does not win; the default is MAP@R
+    over 3 validations."""
+    history = _history(**{"map@r": [0.12, 0.18, 0.12, 0.12, 0.13, 0.14, 0.15, 0.15]})
+    assert Selection().choose(history)["step"] == 70  # full windows: .14 .14 .123 .13 .14 .147
+    assert Selection(smoothing=1).choose(history)["step"] == 10
+    assert [Selection().choose(history[:n])["step"] for n in (1, 2, 3)] == [0, 10, 20]  # stand-ins
+
+
 def test_selection_improves_follows_the_history_as_it_grows():
     chosen = [
-        row["step"] for i, row in enumerate(HISTORY) if Selection("recall@1").improves(HISTORY[: i + 1])
+        row["step"]
+        for i, row in enumerate(HISTORY)
+        if Selection("recall@1", smoothing=1).improves(HISTORY[: i + 1])
     ]
     assert chosen == [0, 10, 20]
 
@@ -169,7 +180,13 @@ def scripted(monkeypatch):
 
 
 # 4 steps per epoch: validations at 0, 4, 5, 8; checkpoints at 3, 4, 6, 8
-OPTIONS = ("train.max_steps=8", "train.eval_every=5", "train.checkpoint_every=3", "model.projection_dim=8")
+OPTIONS = (
+    "train.max_steps=8",
+    "train.eval_every=5",
+    "train.select_smoothing=1",
+    "train.checkpoint_every=3",
+    "model.projection_dim=8",
+)
 
 
 def test_resume_keeps_the_selected_model_its_checkpoint_names(tiny_model, data, tmp_path, scripted):
@@ -222,19 +239,13 @@ def test_select_last_keeps_the_last_step(tiny_model, data, tmp_path, scripted):
 
 
 def test_the_start_says_what_epochs_and_max_steps_mean():
-    from types import SimpleNamespace
+    from vembed.training.state import TrainState, plan
 
-    from vembed.training.state import TrainState
-
-    trainer = loop_module._Trainer.__new__(loop_module._Trainer)
-    trainer.accelerator = SimpleNamespace(num_processes=1)
-    trainer.data = SimpleNamespace(records=[None] * 1078)
-    trainer.state = TrainState(total_steps=240, steps_per_epoch=16)
-    trainer.s = load_settings(None, ["train.epochs=15", "train.batch_size=64"]).train
-    assert trainer._plan() == (
+    epochs = load_settings(None, ["train.epochs=15", "train.batch_size=64"]).train
+    assert plan(epochs, TrainState(total_steps=240, steps_per_epoch=16), 1, 1078) == (
         "train.epochs=15: 240 steps of 64 images = 15,360 images "
         "(15 epochs; an epoch is 16 steps, 1,024 of the 1,078 training images)"
     )
-    trainer.state = TrainState(total_steps=40, steps_per_epoch=16)
-    trainer.s = load_settings(None, ["train.max_steps=40", "train.batch_size=64"]).train
-    assert trainer._plan().startswith("train.max_steps=40: 40 steps of 64 images = 2,560 images (2.5 epochs;")
+    steps = load_settings(None, ["train.max_steps=40", "train.batch_size=64"]).train
+    message = plan(steps, TrainState(total_steps=40, steps_per_epoch=16), 2, 1078)
+    assert message.startswith("train.max_steps=40: 40 steps of 128 images = 5,120 images (2.5 epochs;")

@@ -232,7 +232,10 @@ class TrainSettings(Section):
         "map@r", description="Validation metric that ranks models (map@r, recall@1, recall@10, ...)."
     )
     select_smoothing: int = Field(
-        1, ge=1, description="Rank by the mean of the metric over this many validations ending at each one."
+        3,
+        ge=1,
+        description="Rank each validation by the mean of select_metric over it and the ones before it "
+        "(this many in all; 1: no smoothing).",
     )
     eval_every: int | None = Field(
         None, ge=1, description="Validate every N steps (default: each epoch end)."

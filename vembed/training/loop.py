@@ -42,11 +42,17 @@ from vembed.training.model import (
 )
 from vembed.training.optim import build_optimizer, build_scheduler, param_groups
 from vembed.training.plot import PLOT_FILE, plot_metrics
-from vembed.training.preflight import FINAL_DIR, check_processes, check_resumable, check_settings
+from vembed.training.preflight import (
+    FINAL_DIR,
+    check_processes,
+    check_resumable,
+    check_settings,
+    report_problems,
+)
 from vembed.training.runtime import deterministic, make_accelerator, release_accelerator
 from vembed.training.saving import BestStore, checkpoint_selections, save_model, saved_training
 from vembed.training.selection import Selection, resolution_warning
-from vembed.training.state import TrainState
+from vembed.training.state import TrainState, plan
 from vembed.training.steps import cache_features, step_runner, uses_feature_cache
 from vembed.training.validation import Validator
 
@@ -168,7 +174,7 @@ class _Trainer:
         check_objective(s, self.embedder)
         data = read_labelled(settings.data.train, settings, what="training")
         val = read_labelled(settings.data.val, settings, what="validation") if settings.data.val else None
-        _report_problems(data, val)
+        report_problems(data, val)
         self.embedder.to(acc.device)
         features = val_features = None
         if uses_feature_cache(settings):
@@ -226,7 +232,7 @@ class _Trainer:
         state = self.state
         if state.finished:
             return  # resumed a finished run
-        self._say(self._plan())
+        self._say(plan(self.s, state, self.accelerator.num_processes, len(self.data.records)))
         if state.step == 0 and self.s.eval_at_start:
             self._validate()
         num_epochs = math.ceil(state.total_steps / state.steps_per_epoch)
@@ -472,31 +478,12 @@ class _Trainer:
 
     # -- small helpers ----------------------------------------------------------------------------
 
-    def _plan(self) -> str:
-        """What train.epochs / train.max_steps mean for this data, said once at the start."""
-        s, state = self.s, self.state
-        batch = s.batch_size * s.grad_accum * self.accelerator.num_processes
-        per_epoch = state.steps_per_epoch * batch
-        total = state.total_steps * batch
-        source = f"train.max_steps={s.max_steps}" if s.max_steps else f"train.epochs={s.epochs}"
-        return (
-            f"{source}: {state.total_steps:,} steps of {batch} images = {total:,} images "
-            f"({state.total_steps / state.steps_per_epoch:.3g} epochs; an epoch is {state.steps_per_epoch} steps, "
-            f"{per_epoch:,} of the {len(self.data.records):,} training images)"
-        )
-
     def _say(self, message: str) -> None:
         if self.show_progress and self.accelerator.is_main_process:
             log(message)
 
     def lr(self) -> float:
         return float(self.optimizer.param_groups[0]["lr"]) if hasattr(self, "optimizer") else 0.0
-
-
-def _report_problems(data, val) -> None:
-    for what, found in (("training", data), ("validation", val)):
-        if found is not None and found.problems:
-            log(f"[yellow]skipped {len(found.problems)} bad {what} records[/] (first: {found.problems[0]})")
 
 
 __all__ = ["StepInfo", "TrainResult", "TrainingInterrupted", "check_settings", "train"]

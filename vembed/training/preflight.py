@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from vembed.console import log
 from vembed.errors import VembedError
 from vembed.losses import LOSSES
 from vembed.settings import Settings
@@ -96,3 +97,10 @@ def _flatten(data: dict, prefix: str = "") -> dict:
         else:
             out[name] = value
     return out
+
+
+def report_problems(data, val) -> None:
+    """One line per data set with records that were skipped (``data.skip_bad``)."""
+    for what, found in (("training", data), ("validation", val)):
+        if found is not None and found.problems:
+            log(f"[yellow]skipped {len(found.problems)} bad {what} records[/] (first: {found.problems[0]})")

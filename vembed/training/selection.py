@@ -2,8 +2,10 @@
 
 Metric-name driven: any key a validation row reports (``recall@1``, ``map@r``, ``top1`` ...) can rank
 models; higher is better. With smoothing ``n`` a row's score is the mean of the metric over it and the
-``n - 1`` validations before it, so one lucky validation on a small set does not win. Ties go to the
-later model (a validation set too easy to move never keeps the untrained model).
+``n - 1`` validations before it, so one lucky validation on a small set does not win; only rows with a
+full window compete (until there are ``n`` validations the latest one stands in). Ties go to the later
+model (a validation set too easy to move never keeps the untrained model). The defaults (MAP@R, smoothed
+over 3) come from ``bench/quality.py``: see docs/training.md.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ FEW_QUERIES = 500
 class Selection:
     metric: str = "map@r"
     mode: str = "best"  # "best": the best-scoring validation; "last": the last step
-    smoothing: int = 1
+    smoothing: int = 3
 
     @classmethod
     def from_settings(cls, train) -> Selection:
@@ -42,10 +44,12 @@ class Selection:
 
     def improves(self, history: list[dict]) -> bool:
         """Whether the last row of ``history`` becomes the selected model (see :meth:`choose`)."""
-        if self.mode == "last":
-            return True
         last = len(history) - 1
-        return all(self.score(history, last) >= self.score(history, i) for i in range(last))
+        if self.mode == "last" or last < self.smoothing - 1:
+            return True  # before a full window the latest validation stands in
+        self.value(history[last])  # an unknown metric fails on the first validation
+        first = self.smoothing - 1
+        return all(self.score(history, last) >= self.score(history, i) for i in range(first, last))
 
     def choose(self, history: list[dict]) -> dict | None:
         """The selected row of a validation history (None when empty)."""

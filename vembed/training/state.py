@@ -93,3 +93,15 @@ class TrainState:
         state = cls(**{k: v for k, v in data.items() if k in known and k != "window"})
         state.window = LossWindow.from_dict(data["window"])
         return state
+
+
+def plan(train, state: TrainState, processes: int, images: int) -> str:
+    """What ``train.epochs`` / ``train.max_steps`` mean for this data, said once at the start."""
+    batch = train.batch_size * train.grad_accum * processes
+    per_epoch = state.steps_per_epoch * batch
+    source = f"train.max_steps={train.max_steps}" if train.max_steps else f"train.epochs={train.epochs}"
+    return (
+        f"{source}: {state.total_steps:,} steps of {batch} images = {state.total_steps * batch:,} images "
+        f"({state.total_steps / state.steps_per_epoch:.3g} epochs; an epoch is {state.steps_per_epoch} "
+        f"steps, {per_epoch:,} of the {images:,} training images)"
+    )
