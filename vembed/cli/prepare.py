@@ -10,12 +10,16 @@ from vembed.cli.app import app, user_errors
 from vembed.console import console, log
 from vembed.data.prepare import (
     PrepareResult,
+    prepare_ade20k,
     prepare_csv,
     prepare_flowers102,
     prepare_imagefolder,
     prepare_jsonl,
+    prepare_segfolder,
     prepare_sop,
+    prepare_voc,
 )
+from vembed.data.prepare.segmasks import seg_summary_table
 from vembed.data.prepare.summary import problem_lines, summary_table
 
 prepare_app = typer.Typer(
@@ -38,6 +42,13 @@ SKIP_BAD = typer.Option(
 VAL = typer.Option(0.1, "--val-ratio", help="Share of each class's images in val (0: no val split).")
 TEST = typer.Option(0.1, "--test-ratio", help="Share of each class's images in test (0: no test split).")
 SHOTS = typer.Option(0, "--shots", min=0, help="Also write k-shot support/query files with this many shots.")
+RESIZE = typer.Option(
+    None,
+    "--resize-to",
+    min=32,
+    help="Also write copies whose shorter side is N px to OUT/resized-N/ (records gain 'resized', keep "
+    "'image' as the original): less decoding every epoch. N: the model's resize size (256 for 224 px) or more.",
+)
 HOLDOUT = typer.Option(
     0.0, "--holdout-classes", help="Share of the classes held out entirely (unseen.jsonl)."
 )
@@ -57,6 +68,7 @@ def sop_command(
     check_images: bool = CHECK,
     workers: int = WORKERS,
     skip_bad: bool = SKIP_BAD,
+    resize_to: int = RESIZE,
 ) -> None:
     """Stanford Online Products: train/val from the official train split, test = the official test split."""
     result = prepare_sop(
@@ -68,7 +80,7 @@ def sop_command(
         workers=workers,
         skip_bad=skip_bad,
     )
-    render(result)
+    finish(result, resize_to, workers)
 
 
 @prepare_app.command("flowers102")
@@ -96,6 +108,7 @@ def flowers_command(
     check_images: bool = CHECK,
     workers: int = WORKERS,
     skip_bad: bool = SKIP_BAD,
+    resize_to: int = RESIZE,
 ) -> None:
     """Oxford Flowers-102: seen train/val/test, unseen classes, k-shot support/query files."""
     result = prepare_flowers102(
@@ -112,7 +125,7 @@ def flowers_command(
         workers=workers,
         skip_bad=skip_bad,
     )
-    render(result)
+    finish(result, resize_to, workers)
 
 
 @prepare_app.command("imagefolder")
@@ -131,6 +144,7 @@ def imagefolder_command(
     check_images: bool = CHECK,
     workers: int = WORKERS,
     skip_bad: bool = SKIP_BAD,
+    resize_to: int = RESIZE,
 ) -> None:
     """Any ImageFolder tree: stratified split by ratio, or its train/ val/ test/ folders kept."""
     name = kaggle.rstrip("/").split("/")[-1] if kaggle else (folder.absolute().name if folder else "")
@@ -147,7 +161,7 @@ def imagefolder_command(
         workers=workers,
         skip_bad=skip_bad,
     )
-    render(result)
+    finish(result, resize_to, workers)
 
 
 def _table_command(fmt: str):
@@ -172,6 +186,7 @@ def _table_command(fmt: str):
         check_images: bool = CHECK,
         workers: int = WORKERS,
         skip_bad: bool = SKIP_BAD,
+        resize_to: int = RESIZE,
     ) -> None:
         options = dict(
             image_key=image_key,
@@ -195,7 +210,7 @@ def _table_command(fmt: str):
             if delimiter is not None:
                 log("[yellow]note:[/] --delimiter applies to CSV files only")
             result = prepare_jsonl(file, out, **options)
-        render(result)
+        finish(result, resize_to, workers)
 
     command.__doc__ = (
         f"Your own {fmt.upper()} records: validate each line, map field names, split as imagefolder does."
@@ -207,9 +222,87 @@ prepare_app.command("jsonl")(_table_command("jsonl"))
 prepare_app.command("csv")(_table_command("csv"))
 
 
+@prepare_app.command("segfolder")
+@user_errors
+def segfolder_command(
+    root: Path = typer.Argument(..., help="ROOT with images/NAME.{jpg,png} and masks/NAME.png."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: data/<root name>)."),
+    val_ratio: float = typer.Option(
+        0.1, "--val-ratio", help="Share of the images in val (without split files)."
+    ),
+    test_ratio: float = typer.Option(
+        0.1, "--test-ratio", help="Share of the images in test (without split files)."
+    ),
+    seed: int = SEED,
+    check_images: bool = CHECK,
+    workers: int = WORKERS,
+    skip_bad: bool = SKIP_BAD,
+) -> None:
+    """A segmentation set: images/ + masks/ (one channel, class indices, 255 = ignore), optional
+    classes.txt and splits/{train,val,test}.txt; writes {"image", "mask"} records and classes.txt."""
+    result = prepare_segfolder(
+        root,
+        out or Path("data") / root.absolute().name,
+        seed=seed,
+        val_ratio=val_ratio,
+        test_ratio=test_ratio,
+        check_images=check_images,
+        workers=workers,
+        skip_bad=skip_bad,
+    )
+    render(result)
+
+
+def _segset_command(name: str, title: str, prepare):
+    def command(
+        root: Path = typer.Option(None, "--root", help="An extracted copy (default: the official archive)."),
+        kaggle: str = typer.Option(
+            None, "--kaggle", help="A Kaggle copy (OWNER/NAME), fetched with kagglehub."
+        ),
+        out: Path = typer.Option(Path("data") / name, "--out", "-o", help="Output folder."),
+        seed: int = SEED,
+        check_images: bool = CHECK,
+        workers: int = WORKERS,
+        skip_bad: bool = SKIP_BAD,
+    ) -> None:
+        result = prepare(
+            root, out, kaggle=kaggle, seed=seed, check_images=check_images, workers=workers, skip_bad=skip_bad
+        )
+        render(result)
+
+    command.__doc__ = title
+    return user_errors(command)
+
+
+prepare_app.command("voc")(
+    _segset_command(
+        "voc",
+        "Pascal VOC 2012 segmentation: official train/val, palette masks read as class indices (255 kept).",
+        prepare_voc,
+    )
+)
+prepare_app.command("ade20k")(
+    _segset_command(
+        "ade20k",
+        "ADE20K (SceneParsing 2016): official train/val, 150 classes, 'other' (0) → 255 ignore.",
+        prepare_ade20k,
+    )
+)
+
+
+def finish(result: PrepareResult, resize_to: int | None, workers: int | None) -> None:
+    """The optional resized-image cache (every source alike), then the summary."""
+    if resize_to:
+        from vembed.data.prepare.resize import resize_prepared
+
+        result = resize_prepared(result, resize_to, workers=workers)
+    render(result)
+
+
 def render(result: PrepareResult) -> None:
     """The summary table and problems on stderr, then where the files are."""
-    console.print(summary_table(result.summary, out=str(result.out)))
+    table = seg_summary_table if result.summary.get("task") == "segmentation" else summary_table
+    console.print(table(result.summary, out=str(result.out)))
     for line in problem_lines(result.summary):
         console.print(line, style="yellow", highlight=False, markup=False)
     log(f"wrote {', '.join(result.summary['files'])} to [bold]{result.out}[/]")

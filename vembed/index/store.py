@@ -123,6 +123,7 @@ def build_store(
             "pooling": embedder.pooling,
             "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
             "normalize": embedder.normalize,
+            "truncate_dim": embedder.truncate_dim,
         },
         "preprocessing": spec.preprocessing(),
         "source": source,
@@ -220,15 +221,18 @@ def model_arguments(store: EmbeddingStore) -> dict[str, Any]:
         "pooling": model.get("pooling"),
         "projection_dim": model.get("projection_dim"),
         "normalize": bool(model.get("normalize", True)),
+        "truncate_dim": model.get("truncate_dim"),
         "image_size": pre.get("image_size"),
     }
 
 
-def embedder_for_store(store: EmbeddingStore, *, device: str = "auto", dtype: str = "auto") -> Embedder:
+def embedder_for_store(
+    store: EmbeddingStore, *, device: str = "auto", dtype: str = "auto", attention: str = "auto"
+) -> Embedder:
     """Rebuild the model that made ``store`` and check it still embeds the way it did."""
     from vembed.models.factory import load_embedder
 
-    embedder = load_embedder(**model_arguments(store), device=device, dtype=dtype)
+    embedder = load_embedder(**model_arguments(store), device=device, dtype=dtype, attention=attention)
     check_store_model(store, embedder)
     return embedder
 
