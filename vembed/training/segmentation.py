@@ -21,7 +21,7 @@ from torch.utils.data import DataLoader, Dataset
 from vembed.console import log
 from vembed.data.images import IGNORE_INDEX
 from vembed.data.records import SegRecord, read_records
-from vembed.data.segmentation import SegmentationImages, SegEvalTransform, SegTrainTransform
+from vembed.data.segmentation import SegEvalTransform, SegmentationImages, SegTrainTransform
 from vembed.errors import VembedError
 from vembed.evaluation.segeval import evaluate_segmentation
 from vembed.inference import _without_worker_tracebacks
@@ -62,7 +62,9 @@ def check_segmentation_settings(settings: Settings) -> None:
         )
     for key in RETRIEVAL_KEYS:
         if key in given and getattr(s, key) not in (None, False):
-            raise VembedError(f"train.{key} is a retrieval setting; it does not apply to train.task=segmentation")
+            raise VembedError(
+                f"train.{key} is a retrieval setting; it does not apply to train.task=segmentation"
+            )
     if s.sampler == "pk":
         raise VembedError("train.sampler=pk needs class labels per image; segmentation batches are shuffled")
     select = getattr(s, "select_metric", SELECT_METRIC)
@@ -91,14 +93,16 @@ class MaskRecords:
         return len(self.class_names)
 
 
-def read_mask_records(path: Path, settings: Settings, *, what: str, classes: list[str] | None = None) -> MaskRecords:
+def read_mask_records(
+    path: Path, settings: Settings, *, what: str, classes: list[str] | None = None
+) -> MaskRecords:
     """Records ``{"image", "mask"}`` and the class names of ``classes.txt`` beside ``path``."""
     from vembed.data.prepare.segmasks import CLASSES, read_class_names
 
     found = read_records(path, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad)
     if not found.is_segmentation:
         raise VembedError(
-            f"{path}: train.task=segmentation needs {what} records {{\"image\": ..., \"mask\": ...}} "
+            f'{path}: train.task=segmentation needs {what} records {{"image": ..., "mask": ...}} '
             "(`vembed prepare segfolder` writes them)"
         )
     names_file = Path(path).parent / CLASSES
@@ -166,7 +170,9 @@ def _stack(items):
     return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
 
 
-def seg_epoch_loader(data: MaskRecords, batches, *, segmenter: Segmenter, settings: Settings, epoch: int, first: int = 0):
+def seg_epoch_loader(
+    data: MaskRecords, batches, *, segmenter: Segmenter, settings: Settings, epoch: int, first: int = 0
+):
     """A DataLoader over ``batches[first:]`` of an epoch; each pair's augmentation is seeded by
     ``(seed, epoch, position in the epoch)``, so a resumed run sees the same crops."""
     spec, seed = segmenter.spec, settings.train.seed
@@ -204,7 +210,9 @@ class _Fixed:
 class SegmentationSteps:
     """Step runner: image batches through the (accelerate-wrapped) segmenter, masks as labels."""
 
-    def __init__(self, accelerator, segmenter: Segmenter, loss: nn.Module, data: MaskRecords, settings: Settings):
+    def __init__(
+        self, accelerator, segmenter: Segmenter, loss: nn.Module, data: MaskRecords, settings: Settings
+    ):
         self.accelerator, self.segmenter, self.loss = accelerator, segmenter, loss
         self.data, self.settings = data, settings
 
@@ -235,7 +243,9 @@ class SegmentationValidator:
     def __init__(self, data: MaskRecords, settings: Settings):
         self.data, self.settings = data, settings
 
-    def __call__(self, model: Segmenter, *, autocast=contextlib.nullcontext, show_progress: bool = True) -> dict:
+    def __call__(
+        self, model: Segmenter, *, autocast=contextlib.nullcontext, show_progress: bool = True
+    ) -> dict:
         devices = [model.device] if model.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):  # validation must not move the training RNG
             m = evaluate_segmentation(
