@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
 
 from vembed.errors import VembedError
 
@@ -38,6 +38,12 @@ class ModelSettings(Section):
     pooling: Pooling | None = Field(None, description="Token pooling; default: the model spec's.")
     projection_dim: int | None = Field(None, ge=1, description="Add a linear projection to this width.")
     normalize: bool = Field(True, description="L2-normalise embeddings.")
+    truncate_dim: int | None = Field(
+        None,
+        ge=1,
+        description="Keep the first N dims of each embedding, re-normalised (a Matryoshka width; "
+        "see train.matryoshka_dims).",
+    )
     image_size: int | None = Field(
         None,
         ge=14,
@@ -188,8 +194,20 @@ class EvalSettings(Section):
     k: list[int] = Field(default_factory=lambda: [1, 10, 100], description="Recall@K cut-offs.")
     batch_size: int = Field(64, ge=1, description="Images per forward pass.")
     chunk_size: int = Field(4096, ge=1, description="Query rows per similarity block.")
+    shots: list[PositiveInt] = Field(
+        default_factory=lambda: [1, 3, 10], description="`eval fewshot`: support images per class (k)."
+    )
+    episodes: int = Field(
+        1, ge=1, description="`eval fewshot`: 1 = the first k per class; N > 1 = N seeded random draws."
+    )
+    knn_k: int = Field(20, ge=1, description="`eval knn`: neighbours that vote.")
+    cache_dir: Path | None = Field(
+        None,
+        description="`eval linear-probe` embedding cache (default $VEMBED_CACHE_DIR or "
+        "~/.cache/vembed/embeddings).",
+    )
 
-    _split_k = field_validator("k", mode="before")(_split_ints)
+    _split_k = field_validator("k", "shots", mode="before")(_split_ints)
 
 
 class ExportSettings(Section):

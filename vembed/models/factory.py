@@ -78,6 +78,7 @@ def load_embedder(
     revision: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    truncate_dim: int | None = None,
 ) -> Embedder:
     """The embedding model for ``model`` (local folder > registry name > hub id) on its device and dtype.
 
@@ -92,6 +93,7 @@ def load_embedder(
         image_size=image_size,
         device=device,
         dtype=dtype,
+        truncate_dim=truncate_dim,
     )
 
 
@@ -104,8 +106,12 @@ def build_embedder(
     image_size: int | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    truncate_dim: int | None = None,
 ) -> Embedder:
-    """An :class:`Embedder` from a :func:`load_model` result, its saved head weights loaded."""
+    """An :class:`Embedder` from a :func:`load_model` result, its saved head weights loaded.
+
+    ``truncate_dim`` keeps the first N embedding dims, re-normalised (default: what the folder saved).
+    """
     spec = loaded.spec
     if image_size:
         spec = spec.replace(image_size=image_size)
@@ -113,12 +119,14 @@ def build_embedder(
     if saved is not None:
         projection_dim = saved.projection_dim if projection_dim is None else projection_dim
         normalize = saved.normalize if normalize is None else normalize
+        truncate_dim = saved.truncate_dim if truncate_dim is None else truncate_dim
     embedder = Embedder(
         loaded.backbone,
         spec,
         pooling=pooling or spec.pooling,
         projection_dim=projection_dim,
         normalize=True if normalize is None else normalize,
+        truncate_dim=truncate_dim,
     )
     if projection_dim and "projection.weight" not in loaded.head_state:
         log(
@@ -145,6 +153,7 @@ def create_embedder(model: str | Path | None = None, settings: ModelSettings | N
         revision=settings.revision,
         device=settings.device,
         dtype=settings.dtype,
+        truncate_dim=settings.truncate_dim,
     )
 
 
@@ -190,6 +199,7 @@ def save_embedder(
         projection_dim=embedder.projection.out_features if embedder.projection is not None else None,
         normalize=embedder.normalize,
         embed_dim=embedder.embed_dim,
+        truncate_dim=embedder.truncate_dim,
         num_prefix_tokens=embedder.num_prefix_tokens,
         lora_targets=list(spec.lora_targets),
         preprocessing=spec.preprocessing(),

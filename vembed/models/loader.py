@@ -39,6 +39,7 @@ _FIELDS = (
     "projection_dim",
     "normalize",
     "embed_dim",
+    "truncate_dim",
     "num_prefix_tokens",
     "lora_targets",
     "preprocessing",
@@ -75,6 +76,7 @@ class ModelConfig:
     projection_dim: int | None = None
     normalize: bool | None = None
     embed_dim: int | None = None
+    truncate_dim: int | None = None  # the first N dims of the embedding, re-normalised (Matryoshka)
     num_prefix_tokens: int | None = None
     lora_targets: list[str] | None = None
     preprocessing: dict = field(default_factory=dict)
