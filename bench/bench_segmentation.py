@@ -38,7 +38,12 @@ def tiny_encoder(path: Path, size: int) -> Path:
 
     torch.manual_seed(0)
     config = tf.Dinov2Config(
-        image_size=size, patch_size=14, hidden_size=64, num_hidden_layers=4, num_attention_heads=4, mlp_ratio=2
+        image_size=size,
+        patch_size=14,
+        hidden_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        mlp_ratio=2,
     )
     tf.Dinov2Model(config).save_pretrained(path)
     return path
@@ -51,7 +56,9 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--decoder", default="linear", choices=["linear", "fpn"])
     parser.add_argument("--json", type=Path, default=None)
-    parser.add_argument("--workdir", type=Path, default=None, help="Keep everything here (default: a temp dir).")
+    parser.add_argument(
+        "--workdir", type=Path, default=None, help="Keep everything here (default: a temp dir)."
+    )
     args = parser.parse_args()
     torch.set_num_threads(min(torch.get_num_threads(), 2))
     with tempfile.TemporaryDirectory() as tmp:
@@ -83,7 +90,10 @@ def main() -> None:
         result = train(settings, show_progress=False)
         seconds = time.perf_counter() - start
         rows = {}
-        for label, model in (("before", create_segmenter(root / "before")), ("after", create_segmenter(result.final_dir))):
+        for label, model in (
+            ("before", create_segmenter(root / "before")),
+            ("after", create_segmenter(result.final_dir)),
+        ):
             report = run_segmentation_eval(
                 model,
                 test,
