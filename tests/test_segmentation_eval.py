@@ -64,7 +64,7 @@ def test_eval_segmentation_cli_json_keys_corruptions_and_plot(seg_setup):
     result = CliRunner().invoke(app, [*args, "--plot", str(root / "p.png"), "data.num_workers=0"])
     assert result.exit_code == 0, result.output
     report = json.loads(out.read_text())
-    assert 0 <= report["miou"] <= 100 and 0 <= report["pixel_accuracy"] <= 100
+    assert 0 <= report["miou"] <= 1 and 0 <= report["pixel_accuracy"] <= 1
     assert set(report["per_class_iou"]) == {"background", "square", "disc"}
     assert set(report["corruptions"]) == {"fog", "pixelate"} and set(report["corruptions"]["fog"]) == {
         "1",
