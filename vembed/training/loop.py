@@ -52,6 +52,7 @@ from vembed.training.model import (
 )
 from vembed.training.optim import build_optimizer, build_scheduler, param_groups
 from vembed.training.plot import PLOT_FILE, plot_metrics
+from vembed.training.segmentation import task_for
 from vembed.training.validation import PRIMARY_METRIC, Validator
 
 SETTINGS_FILE = "settings.yaml"
@@ -146,12 +147,17 @@ def check_settings(settings: Settings) -> None:
         path = getattr(settings.data, key)
         if path is not None and not Path(path).is_file():
             raise VembedError(f"data.{key}: records file not found: {path}")
-    if s.loss.strip().lower() not in LOSSES:
-        try:
-            loss_kwargs(s)
-        except VembedError as exc:
-            raise VembedError(f"train.loss={s.loss!r}: {exc}") from None
-    loss_kwargs(s)
+    if s.task == "segmentation":
+        from vembed.training.segmentation import check_segmentation_settings
+
+        check_segmentation_settings(settings)
+    else:
+        if s.loss.strip().lower() not in LOSSES:
+            try:
+                loss_kwargs(s)
+            except VembedError as exc:
+                raise VembedError(f"train.loss={s.loss!r}: {exc}") from None
+        loss_kwargs(s)
     run_dir = Path(s.output_dir)
     if not s.resume and any(
         (run_dir / name).exists() for name in (ckpt.CHECKPOINTS, FINAL_DIR, METRICS_FILE)
@@ -224,6 +230,14 @@ class _Trainer:
     def _setup(self) -> None:
         acc, s = self.accelerator, self.s
         set_seed(s.seed)
+        self.task = task_for(self.settings)  # None: retrieval; else the task's model, data, loss, validator
+        if self.task is not None:
+            self.embedder, self.data, self.loss, self.sampler, self.validator, self.runner = self.task.setup(
+                acc
+            )
+            self.cached = False
+            return self._setup_optimisation()
+        self.runner = None
         self.embedder = build_embedder(self.settings)  # LoRA target errors: before any data is read
         check_objective(s, self.embedder)
         self.data = read_labelled(self.settings.data.train, self.settings, what="training")
@@ -242,6 +256,15 @@ class _Trainer:
         self.sampler = build_batch_sampler(
             self.data, s, num_replicas=acc.num_processes, rank=acc.process_index
         )
+        self.validator = None
+        if self.val is not None:
+            features, indices = val_features if val_features is not None else (None, None)
+            self.validator = Validator(self.val, self.settings, features=features, feature_indices=indices)
+        self._setup_optimisation()
+
+    def _setup_optimisation(self) -> None:
+        """Steps, optimiser, schedule, metrics and resume: the same for every task."""
+        acc, s = self.accelerator, self.s
         self.steps_per_epoch = len(self.sampler) // s.grad_accum
         if self.steps_per_epoch < 1:
             raise VembedError(
@@ -249,10 +272,6 @@ class _Trainer:
                 f"train.grad_accum={s.grad_accum}"
             )
         self.total_steps = s.max_steps or s.epochs * self.steps_per_epoch
-        self.validator = None
-        if self.val is not None:
-            features, indices = val_features if val_features is not None else (None, None)
-            self.validator = Validator(self.val, self.settings, features=features, feature_indices=indices)
         head = [
             (f"embedder.{n}", p) for n, p in self.embedder.named_parameters() if not n.startswith("backbone.")
         ]
@@ -266,7 +285,9 @@ class _Trainer:
         self.outside = list(self.loss.parameters()) + (
             [p for p in self.embedder.parameters() if p.requires_grad] if self.cached else []
         )
-        if self.cached:
+        if self.runner is not None:
+            self.model, self.optimizer = self.runner.prepare(optimizer)
+        elif self.cached:
             self.model, self.optimizer = self.embedder, acc.prepare(optimizer)
         else:
             self.model, self.optimizer = acc.prepare(self.embedder, optimizer)
@@ -350,7 +371,9 @@ class _Trainer:
         accum = self.s.grad_accum
         batches = epoch_batches(self.sampler, epoch)[: self.steps_per_epoch * accum]
         first = (self.step - epoch * self.steps_per_epoch) * accum
-        if self.cached:
+        if self.runner is not None:
+            source = self.runner.micro_batches(epoch, batches, first)
+        elif self.cached:
             source = (self._cached_batch(b) for b in batches[first:])
         else:
             loader = epoch_loader(
@@ -399,6 +422,8 @@ class _Trainer:
 
     def _forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         acc = self.accelerator
+        if self.runner is not None:
+            return self.runner.forward_backward(inputs, labels)
         if self.cached:
             with acc.autocast():
                 loss = self.loss(self.embedder.head(inputs), labels)
@@ -454,10 +479,15 @@ class _Trainer:
             row = {"kind": "val", "step": self.step, "epoch": self._epoch(), **metrics}
             self.history.append(row)
             self.metrics.append(row)
-            improved = self.best is None or _rank_key(metrics) >= _rank_key(self.best)
+            rank = self.task.rank_key if self.task is not None else _rank_key
+            improved = self.best is None or rank(metrics) >= rank(self.best)
             self._say(
                 f"step {self.step}: validation "
-                + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("recall", "map")))
+                + ", ".join(
+                    f"{k} {v:.4f}"
+                    for k, v in metrics.items()
+                    if k.startswith(("recall", "map", "miou", "pixel"))
+                )
                 + (" [green](best)[/]" if improved else "")
             )
             if improved:
@@ -610,6 +640,8 @@ class _Trainer:
             "run_dir": str(self.run_dir),
             "finished_step": self.step if selected == "last" else None,  # set in final/ when the run ends
         }
+        if self.task is not None:
+            return self.task.save(out, self.embedder, training)
         with atomic_dir(out) as tmp:
             save_embedder(merged, tmp, extra={"training": training})
 

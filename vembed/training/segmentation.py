@@ -30,6 +30,7 @@ from vembed.models.lora import apply_lora, merge_lora
 from vembed.models.segfactory import create_segmenter, save_segmenter
 from vembed.models.segmenter import Segmenter
 from vembed.settings import Settings
+from vembed.training.data import ShuffledBatchSampler
 
 SELECT_METRIC = "miou"
 LOSS_NAME = "pixel_ce"
@@ -77,7 +78,8 @@ def check_segmentation_settings(settings: Settings) -> None:
 def select_metric(settings: Settings) -> str:
     """``train.select_metric`` when set, else ``miou``."""
     s = settings.train
-    return s.select_metric if "select_metric" in s.model_fields_set else SELECT_METRIC
+    given = getattr(s, "select_metric", None)
+    return given if given and "select_metric" in s.model_fields_set else SELECT_METRIC
 
 
 @dataclass
@@ -270,3 +272,52 @@ def report_problems(data: MaskRecords, val: MaskRecords | None) -> None:
     for what, found in (("training", data), ("validation", val)):
         if found is not None and found.problems:
             log(f"[yellow]skipped {len(found.problems)} bad {what} records[/] (first: {found.problems[0]})")
+
+
+class SegmentationTask:
+    """Everything the loop asks of ``train.task: segmentation``, in the order it asks."""
+
+    name = "segmentation"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def setup(self, accelerator):
+        """``(model, data, loss, sampler, validator, step runner)``; the records come first (their class
+        list sizes the decoder), then the model with the method applied, on the accelerator's device."""
+        settings, acc = self.settings, accelerator
+        data = read_mask_records(settings.data.train, settings, what="training")
+        val = None
+        if settings.data.val:
+            val = read_mask_records(settings.data.val, settings, what="validation", classes=data.class_names)
+        report_problems(data, val)
+        model = build_segmentation_model(settings, data).to(acc.device)
+        loss = PixelCrossEntropy().to(acc.device)
+        s = settings.train
+        sampler = ShuffledBatchSampler(
+            len(data.records),
+            s.batch_size,
+            seed=s.seed,
+            num_replicas=acc.num_processes,
+            rank=acc.process_index,
+        )
+        validator = SegmentationValidator(val, settings) if val is not None else None
+        return model, data, loss, sampler, validator, SegmentationSteps(acc, model, loss, data, settings)
+
+    def rank_key(self, metrics: dict) -> tuple[float]:
+        """How validations are ranked: ``train.select_metric`` if it is miou or pixel_accuracy, else mIoU."""
+        return (float(metrics[select_metric(self.settings)]),)
+
+    def save(self, out: Path, model: Segmenter, training: dict) -> None:
+        training = {
+            "select_metric": select_metric(self.settings),
+            **training,
+            "loss": LOSS_NAME,
+            "task": self.name,
+        }
+        save_segmentation_model(out, model, training)
+
+
+def task_for(settings: Settings) -> SegmentationTask | None:
+    """The task object of a non-retrieval run (None: the loop's retrieval path)."""
+    return SegmentationTask(settings) if is_segmentation(settings) else None
