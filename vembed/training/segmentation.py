@@ -178,7 +178,7 @@ def seg_epoch_loader(
     """A DataLoader over ``batches[first:]`` of an epoch; each pair's augmentation is seeded by
     ``(seed, epoch, position in the epoch)``, so a resumed run sees the same crops."""
     spec, seed = segmenter.spec, settings.train.seed
-    if settings.train.augment:
+    if settings.train.augment.enabled:  # its other keys (crop share, flips, jitter) are retrieval's
         transform = SegTrainTransform(spec.image_size, spec.mean, spec.std, spec.interpolation)
     else:
         transform = _Fixed(SegEvalTransform(spec.image_size, spec.mean, spec.std, spec.interpolation))
