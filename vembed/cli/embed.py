@@ -55,11 +55,19 @@ def embed_command(
         None, "--image-root", help="Resolve relative paths of a .jsonl source here."
     ),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, mps (model.device)."),
+    append: bool = typer.Option(
+        False, "--append", help="Add the source's new images to the existing store --out (same model)."
+    ),
+    shard_size: int = typer.Option(None, "--shard-size", help="Images per store shard (index.shard_size)."),
     config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Embed images into a store folder (--out), or stream JSON lines on stdout (--jsonl)."""
-    from vembed.index.embed import embed_to_store, stream_jsonl
+    """Embed images into a store folder (--out), or stream JSON lines on stdout (--jsonl).
+
+    Under `torchrun` or `accelerate launch` the processes share the work, one shard each at a time;
+    rerunning a killed job embeds only the missing shards (see docs/scale.md).
+    """
+    from vembed.index.embed import stream_jsonl
     from vembed.index.sources import records_from_source
     from vembed.models.factory import create_embedder
 
@@ -69,52 +77,91 @@ def embed_command(
         _check_index_kind(index)
         if out is None:
             raise VembedError("--index builds a faiss index inside a store; it needs --out STORE")
+    if append and out is None:
+        raise VembedError("--append adds to a store; it needs --out STORE")
     settings = settings_from(
         config,
         overrides,
         model__name=model,
         model__device=device,
         index__batch_size=batch_size,
+        index__shard_size=shard_size,
         data__num_workers=num_workers,
         data__skip_bad=skip_bad,
         data__image_root=image_root,
     )
     data = settings.data
-    records, problems = records_from_source(source, image_root=data.image_root, skip_bad=data.skip_bad)
     quiet_transformers()
     name = settings.model.name
+    if out is not None:
+        _embed_into_store(source, out, settings, append=append, index=index, quiet=quiet)
+        return
+    records, problems = records_from_source(source, image_root=data.image_root, skip_bad=data.skip_bad)
     log(f"embedding {len(records)} images from {source} with [bold]{name}[/]")
     embedder = create_embedder(name, settings.model)
-    options = dict(
-        batch_size=settings.index.batch_size,
-        num_workers=data.num_workers,
-        skip_bad=data.skip_bad,
-        problems=problems,
-        show_progress=not quiet,
-    )
-    if jsonl:
-        with _stdout_pipe():
-            summary = stream_jsonl(embedder, records, sys.stdout, **options)
-        _report_problems(summary.problems)
-        log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
-        return
-    store, summary = embed_to_store(
-        embedder,
-        records,
-        out,
-        model=name,
-        revision=settings.model.revision,
-        source=str(source),
-        settings_yaml=settings_to_yaml(settings),
-        **options,
-    )
+    with _stdout_pipe():
+        summary = stream_jsonl(
+            embedder,
+            records,
+            sys.stdout,
+            batch_size=settings.index.batch_size,
+            num_workers=data.num_workers,
+            skip_bad=data.skip_bad,
+            problems=problems,
+            show_progress=not quiet,
+        )
     _report_problems(summary.problems)
-    log(
-        f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s) → {out} "
-        f"({store.dim}-d, {embedder.pooling} pooling)"
-    )
-    if index is not None:
-        _build_index(out, index, settings)
+    log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
+
+
+def _embed_into_store(
+    source: str, out: Path, settings, *, append: bool, index: str | None, quiet: bool
+) -> None:
+    """Sharded, restartable embedding; several processes when started by torchrun/accelerate launch."""
+    from vembed.index.processes import device_for, launched_processes
+    from vembed.index.shards import embed_shards
+    from vembed.models.factory import create_embedder
+
+    name = settings.model.name
+    with launched_processes() as procs:
+        if procs.world_size > 1 and source == "-":
+            raise VembedError("several processes cannot share stdin; pass a .jsonl file or a folder")
+        model_settings = settings.model.model_copy(
+            update={"device": device_for(settings.model.device, procs.local_rank, procs.world_size)}
+        )
+        main = procs.rank == 0
+        if main:
+            where = f" on {procs.world_size} processes" if procs.world_size > 1 else ""
+            log(f"embedding {source} with [bold]{name}[/]{where} → {out}")
+        embedder = create_embedder(name, model_settings)
+        run = embed_shards(
+            embedder,
+            source,
+            out,
+            model=name,
+            revision=settings.model.revision,
+            shard_size=settings.index.shard_size,
+            append=append,
+            rank=procs.rank,
+            world_size=procs.world_size,
+            barrier=procs.barrier,
+            batch_size=settings.index.batch_size,
+            num_workers=settings.data.num_workers,
+            skip_bad=settings.data.skip_bad,
+            image_root=settings.data.image_root,
+            settings_yaml=settings_to_yaml(settings),
+            show_progress=not quiet and main,
+        )
+        embedded, skipped = procs.total(run.embedded, run.skipped)
+        if not main:
+            return
+        _report_problems(run.problems, total=skipped)
+        log(
+            f"embedded {embedded} images in {run.seconds:.1f} s ({embedded / max(run.seconds, 1e-9):.1f} img/s) "
+            f"→ {out} ({run.num_blocks} shard(s), {embedder.embed_dim}-d, {embedder.pooling} pooling)"
+        )
+        if index is not None:
+            _build_index(out, index, settings)
 
 
 @app.command("search")
@@ -299,14 +346,15 @@ def _results_table(report, store: Path) -> Table:
     return table
 
 
-def _report_problems(problems: list[str]) -> None:
-    if not problems:
+def _report_problems(problems: list[str], total: int | None = None) -> None:
+    total = len(problems) if total is None else total
+    if not total:
         return
-    log(f"[yellow]skipped {len(problems)} bad record(s)/image(s):[/]")
+    log(f"[yellow]skipped {total} bad record(s)/image(s):[/]")
     for message in problems[:5]:
         log(f"  {message}")
-    if len(problems) > 5:
-        log(f"  ... and {len(problems) - 5} more")
+    if total > 5:
+        log(f"  ... and {total - 5} more")
 
 
 @contextlib.contextmanager
