@@ -42,7 +42,7 @@ def embed_command(
         False, "--jsonl", help='Stream {"path": ..., "embedding": [...]} lines on stdout instead of a store.'
     ),
     index: str = typer.Option(
-        None, "--index", help="Also build a faiss index in the store: flat, hnsw or ivf."
+        None, "--index", help="Also build a faiss index in the store: flat, hnsw, ivf or ivfpq."
     ),
     batch_size: int = typer.Option(
         None, "--batch-size", "-b", help="Images per forward pass (index.batch_size)."
@@ -187,7 +187,9 @@ def search_command(
         help="Leave out hits that are the query image itself (searching a store's own images).",
     ),
     kind: str = typer.Option(
-        None, "--kind", help="auto (default), exact, flat, hnsw or ivf (index.kind); see docs/search.md."
+        None,
+        "--kind",
+        help="auto (default), exact, flat, hnsw, ivf or ivfpq (index.kind); see docs/search.md.",
     ),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Query images per forward pass."),
     num_workers: int = typer.Option(None, "--num-workers", help="Image-decoding workers (data.num_workers)."),
@@ -246,60 +248,103 @@ def search_command(
 def index_build_command(
     store: Path = typer.Argument(..., help="A store written by `vembed embed --out`."),
     overrides: list[str] = typer.Argument(
-        None, help="key=value overrides, e.g. index.hnsw_m=48 index.nlist=1024."
+        None, help="key=value overrides, e.g. index.hnsw_m=48 index.nlist=1024 index.train_size=100000."
     ),
-    kind: str = typer.Option("hnsw", "--kind", help="flat (exact), hnsw (graph) or ivf (clusters)."),
+    kind: str = typer.Option(
+        "hnsw",
+        "--kind",
+        help="flat (exact), hnsw (graph), ivf (clusters) or ivfpq (clusters + compressed codes).",
+    ),
+    nlist: int = typer.Option(
+        None, "--nlist", help="IVF kinds: number of clusters (index.nlist; default ~4·sqrt(N))."
+    ),
+    m: int = typer.Option(
+        None, "--m", help="ivfpq: sub-quantizers per vector, dividing the dim (index.pq_m)."
+    ),
+    nbits: int = typer.Option(
+        None, "--nbits", help="ivfpq: bits per sub-quantizer code (index.pq_nbits, 8)."
+    ),
+    opq: bool = typer.Option(None, "--opq", help="ivfpq: learn an OPQ rotation first (index.opq)."),
     config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
-    """Build a faiss index and save it in the store; `vembed search` then uses it."""
-    settings = settings_from(config, overrides)
+    """Build a faiss index and save it in the store (shard by shard); `vembed search` then uses it."""
+    settings = settings_from(
+        config, overrides, index__nlist=nlist, index__pq_m=m, index__pq_nbits=nbits, index__opq=opq
+    )
     _build_index(store, kind, settings)
 
 
 @index_app.command("info")
 @user_errors
-def index_info_command(store: Path = typer.Argument(..., help="A store folder.")) -> None:
-    """Show what a store holds: count, dim, model, preprocessing, and its faiss index if any."""
-    from vembed.index.faiss_index import load_index
-    from vembed.index.store import open_store
+def index_info_command(
+    store: Path = typer.Argument(..., help="A store folder."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. index.nprobe=32."),
+    sample: int = typer.Option(
+        1000,
+        "--sample",
+        help="Store vectors used as queries to measure the index's recall and QPS (0: skip).",
+    ),
+    k: int = typer.Option(10, "--k", "-k", help="Recall@k against exact search."),
+    config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Show what a store holds (count, dim, model, shards) and its faiss index: size, recall@k against
+    exact search on a sample, queries per second."""
+    from vembed.index.faiss_index import INDEX_FILE, load_index, measure_index
+    from vembed.index.store import store_summary
 
-    emb_store = open_store(store)
-    meta = emb_store.meta
+    settings = settings_from(config, overrides)
+    summary = store_summary(store)
+    meta = summary["meta"]
     table = Table(title=str(store), show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     rows = {
-        "images": len(emb_store),
-        "dim": emb_store.dim,
+        "images": summary["count"],
+        "dim": summary["dim"],
+        "shards": summary["shards"],
         "normalized": meta.get("normalize"),
         "model": meta.get("model", {}).get("source"),
         "pooling": meta.get("model", {}).get("pooling"),
         "image size": meta.get("preprocessing", {}).get("image_size"),
-        "labelled": sum(label is not None for label in emb_store.labels),
+        "labelled": summary["labelled"],
         "skipped when embedded": meta.get("num_skipped"),
         "created": meta.get("created"),
         "vembed": meta.get("vembed_version"),
     }
-    index = load_index(store, count=len(emb_store), dim=emb_store.dim)
-    rows["faiss index"] = (
-        "none (exact search)"
-        if index is None
-        else json.dumps({k: v for k, v in index.info.items() if k != "dim"})
-    )
+    index = load_index(store, count=summary["count"], dim=summary["dim"], mmap=settings.index.mmap)
+    if index is None:
+        rows["faiss index"] = "none (exact search)"
+    else:
+        rows["faiss index"] = json.dumps({key: v for key, v in index.info.items() if key != "dim"})
+        size = (store / INDEX_FILE).stat().st_size
+        rows["index size"] = (
+            f"{size / 2**20:.1f} MiB ({size / max(summary['count'], 1):.1f} bytes per vector)"
+        )
+        if sample > 0:
+            measured = measure_index(store, index, settings.index, sample=sample, k=k)
+            rows[f"recall@{k} vs exact"] = (
+                f"{measured[f'recall@{k}']:.4f} on {measured['queries']} store vectors"
+            )
+            rows["queries per second"] = (
+                f"{measured['qps']:.0f} (exact: {measured['exact_qps']:.0f}; {measured['speedup']:.1f}x)"
+            )
     for key, value in rows.items():
         table.add_row(key, str(value))
     Console().print(table)
 
 
 def _build_index(store: Path, kind: str, settings) -> None:
-    from vembed.index.faiss_index import build_index, save_index
-    from vembed.index.store import open_store
+    import time
+
+    from vembed.index.faiss_index import build_store_index, save_index
 
     kind = _check_index_kind(kind)
-    emb_store = open_store(store)
-    index = build_index(emb_store.embeddings, kind, settings.index)
+    start = time.perf_counter()
+    index = build_store_index(store, kind, settings.index)
     save_index(index, store)
-    log(f"built the {kind} index over {len(emb_store)} vectors → {store}")
+    log(
+        f"built the {kind} index over {index.info['count']} vectors in {time.perf_counter() - start:.1f} s → {store}"
+    )
 
 
 def _check_index_kind(kind: str) -> str:

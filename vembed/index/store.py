@@ -270,6 +270,27 @@ def iter_store_rows(path: str | Path) -> Iterator[tuple[int, torch.Tensor]]:
         start += len(embeddings)
 
 
+def store_summary(path: str | Path) -> dict[str, Any]:
+    """Count, dim, shards and labelled rows of a store, read without loading its embeddings."""
+    path = Path(path)
+    meta = read_store_meta(path)
+    shards = store_shards(path, meta)
+    labelled = count = 0
+    for shard in shards:
+        rows = _read_manifest(shard.manifest)
+        count += len(rows)
+        labelled += sum(row.get("label") is not None for row in rows)
+    if meta.get("count") not in (None, count):
+        raise VembedError(f"{path / META_FILE}: count {meta['count']} but the manifest has {count} rows")
+    return {
+        "meta": meta,
+        "count": count,
+        "dim": int(meta["dim"]),
+        "shards": len(shards),
+        "labelled": labelled,
+    }
+
+
 def read_probe(path: Path, meta: dict[str, Any]) -> torch.Tensor | None:
     file = path / (PROBE_FILE if "shards" in meta else EMBEDDINGS_FILE)
     if not file.is_file():
