@@ -202,9 +202,9 @@ def test_run_without_final_is_one_clear_error(tmp_path):
 
 def test_bad_sources_and_outputs_fail_before_writing(run_dir, tmp_path):
     (tmp_path / "empty").mkdir()
-    with pytest.raises(VembedError, match="neither a run directory"):
+    with pytest.raises(VembedError, match="not a model folder .no config.json. nor a run directory"):
         export_model(tmp_path / "empty", tmp_path / "out")
-    with pytest.raises(VembedError, match="no such run directory"):
+    with pytest.raises(VembedError, match="no such model folder"):
         export_model(tmp_path / "missing", tmp_path / "out")
     with pytest.raises(VembedError, match="overlaps the source"):
         export_model(run_dir, run_dir / "final" / "exported")

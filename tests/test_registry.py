@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from vembed.cli import app
 from vembed.errors import VembedError
+from vembed.models import loader
 from vembed.models.factory import create_embedder, save_embedder
 from vembed.models.registry import REGISTRY, list_models, resolve_spec
 from vembed.settings import ModelSettings
@@ -47,18 +48,21 @@ def test_unknown_name_lists_close_matches():
         resolve_spec("dinov2-smal")
 
 
-def test_hub_id_reads_config_through_from_pretrained(monkeypatch):
+def test_hub_id_reads_config_through_the_hub(monkeypatch, tmp_path):
     import transformers
 
+    repo = tmp_path / "hub"
+    repo.mkdir()
+    transformers.Dinov2Config(hidden_size=48, patch_size=14, image_size=518).save_pretrained(repo)
     calls = []
 
-    def fake_from_pretrained(hub_id, **kw):  # the network boundary
-        calls.append(hub_id)
-        return transformers.Dinov2Config(hidden_size=48, patch_size=14, image_size=518)
+    def fake_hub_file(hub_id, filename, *, revision=None, required=False):  # the network boundary
+        calls.append((hub_id, filename))
+        return repo / filename if (repo / filename).is_file() else None
 
-    monkeypatch.setattr(transformers.AutoConfig, "from_pretrained", fake_from_pretrained)
+    monkeypatch.setattr(loader, "hub_file", fake_hub_file)
     spec = resolve_spec("someone/custom-dinov2")
-    assert calls == ["someone/custom-dinov2"]
+    assert calls[0] == ("someone/custom-dinov2", "config.json")
     assert (spec.family, spec.embed_dim, spec.image_size) == ("dinov2", 48, 224)
 
 

@@ -30,11 +30,18 @@ from torch import nn
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.io import atomic_dir, make_readable, read_json, write_json, write_text
+from vembed.io import atomic_dir, make_readable, write_json, write_text
 from vembed.models.embedder import Embedder
-from vembed.models.factory import VEMBED_CONFIG, create_embedder, save_embedder
-from vembed.models.registry import REGISTRY
-from vembed.settings import ExportSettings, ModelSettings
+from vembed.models.factory import build_embedder, load_embedder, save_embedder
+from vembed.models.loader import (
+    VEMBED_CONFIG,
+    ModelConfig,
+    load_model,
+    read_model_config,
+    resolve_ref,
+    write_model_config,
+)
+from vembed.settings import ExportSettings
 
 DTYPES = ("float32", "float16", "bfloat16")
 ONNX_FILE = "model.onnx"
@@ -43,7 +50,6 @@ ONNX_SINGLE_FILE_BYTES = 1_500_000_000  # larger graphs keep their weights in mo
 ONNX_ATOL = 1e-4  # max abs difference allowed between ONNX and PyTorch embeddings (float32)
 # max abs difference allowed between the reloaded export and the source model's embeddings
 RELOAD_ATOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
-RUN_MARKERS = ("settings.yaml", "metrics.jsonl", "checkpoints")
 _RESAMPLE_CODES = {"bicubic": 3, "bilinear": 2}
 
 
@@ -77,31 +83,6 @@ class ExportResult:
         }
 
 
-def resolve_export_source(source: str | Path) -> tuple[str, Path | None]:
-    """``(model to load, run dir or None)`` for a run directory, model folder, registry name or hub id."""
-    text = str(source)
-    path = Path(text).expanduser()
-    if path.is_dir():
-        if (path / "final" / "config.json").is_file():
-            return str(path / "final"), path
-        if (path / "config.json").is_file():
-            return str(path), None
-        if any((path / marker).exists() for marker in RUN_MARKERS):
-            raise VembedError(
-                f"{path}: run directory has no final/ model (the run did not finish); resume it with "
-                f"`vembed train --config {path / 'settings.yaml'} --resume`, then export again"
-            )
-        raise VembedError(
-            f"{path}: neither a run directory (with final/) nor a model folder (with config.json)"
-        )
-    if path.exists():
-        raise VembedError(f"{path}: is a file; export needs a run directory or a model folder")
-    looks_like_hub_id = text.count("/") == 1 and not text.startswith((".", "/", "~"))
-    if text in REGISTRY or looks_like_hub_id:
-        return text, None
-    raise VembedError(f"{text}: no such run directory or model folder (nor a registry name or hub id)")
-
-
 def export_model(
     source: str | Path,
     out: str | Path,
@@ -119,21 +100,21 @@ def export_model(
     on a bad source, a bad ``out`` or a missing onnxruntime.
     """
     start = time.perf_counter()
-    model, run_dir = resolve_export_source(source)
+    ref = resolve_ref(source)
+    model, run_dir = ref.name, ref.run_dir
     defaults = run_export_settings(run_dir)
     dtype = dtype if dtype is not None else defaults.dtype
     onnx = onnx if onnx is not None else defaults.onnx
     out = Path(out).expanduser()
     _check_inputs(model, run_dir, out, dtype, onnx)
     log(f"exporting [bold]{model}[/] → {out} ({dtype}{', onnx' if onnx else ''})")
-    embedder = create_embedder(model, ModelSettings(device="cpu", dtype="float32"))
-    saved = read_json(Path(model) / VEMBED_CONFIG, missing={}) if Path(model).is_dir() else {}
-    extra = {"exported_from": str(run_dir or model)}
-    if saved.get("base_model"):
-        extra["base_model"] = saved["base_model"]
-    for key, value in saved.items():  # keep what training recorded beside the model
-        if key not in _WRITTEN_KEYS:
-            extra.setdefault(key, value)
+    loaded = load_model(model)
+    embedder = build_embedder(loaded, device="cpu", dtype="float32")
+    saved = loaded.config or ModelConfig()
+    # write exactly what was read: the saved identity's other keys (training ...) and its task head
+    extra = {k: v for k, v in saved.extra.items() if k not in ("export", "exported_from")}
+    extra["exported_from"] = str(run_dir or model)
+    task_head = (saved.task_head, loaded.task_head_state) if saved.task_head is not None else None
     settings_file = run_dir / "settings.yaml" if run_dir is not None else None
     result = _export(
         embedder,
@@ -142,6 +123,7 @@ def export_model(
         onnx=onnx,
         opset=opset,
         extra=extra,
+        task_head=task_head,
         settings_file=settings_file if settings_file and settings_file.is_file() else None,
     )
     result.source = str(source)
@@ -185,23 +167,6 @@ def export_embedder(
     return result
 
 
-# keys save_embedder writes itself; everything else in a source vembed.json is carried over
-_WRITTEN_KEYS = {
-    "vembed_version",
-    "base_model",
-    "family",
-    "pooling",
-    "projection_dim",
-    "normalize",
-    "embed_dim",
-    "num_prefix_tokens",
-    "lora_targets",
-    "preprocessing",
-    "export",
-    "exported_from",
-}
-
-
 def _export(
     embedder: Embedder,
     out: Path,
@@ -210,6 +175,7 @@ def _export(
     onnx: bool,
     opset: int,
     extra: dict,
+    task_head: tuple[dict, dict] | None = None,
     settings_file: Path | None = None,
 ) -> ExportResult:
     leftover = [n for n, _ in embedder.named_parameters() if "lora_" in n]
@@ -235,7 +201,13 @@ def _export(
                 "max_abs_diff": onnx_diff,
                 "atol": ONNX_ATOL,
             }
-        save_embedder(embedder, tmp, dtype=getattr(torch, dtype), extra={**extra, "export": export_info})
+        save_embedder(
+            embedder,
+            tmp,
+            dtype=getattr(torch, dtype),
+            extra={**extra, "export": export_info},
+            task_head=task_head,
+        )
         _write_preprocessor_config(embedder, tmp)
         if settings_file is not None:
             shutil.copyfile(settings_file, tmp / "training_settings.yaml")
@@ -247,10 +219,10 @@ def _export(
             )
         export_info["max_abs_diff"] = diff
         export_info["atol"] = RELOAD_ATOL[dtype]
-        config = read_json(tmp / VEMBED_CONFIG, missing={})
-        config["export"] = export_info
-        write_json(tmp / VEMBED_CONFIG, config)
-        write_text(tmp / "README.md", _model_card(config))
+        config = read_model_config(tmp)
+        config.extra["export"] = export_info
+        write_model_config(tmp, config)
+        write_text(tmp / "README.md", _model_card(config.to_json()))
         make_readable(tmp)
         files = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
     return ExportResult(
@@ -308,7 +280,7 @@ def _check_batch(embedder: Embedder, n: int = 2) -> torch.Tensor:
 
 def _reload_diff(folder: Path, check: torch.Tensor, reference: torch.Tensor) -> float:
     """Max abs difference between the reloaded export's embeddings (float32) and the reference."""
-    reloaded = create_embedder(str(folder), ModelSettings(device="cpu", dtype="float32"))
+    reloaded = load_embedder(folder, device="cpu", dtype="float32")
     return float((reloaded.encode(check) - reference).abs().max())
 
 
@@ -409,8 +381,9 @@ def _model_card(config: dict) -> str:
         ),
         "gem": (
             'p = head["gem.p"].clamp(min=1)\n'
-            f"feats = out.last_hidden_state[:, {config['num_prefix_tokens']}:].clamp(min=1e-6)"
-            ".pow(p).mean(1).pow(1 / p)"
+            f"t = out.last_hidden_state[:, {config['num_prefix_tokens']}:]\n"
+            "m = t.amin(1) - 1e-6  # GeM over tokens shifted to be positive (see vembed's GeM)\n"
+            "feats = (t - m[:, None]).pow(p).mean(1).pow(1 / p) + m"
         ),
     }[pooling]
     needs_head = pooling == "gem" or config.get("projection_dim")

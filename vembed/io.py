@@ -55,6 +55,13 @@ def write_jsonl(path: str | os.PathLike, rows: Iterable[dict]) -> Path:
     return Path(path)
 
 
+def write_image(path: str | os.PathLike, image: Any, *, format: str = "PNG", **options: Any) -> Path:
+    """Atomically save a ``PIL.Image`` (a PNG unless ``format`` says otherwise)."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format=format, **options)
+    return Path(path)
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary directory beside ``path``; on success it replaces ``path`` as a whole.

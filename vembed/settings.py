@@ -38,7 +38,16 @@ class ModelSettings(Section):
     pooling: Pooling | None = Field(None, description="Token pooling; default: the model spec's.")
     projection_dim: int | None = Field(None, ge=1, description="Add a linear projection to this width.")
     normalize: bool = Field(True, description="L2-normalise embeddings.")
-    image_size: int | None = Field(None, ge=14, description="Override the spec's input size.")
+    image_size: int | None = Field(
+        None,
+        ge=14,
+        description="Override the spec's input size (segmentation: rounded to a multiple of the patch).",
+    )
+    decoder: Literal["linear", "fpn"] = Field(
+        "linear",
+        description="train.task=segmentation: linear (1x1 conv on the last layer's patch features) or fpn "
+        "(features of four layers).",
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="auto: bf16 (or fp16) on GPU, fp32 on CPU."
     )
@@ -83,6 +92,11 @@ class TrainSettings(Section):
     """
 
     output_dir: Path = Field(Path("runs/vembed"), description="Run directory.")
+    task: Literal["retrieval", "segmentation"] = Field(
+        "retrieval",
+        description="retrieval: an embedding model (train.loss); segmentation: a decoder on the patch "
+        "tokens, pixel cross-entropy (255 ignored), best model by validation mIoU.",
+    )
     method: Literal["lora", "full", "frozen"] = Field(
         "lora", description="lora: adapters on the backbone; full: every weight; frozen: head/proxies only."
     )

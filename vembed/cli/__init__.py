@@ -6,7 +6,7 @@ Python user of the library would also need lives here.
 
 from __future__ import annotations
 
-from vembed.cli import embed, evaluate, export, inspect, prepare, train  # noqa: F401  (registers commands)
+from vembed.cli import embed, evaluate, export, inspect, prepare, segment, train  # noqa: F401  (registers commands)
 from vembed.cli.app import app
 
 

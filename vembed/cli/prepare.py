@@ -10,12 +10,16 @@ from vembed.cli.app import app, user_errors
 from vembed.console import console, log
 from vembed.data.prepare import (
     PrepareResult,
+    prepare_ade20k,
     prepare_csv,
     prepare_flowers102,
     prepare_imagefolder,
     prepare_jsonl,
+    prepare_segfolder,
     prepare_sop,
+    prepare_voc,
 )
+from vembed.data.prepare.segmasks import seg_summary_table
 from vembed.data.prepare.summary import problem_lines, summary_table
 
 prepare_app = typer.Typer(
@@ -207,9 +211,78 @@ prepare_app.command("jsonl")(_table_command("jsonl"))
 prepare_app.command("csv")(_table_command("csv"))
 
 
+@prepare_app.command("segfolder")
+@user_errors
+def segfolder_command(
+    root: Path = typer.Argument(..., help="ROOT with images/NAME.{jpg,png} and masks/NAME.png."),
+    out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: data/<root name>)."),
+    val_ratio: float = typer.Option(
+        0.1, "--val-ratio", help="Share of the images in val (without split files)."
+    ),
+    test_ratio: float = typer.Option(
+        0.1, "--test-ratio", help="Share of the images in test (without split files)."
+    ),
+    seed: int = SEED,
+    check_images: bool = CHECK,
+    workers: int = WORKERS,
+    skip_bad: bool = SKIP_BAD,
+) -> None:
+    """A segmentation set: images/ + masks/ (one channel, class indices, 255 = ignore), optional
+    classes.txt and splits/{train,val,test}.txt; writes {"image", "mask"} records and classes.txt."""
+    result = prepare_segfolder(
+        root,
+        out or Path("data") / root.absolute().name,
+        seed=seed,
+        val_ratio=val_ratio,
+        test_ratio=test_ratio,
+        check_images=check_images,
+        workers=workers,
+        skip_bad=skip_bad,
+    )
+    render(result)
+
+
+def _segset_command(name: str, title: str, prepare):
+    def command(
+        root: Path = typer.Option(None, "--root", help="An extracted copy (default: the official archive)."),
+        kaggle: str = typer.Option(
+            None, "--kaggle", help="A Kaggle copy (OWNER/NAME), fetched with kagglehub."
+        ),
+        out: Path = typer.Option(Path("data") / name, "--out", "-o", help="Output folder."),
+        seed: int = SEED,
+        check_images: bool = CHECK,
+        workers: int = WORKERS,
+        skip_bad: bool = SKIP_BAD,
+    ) -> None:
+        result = prepare(
+            root, out, kaggle=kaggle, seed=seed, check_images=check_images, workers=workers, skip_bad=skip_bad
+        )
+        render(result)
+
+    command.__doc__ = title
+    return user_errors(command)
+
+
+prepare_app.command("voc")(
+    _segset_command(
+        "voc",
+        "Pascal VOC 2012 segmentation: official train/val, palette masks read as class indices (255 kept).",
+        prepare_voc,
+    )
+)
+prepare_app.command("ade20k")(
+    _segset_command(
+        "ade20k",
+        "ADE20K (SceneParsing 2016): official train/val, 150 classes, 'other' (0) → 255 ignore.",
+        prepare_ade20k,
+    )
+)
+
+
 def render(result: PrepareResult) -> None:
     """The summary table and problems on stderr, then where the files are."""
-    console.print(summary_table(result.summary, out=str(result.out)))
+    table = seg_summary_table if result.summary.get("task") == "segmentation" else summary_table
+    console.print(table(result.summary, out=str(result.out)))
     for line in problem_lines(result.summary):
         console.print(line, style="yellow", highlight=False, markup=False)
     log(f"wrote {', '.join(result.summary['files'])} to [bold]{result.out}[/]")

@@ -148,3 +148,55 @@ class TrainTransform:
         if self.flip and random.random() < 0.5:
             img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
         return self.normalize(img)
+
+
+IGNORE_INDEX = 255
+MASK_HINT = (
+    "save masks as one-channel PNGs whose pixel values are class indices (255 = ignore), e.g. "
+    "Image.fromarray(indices.astype('uint8')).save('mask.png')"
+)
+
+
+def load_mask(path: str | Path) -> np.ndarray:
+    """Decode a segmentation mask to ``uint8 [H, W]`` class indices (255 = ignore).
+
+    One-channel PNGs (mode ``L``) are read as they are; palette PNGs (``P``, as Pascal VOC ships them)
+    give their palette indices, which are the class indices. Colour masks (RGB) are refused with how
+    to convert them.
+    """
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img.load()
+            mode = img.mode
+            if mode in ("L", "P"):
+                return np.asarray(img, dtype=np.uint8).copy()
+            if mode in ("I", "I;16", "I;16B", "I;16L", "I;16N"):
+                arr = np.asarray(img)
+                if arr.size and (arr.min() < 0 or arr.max() > 255):
+                    raise VembedError(
+                        f"{path}: mask holds values up to {int(arr.max())}; class indices must be 0-254 "
+                        "(255 = ignore)"
+                    )
+                return arr.astype(np.uint8)
+    except FileNotFoundError:
+        raise VembedError(f"mask not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VembedError(f"cannot decode mask {path}: {exc}") from None
+    raise VembedError(
+        f"{path}: the mask is a {mode} image (colours, not class indices); {MASK_HINT}. "
+        "Pascal VOC colour masks: use `vembed prepare voc`, which reads the palette PNGs directly"
+    )
+
+
+def image_size(path: str | Path) -> tuple[int, int]:
+    """``(width, height)`` from the file header, without decoding the pixels (EXIF rotation applied)."""
+    try:
+        with Image.open(path) as img:
+            w, h = img.size
+            orientation = img.getexif().get(0x0112, 1)
+    except FileNotFoundError:
+        raise VembedError(f"image not found: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise VembedError(f"cannot decode image {path}: {exc}") from None
+    return (h, w) if orientation in (5, 6, 7, 8) else (w, h)

@@ -1,7 +1,9 @@
-"""The JSONL record format: labelled images and query/positive pairs, validated line by line.
+"""The JSONL record format: labelled images, query/positive pairs and segmentation masks, validated
+line by line.
 
 Labelled image: ``{"image": "a/b.jpg", "label": 12, "category": "bicycle"}``
 Pair:           ``{"query_image": "q.jpg", "positive": "p.jpg", "label": 12}``
+Segmentation:   ``{"image": "images/a.jpg", "mask": "masks/a.png"}`` (one channel, class indices, 255 = ignore)
 (the field names vembed-factory uses). Relative paths resolve against ``image_root`` or the JSONL
 file's folder. Every problem names the file and line.
 """
@@ -39,12 +41,24 @@ class PairRecord:
     source: str = ""
 
 
+@dataclass(frozen=True)
+class SegRecord:
+    """An image and its mask (one channel of class indices, 255 = ignore), same size."""
+
+    image: Path
+    mask: Path
+    source: str = ""
+
+
+Record = ImageRecord | PairRecord | SegRecord
+
+
 @dataclass
 class RecordSet:
     """Records read from one file, plus the problems skipped with ``skip_bad``."""
 
     path: Path | None
-    records: list[ImageRecord | PairRecord]
+    records: list[Record]
     problems: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
@@ -54,12 +68,27 @@ class RecordSet:
     def is_pairs(self) -> bool:
         return bool(self.records) and isinstance(self.records[0], PairRecord)
 
+    @property
+    def is_segmentation(self) -> bool:
+        return bool(self.records) and isinstance(self.records[0], SegRecord)
+
+    def masks(self) -> list[SegRecord]:
+        """The image/mask records; any other kind is an error naming the file."""
+        if not self.is_segmentation:
+            raise VembedError(
+                f"{self.path or 'records'}: expected segmentation records "
+                '{"image": ..., "mask": ...} (`vembed prepare segfolder` writes them)'
+            )
+        return list(self.records)  # type: ignore[arg-type]
+
     def images(self) -> list[ImageRecord]:
         """Labelled image records; pairs are split into two images sharing the pair's label."""
         out: list[ImageRecord] = []
         for i, rec in enumerate(self.records):
             if isinstance(rec, ImageRecord):
                 out.append(rec)
+            elif isinstance(rec, SegRecord):
+                out.append(ImageRecord(rec.image, None, None, rec.source))
             else:
                 label = rec.label if rec.label is not None else f"pair-{i}"
                 out.append(ImageRecord(rec.query_image, label, None, rec.source))
@@ -84,7 +113,7 @@ def read_records(
     if not path.is_file():
         raise VembedError(f"records file not found: {path}")
     root = Path(image_root) if image_root is not None else path.parent
-    records: list[ImageRecord | PairRecord] = []
+    records: list[Record] = []
     problems: list[str] = []
     kind: str | None = None
     with open(path, encoding="utf-8") as fh:
@@ -98,11 +127,13 @@ def read_records(
                 if kind is None:
                     kind = this_kind
                 elif kind != this_kind:
-                    raise VembedError(f"{where}: mixes pair and image records in one file")
+                    kinds = " and ".join(sorted((_KINDS[kind], _KINDS[this_kind]), reverse=True))
+                    raise VembedError(f"{where}: mixes {kinds} records in one file")
                 if check_exists:
                     for p in _paths(rec):
                         if not p.is_file():
-                            raise VembedError(f"{where}: image not found: {p}")
+                            what = "mask" if isinstance(rec, SegRecord) and p == rec.mask else "image"
+                            raise VembedError(f"{where}: {what} not found: {p}")
             except VembedError as exc:
                 if not skip_bad:
                     raise
@@ -123,9 +154,10 @@ def json_object(line: str) -> dict[str, Any] | str:
     return obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
 
 
-def parse_record(
-    line: str, *, root: Path, where: str, require_label: bool = False
-) -> ImageRecord | PairRecord:
+_KINDS = {"ImageRecord": "image", "PairRecord": "pair", "SegRecord": "segmentation (image + mask)"}
+
+
+def parse_record(line: str, *, root: Path, where: str, require_label: bool = False) -> Record:
     """Parse one JSONL line into a record; errors name ``where``."""
     obj = json_object(line)
     if isinstance(obj, str):
@@ -143,6 +175,11 @@ def parse_record(
     image = obj.get("image")
     if not isinstance(image, str) or not image:
         raise VembedError(f"{where}: missing field 'image' (or 'query_image'/'positive' for a pair record)")
+    if "mask" in obj:
+        mask = obj["mask"]
+        if not isinstance(mask, str) or not mask:
+            raise VembedError(f"{where}: 'mask' must be a path (a one-channel PNG of class indices)")
+        return SegRecord(_resolve(image, root), _resolve(mask, root), where)
     category = obj.get("category")
     return ImageRecord(_resolve(image, root), label, None if category is None else str(category), where)
 
@@ -187,7 +224,7 @@ def label_codes(labels: Sequence[Label | None]) -> tuple[list[int], list[Label]]
     return codes, list(index)
 
 
-def record_to_json(rec: ImageRecord | PairRecord, *, relative_to: Path | None = None) -> dict[str, Any]:
+def record_to_json(rec: Record, *, relative_to: Path | None = None) -> dict[str, Any]:
     """The JSONL form of a record (paths relative to ``relative_to`` when possible)."""
 
     def rel(p: Path) -> str:
@@ -200,6 +237,8 @@ def record_to_json(rec: ImageRecord | PairRecord, *, relative_to: Path | None = 
 
     if isinstance(rec, PairRecord):
         out: dict[str, Any] = {"query_image": rel(rec.query_image), "positive": rel(rec.positive)}
+    elif isinstance(rec, SegRecord):
+        return {"image": rel(rec.image), "mask": rel(rec.mask)}
     else:
         out = {"image": rel(rec.image)}
     if rec.label is not None:
@@ -220,5 +259,7 @@ def _label(value: Any, where: str) -> Label | None:
     raise VembedError(f"{where}: 'label' must be an integer or a string, got {type(value).__name__}")
 
 
-def _paths(rec: ImageRecord | PairRecord) -> tuple[Path, ...]:
+def _paths(rec: Record) -> tuple[Path, ...]:
+    if isinstance(rec, SegRecord):
+        return (rec.image, rec.mask)
     return (rec.query_image, rec.positive) if isinstance(rec, PairRecord) else (rec.image,)

@@ -323,10 +323,19 @@ def model_settings_for(store: EmbeddingStore, base: ModelSettings | None = None)
 
 def embedder_for_store(store: EmbeddingStore, base: ModelSettings | None = None) -> Embedder:
     """Rebuild the model that made ``store`` and check it still embeds the way it did."""
-    from vembed.models.factory import create_embedder
+    from vembed.models.factory import load_embedder
 
     settings = model_settings_for(store, base)
-    embedder = create_embedder(settings.name, settings)
+    embedder = load_embedder(
+        settings.name,
+        pooling=settings.pooling,
+        projection_dim=settings.projection_dim,
+        normalize=settings.normalize,
+        image_size=settings.image_size,
+        revision=settings.revision,
+        device=settings.device,
+        dtype=settings.dtype,
+    )
     check_store_model(store, embedder)
     return embedder
 

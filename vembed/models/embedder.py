@@ -13,7 +13,14 @@ POOLINGS = ("cls", "mean", "cls+mean", "gem", "pooler")
 
 
 class GeM(nn.Module):
-    """Generalised-mean pooling over patch tokens with a learnable exponent p."""
+    """Generalised-mean pooling over patch tokens with a learnable exponent p, for signed features.
+
+    Transformer tokens are LayerNorm'd, about half of them negative, so the classic
+    ``mean(clamp(x, eps)^p)^(1/p)`` would drop every negative value. Here the power mean is taken over
+    the tokens shifted to be positive: with ``m = min over tokens - eps`` (per image and channel),
+    ``gem(x) = m + mean((x - m)^p)^(1/p)``. p = 1 gives the mean, large p tends to the max, and
+    ``gem(x + c) = gem(x) + c``.
+    """
 
     def __init__(self, p: float = 3.0, eps: float = 1e-6):
         super().__init__()
@@ -22,7 +29,12 @@ class GeM(nn.Module):
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         p = self.p.clamp(min=1.0)
-        return tokens.float().clamp(min=self.eps).pow(p).mean(dim=1).pow(1.0 / p).to(tokens.dtype)
+        x = tokens.float()
+        m = x.amin(dim=1, keepdim=True) - self.eps
+        shifted = x - m
+        top = shifted.amax(dim=1, keepdim=True).clamp(min=1e-12)  # divided out: no overflow for large p
+        mean = (shifted / top).pow(p).mean(dim=1).pow(1.0 / p) * top.squeeze(1)
+        return (mean + m.squeeze(1)).to(tokens.dtype)
 
 
 class Embedder(nn.Module):

@@ -1,4 +1,4 @@
-"""Create, load and save :class:`Embedder` models (registry name, hub id, or local folder)."""
+"""Create, load and save :class:`Embedder` models (local folder, registry name or hub id: see ``loader``)."""
 
 from __future__ import annotations
 
@@ -6,18 +6,36 @@ from pathlib import Path
 
 import torch
 import transformers
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
 from vembed import __version__
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.io import atomic_path, make_readable, read_json, write_json
+from vembed.io import atomic_path, make_readable
 from vembed.models.embedder import Embedder
-from vembed.models.registry import ModelSpec, resolve_spec
+from vembed.models.loader import (
+    HEAD_WEIGHTS,
+    TASK_HEAD_PREFIX,
+    VEMBED_CONFIG,
+    LoadedModel,
+    ModelConfig,
+    load_model,
+    write_model_config,
+)
+from vembed.models.registry import ModelSpec
 from vembed.settings import ModelSettings
 
-VEMBED_CONFIG = "vembed.json"
-HEAD_WEIGHTS = "vembed_head.safetensors"
+__all__ = [
+    "HEAD_WEIGHTS",
+    "VEMBED_CONFIG",
+    "build_embedder",
+    "create_embedder",
+    "load_backbone",
+    "load_embedder",
+    "resolve_device",
+    "resolve_dtype",
+    "save_embedder",
+]
 
 
 def resolve_device(device: str = "auto") -> torch.device:
@@ -50,54 +68,100 @@ def load_backbone(spec: ModelSpec, *, revision: str | None = None) -> torch.nn.M
         raise VembedError(f"cannot load model weights from {spec.source!r}: {exc}") from None
 
 
-def create_embedder(model: str | Path | None = None, settings: ModelSettings | None = None) -> Embedder:
-    """Build the embedding model for ``model`` (default: ``settings.name``) on its device and dtype.
+def load_embedder(
+    model: str | Path,
+    *,
+    pooling: str | None = None,
+    projection_dim: int | None = None,
+    normalize: bool | None = None,
+    image_size: int | None = None,
+    revision: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Embedder:
+    """The embedding model for ``model`` (local folder > registry name > hub id) on its device and dtype.
 
-    A folder written by ``vembed export`` (or a run's ``final/``) brings back its pooling, projection
-    and preprocessing; explicit settings override the spec's pooling and image size.
+    A folder saved by vembed (``vembed export``, a run's ``final/``) brings back its pooling,
+    projection, normalisation and preprocessing; arguments given here override them.
     """
-    settings = settings or ModelSettings()
-    name = str(model if model is not None else settings.name)
-    spec = resolve_spec(name)
-    if settings.image_size:
-        spec = spec.replace(image_size=settings.image_size)
-    saved = read_json(Path(name) / VEMBED_CONFIG)
-    pooling = settings.pooling or spec.pooling
-    projection_dim = settings.projection_dim
-    normalize = settings.normalize
-    if saved:
-        projection_dim = saved.get("projection_dim") if projection_dim is None else projection_dim
-        normalize = saved.get("normalize", normalize)
-    embedder = Embedder(
-        load_backbone(spec, revision=settings.revision),
-        spec,
+    return build_embedder(
+        load_model(model, revision=revision),
         pooling=pooling,
         projection_dim=projection_dim,
         normalize=normalize,
+        image_size=image_size,
+        device=device,
+        dtype=dtype,
     )
-    head_file = Path(name) / HEAD_WEIGHTS
-    if projection_dim and not head_file.is_file():
+
+
+def build_embedder(
+    loaded: LoadedModel,
+    *,
+    pooling: str | None = None,
+    projection_dim: int | None = None,
+    normalize: bool | None = None,
+    image_size: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Embedder:
+    """An :class:`Embedder` from a :func:`load_model` result, its saved head weights loaded."""
+    spec = loaded.spec
+    if image_size:
+        spec = spec.replace(image_size=image_size)
+    saved = loaded.config
+    if saved is not None:
+        projection_dim = saved.projection_dim if projection_dim is None else projection_dim
+        normalize = saved.normalize if normalize is None else normalize
+    embedder = Embedder(
+        loaded.backbone,
+        spec,
+        pooling=pooling or spec.pooling,
+        projection_dim=projection_dim,
+        normalize=True if normalize is None else normalize,
+    )
+    if projection_dim and "projection.weight" not in loaded.head_state:
         log(
-            f"[yellow]note:[/] {name} has no projection head; adding a new, randomly initialised "
+            f"[yellow]note:[/] {loaded.ref.name} has no projection head; adding a new, randomly initialised "
             f"{projection_dim}-d projection (it needs training before its embeddings mean anything)"
         )
-    if saved and head_file.is_file():
-        state = load_file(str(head_file))
-        missing, unexpected = embedder.load_state_dict(state, strict=False)
+    if loaded.head_state:
+        _missing, unexpected = embedder.load_state_dict(loaded.head_state, strict=False)
         if unexpected:
-            raise VembedError(f"{head_file}: unexpected weights {unexpected}")
-    device = resolve_device(settings.device)
-    return embedder.to(device=device, dtype=resolve_dtype(settings.dtype, device))
+            raise VembedError(f"{loaded.ref.name}/{HEAD_WEIGHTS}: unexpected weights {unexpected}")
+    device_ = resolve_device(device)
+    return embedder.to(device=device_, dtype=resolve_dtype(dtype, device_))
+
+
+def create_embedder(model: str | Path | None = None, settings: ModelSettings | None = None) -> Embedder:
+    """:func:`load_embedder` with its arguments taken from ``model.*`` settings (the CLI / recipe boundary)."""
+    settings = settings or ModelSettings()
+    return load_embedder(
+        str(model if model is not None else settings.name),
+        pooling=settings.pooling,
+        projection_dim=settings.projection_dim,
+        normalize=settings.normalize,
+        image_size=settings.image_size,
+        revision=settings.revision,
+        device=settings.device,
+        dtype=settings.dtype,
+    )
 
 
 def save_embedder(
-    embedder: Embedder, out_dir: str | Path, *, dtype: torch.dtype | None = None, extra: dict | None = None
+    embedder: Embedder,
+    out_dir: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    extra: dict | None = None,
+    task_head: tuple[dict, dict[str, torch.Tensor]] | None = None,
 ) -> Path:
-    """Write a self-contained model folder that ``create_embedder`` and plain transformers load.
+    """Write a self-contained model folder that :func:`load_model` and plain transformers load.
 
     ``config.json`` + ``model.safetensors`` are the backbone (``AutoModel.from_pretrained(out_dir)``
-    works); ``vembed.json`` records pooling, projection, normalisation and preprocessing;
-    ``vembed_head.safetensors`` holds the projection / GeM weights when there are any.
+    works); ``vembed.json`` records pooling, projection, normalisation and preprocessing (plus
+    ``extra`` keys); ``vembed_head.safetensors`` holds the projection / GeM weights when there are any.
+    ``task_head=(config, state_dict)`` saves a task head beside them (``vembed.json: task_head``).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -111,24 +175,26 @@ def save_embedder(
         for k, v in embedder.state_dict().items()
         if not k.startswith("backbone.")
     }
+    if task_head is not None:
+        head.update({TASK_HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in task_head[1].items()})
     if head:
         with atomic_path(out_dir / HEAD_WEIGHTS) as tmp:
             save_file(head, str(tmp))
     spec = embedder.spec
-    write_json(
-        out_dir / VEMBED_CONFIG,
-        {
-            "vembed_version": __version__,
-            "base_model": spec.name if spec.source == spec.name and "/" not in spec.name else spec.source,
-            "family": spec.family,
-            "pooling": embedder.pooling,
-            "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
-            "normalize": embedder.normalize,
-            "embed_dim": embedder.embed_dim,
-            "num_prefix_tokens": embedder.num_prefix_tokens,
-            "lora_targets": list(spec.lora_targets),
-            "preprocessing": spec.preprocessing(),
-            **(extra or {}),
-        },
+    extra = dict(extra or {})
+    config = ModelConfig(
+        vembed_version=__version__,
+        base_model=extra.pop("base_model", None) or spec.base_model or spec.source,
+        family=spec.family,
+        pooling=embedder.pooling,
+        projection_dim=embedder.projection.out_features if embedder.projection is not None else None,
+        normalize=embedder.normalize,
+        embed_dim=embedder.embed_dim,
+        num_prefix_tokens=embedder.num_prefix_tokens,
+        lora_targets=list(spec.lora_targets),
+        preprocessing=spec.preprocessing(),
+        task_head=dict(task_head[0]) if task_head is not None else None,
+        extra=extra,
     )
+    write_model_config(out_dir, config)
     return out_dir

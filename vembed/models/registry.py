@@ -1,20 +1,17 @@
 """The model registry: short names → :class:`ModelSpec`, so preprocessing travels with the model.
 
 A spec holds where the weights come from and everything needed to feed and pool the backbone.
-Any hub id or local directory also resolves to a spec, read from its ``config.json`` (and from the
-``vembed.json`` that ``vembed export`` writes).
+Any hub id or local directory also resolves to a spec, read from its ``config.json`` and
+``preprocessor_config.json`` (and the ``vembed.json`` vembed writes) by :mod:`vembed.models.loader`.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from vembed.errors import VembedError
-from vembed.io import read_json
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -117,6 +114,7 @@ class ModelSpec:
     interpolation: str = "bicubic"
     num_register_tokens: int = 0
     description: str = ""
+    base_model: str = ""  # what the weights were first loaded from (hub id or folder), kept through saves
 
     @property
     def family_info(self) -> Family:
@@ -251,64 +249,14 @@ def family_for_model_type(model_type: str, *, where: str = "") -> Family:
     )
 
 
-def resolve_spec(model: str | Path) -> ModelSpec:
-    """A registry name, a local directory or a hub id → :class:`ModelSpec`.
+def resolve_spec(model: str | Path, *, revision: str | None = None) -> ModelSpec:
+    """A local folder, registry name or hub id → :class:`ModelSpec` (the loader's precedence rule).
 
-    A local directory is read from its files; a string that looks like a hub id (``org/name``) has its
-    config fetched from the hub. Anything else is an unknown name, reported with close matches.
+    Unknown names are reported with close matches; see :func:`vembed.models.loader.resolve_ref`.
     """
-    text = str(model)
-    if text in REGISTRY:
-        return REGISTRY[text]
-    path = Path(text).expanduser()
-    if path.is_dir():
-        return spec_from_directory(path)
-    if "/" in text and not text.startswith((".", "/", "~")) and text.count("/") == 1:
-        return spec_from_hub(text)
-    close = difflib.get_close_matches(text, list(REGISTRY), n=3, cutoff=0.5)
-    hint = f" Did you mean: {', '.join(close)}?" if close else ""
-    raise VembedError(
-        f"unknown model {text!r}: not a registry name, an existing directory or a hub id (org/name).{hint} "
-        "`vembed models` lists the registry."
-    )
+    from vembed.models.loader import load_spec
 
-
-def spec_from_directory(path: Path) -> ModelSpec:
-    """Spec for a local model folder: a transformers save, or one written by ``vembed export``."""
-    config_file = path / "config.json"
-    if not config_file.is_file():
-        raise VembedError(f"{path}: not a model directory (no config.json)")
-    try:
-        config = json.loads(config_file.read_text())
-    except json.JSONDecodeError as exc:
-        raise VembedError(f"{config_file}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
-    preprocessor = read_json(path / "preprocessor_config.json")
-    spec = spec_from_config(config, name=str(path), source=str(path), preprocessor=preprocessor)
-    saved = read_json(path / "vembed.json")
-    if saved:
-        pre = saved.get("preprocessing", {})
-        spec = spec.replace(
-            pooling=saved.get("pooling", spec.pooling),
-            image_size=pre.get("image_size", spec.image_size),
-            crop_pct=pre.get("crop_pct", spec.crop_pct),
-            mean=tuple(pre.get("mean", spec.mean)),
-            std=tuple(pre.get("std", spec.std)),
-            interpolation=pre.get("interpolation", spec.interpolation),
-            lora_targets=tuple(saved.get("lora_targets", spec.lora_targets)),
-            description=f"exported by vembed from {saved.get('base_model', '?')}",
-        )
-    return spec
-
-
-def spec_from_hub(hub_id: str) -> ModelSpec:
-    """Spec for an unregistered hub id, read from its config on the hub."""
-    from transformers import AutoConfig
-
-    try:
-        config = AutoConfig.from_pretrained(hub_id).to_dict()
-    except OSError as exc:
-        raise VembedError(f"cannot load config for hub id {hub_id!r}: {exc}") from None
-    return spec_from_config(config, name=hub_id, source=hub_id)
+    return load_spec(model, revision=revision)
 
 
 def spec_from_config(config: dict, *, name: str, source: str, preprocessor: dict | None = None) -> ModelSpec:

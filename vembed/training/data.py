@@ -9,12 +9,14 @@ whatever the number of DataLoader workers.
 from __future__ import annotations
 
 import random
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from torch.utils.data import BatchSampler, DataLoader, Dataset, DistributedSampler
 
+from vembed.console import log
 from vembed.data.datasets import ImageDataset, build_loader
 from vembed.data.images import EvalTransform, TrainTransform
 from vembed.data.records import ImageRecord, RecordSet, label_codes, read_records
@@ -128,9 +130,21 @@ def build_batch_sampler(
                 f"train.categories_per_batch is set but {missing.source or missing.image} has no 'category'"
             )
         categories = data.categories
+    counts = Counter(data.labels)
+    singles = [label for label, n in counts.items() if n < 2]
+    say = log if rank == 0 else (lambda message: None)
+    if singles:
+        say(
+            f"[yellow]note:[/] {len(singles)} of {len(counts)} classes have a single image; P x K batches "
+            f"need two images of a class, so these {len(singles)} images are not trained on "
+            f"(e.g. class {data.class_names[singles[0]]!r})"
+        )
+    p = settings.batch_size // k
+    if categories is None:
+        p, k = fit_pk(settings.batch_size, k, len(counts) - len(singles), say=say)
     return PKBatchSampler(
         data.labels,
-        settings.batch_size // k,
+        p,
         k,
         categories=categories,
         categories_per_batch=settings.categories_per_batch,
@@ -138,6 +152,33 @@ def build_batch_sampler(
         num_replicas=num_replicas,
         rank=rank,
     )
+
+
+def fit_pk(batch_size: int, k: int, num_classes: int, *, say=log) -> tuple[int, int]:
+    """``(P, K)`` for a batch of ``batch_size`` when only ``num_classes`` classes have two images or more.
+
+    With enough classes this is ``(batch_size // k, k)``. With fewer, K is raised to the smallest
+    divisor of the batch size that needs at most ``num_classes`` classes; when no divisor fits, all
+    classes share the batch (``batch_size // num_classes`` images each). Either way it is said once.
+    """
+    wanted = batch_size // k
+    if num_classes >= wanted:
+        return wanted, k
+    if num_classes < 2:
+        raise VembedError(
+            f"P x K batches need at least 2 classes with 2 images or more; the training set has {num_classes}"
+        )
+    fitting = [
+        d for d in range(k, batch_size // 2 + 1) if batch_size % d == 0 and batch_size // d <= num_classes
+    ]
+    new_k = fitting[0] if fitting else batch_size // num_classes
+    p = batch_size // new_k if fitting else num_classes
+    size = "" if p * new_k == batch_size else f"; batches of {p * new_k} images instead of {batch_size}"
+    say(
+        f"[yellow]note:[/] {num_classes} classes (with 2 images or more) cannot fill {wanted} classes x "
+        f"{k} images per batch: using {p} classes x {new_k} images (train.samples_per_class={new_k}){size}"
+    )
+    return p, new_k
 
 
 def epoch_batches(sampler, epoch: int) -> list[list[int]]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import tarfile
 import urllib.error
 import urllib.request
+import zipfile
 from collections import deque
 from pathlib import Path
 
@@ -105,3 +106,26 @@ def extract_tar(archive: str | Path, dest: str | Path) -> Path:
     except (tarfile.TarError, EOFError, OSError) as exc:
         raise VembedError(f"{archive}: cannot extract ({exc}); delete it to download it again") from None
     return dest
+
+
+def extract_zip(archive: str | Path, dest: str | Path) -> Path:
+    """Extract a zip ``archive`` into the folder ``dest`` as a whole (members outside it are refused)."""
+    archive, dest = Path(archive), Path(dest)
+    log(f"extracting {archive.name} into {dest}")
+    try:
+        with atomic_dir(dest) as tmp, zipfile.ZipFile(archive) as zf:
+            for member in zf.namelist():
+                target = (tmp / member).resolve()
+                if not target.is_relative_to(tmp.resolve()):
+                    raise VembedError(f"{archive}: unsafe member {member!r}")
+            zf.extractall(tmp)
+    except (zipfile.BadZipFile, EOFError, OSError) as exc:
+        raise VembedError(f"{archive}: cannot extract ({exc}); delete it to download it again") from None
+    return dest
+
+
+def extract_archive(archive: str | Path, dest: str | Path) -> Path:
+    """A ``.zip`` or any tar archive into ``dest``."""
+    if str(archive).lower().endswith(".zip"):
+        return extract_zip(archive, dest)
+    return extract_tar(archive, dest)

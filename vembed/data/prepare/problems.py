@@ -24,6 +24,9 @@ KINDS: dict[str, bool] = {
     "small-class": False,  # a class too small for the k-shot support it was asked for
     "empty-split": False,  # a split asked for came out empty: not written
     "unlabelled": False,  # an image outside any class folder: ignored
+    "missing-mask": True,  # segmentation: an image without a mask
+    "bad-mask": True,  # segmentation: undecodable, colour, wrong size or class index beyond the class list
+    "unpaired-mask": False,  # segmentation: a mask without an image: ignored
 }
 
 

@@ -1,0 +1,151 @@
+"""Run a :class:`Segmenter` over mask records: metrics (optionally under corruptions) and mask prediction.
+
+At the model's input size (default) every image is resized to ``S x S`` and compared with its mask
+resized (nearest) to ``S x S``; with ``full_res`` the original image is covered by overlapping
+``S x S`` windows (logits averaged) and compared with the original mask. Corruptions are applied to
+the image the model sees (``S x S``, or the original with ``full_res``), seeded per image.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from torch.utils.data import DataLoader, Dataset
+
+from vembed.console import progress, rate_column
+from vembed.data.images import load_image, load_mask
+from vembed.data.records import SegRecord
+from vembed.data.segmentation import SegEvalTransform, check_classes, check_pair
+from vembed.evaluation.corruptions import corrupt
+from vembed.evaluation.segmentation import ConfusionMatrix, SegmentationMetrics
+from vembed.inference import _without_worker_tracebacks
+from vembed.models.segmenter import Segmenter
+
+
+@dataclass(frozen=True)
+class Corruption:
+    name: str
+    severity: int
+    seed: int = 0
+
+
+class _EvalImages(Dataset):
+    """``(pixels, mask)`` at ``S x S``, or the original image (normalised) and mask with ``full_res``."""
+
+    def __init__(self, records, transform: SegEvalTransform, num_classes, corruption, full_res):
+        self.records, self.transform, self.num_classes = list(records), transform, num_classes
+        self.corruption, self.full_res = corruption, full_res
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    def __getitem__(self, index: int):
+        rec = self.records[index]
+        img, mask = load_image(rec.image), load_mask(rec.mask)
+        check_pair(img, mask, rec)
+        check_classes(mask, self.num_classes, rec)
+        size = self.transform.size
+        if self.full_res:
+            target = torch.from_numpy(mask.astype(np.int64))
+        else:
+            img = img.resize((size, size), self.transform.resample)
+            small = Image.fromarray(mask).resize((size, size), Image.Resampling.NEAREST)
+            target = torch.from_numpy(np.asarray(small, dtype=np.int64).copy())
+        if self.corruption is not None:
+            c = self.corruption
+            img = Image.fromarray(
+                corrupt(np.asarray(img), c.name, c.severity, seed=c.seed * 1_000_003 + index)
+            )
+        return self.transform.normalize(img), target
+
+
+def _stack(items):
+    return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+
+
+def eval_transform(model: Segmenter) -> SegEvalTransform:
+    spec = model.spec
+    return SegEvalTransform(spec.image_size, spec.mean, spec.std, spec.interpolation)
+
+
+def evaluate_segmentation(
+    model: Segmenter,
+    records: Sequence[SegRecord],
+    *,
+    batch_size: int = 8,
+    num_workers: int = 0,
+    corruption: Corruption | None = None,
+    full_res: bool = False,
+    show_progress: bool = True,
+    description: str = "segmenting",
+    autocast=None,
+) -> SegmentationMetrics:
+    """Metrics of ``model`` on ``records`` from one confusion matrix over all of them."""
+    data = _EvalImages(records, eval_transform(model), model.num_classes, corruption, full_res)
+    loader = DataLoader(
+        data,
+        batch_size=1 if full_res else batch_size,
+        num_workers=min(num_workers, len(data)),
+        collate_fn=_stack,
+    )
+    cm = ConfusionMatrix(model.num_classes)
+    done = 0
+    with progress(rate_column(), enabled=show_progress) as bar:
+        task = bar.add_task(description, total=len(data), rate=0.0, visible=show_progress)
+        for pixels, masks in _without_worker_tracebacks(loader):
+            with autocast() if autocast is not None else contextlib.nullcontext():
+                logits = sliding_logits(model, pixels[0]) if full_res else model.predict(pixels)
+            cm.update(logits.argmax(1), masks)
+            done += len(masks)
+            bar.update(task, completed=done)
+    return cm.metrics(model.class_names)
+
+
+def sliding_logits(model: Segmenter, image: torch.Tensor, *, overlap: float = 1 / 3) -> torch.Tensor:
+    """Logits ``[1, K, H, W]`` of a normalised image ``[3, H, W]`` of any size: ``S x S`` windows with
+    ``overlap``, averaged (an image smaller than a window is zero-padded, i.e. mean colour)."""
+    size = model.spec.image_size
+    _, h, w = image.shape
+    ph, pw = max(h, size), max(w, size)
+    padded = F.pad(image, (0, pw - w, 0, ph - h))
+    stride = max(1, int(size * (1 - overlap)))
+    tops = _starts(ph, size, stride)
+    lefts = _starts(pw, size, stride)
+    total = torch.zeros(1, model.num_classes, ph, pw)
+    count = torch.zeros(1, 1, ph, pw)
+    windows = [(t, lft) for t in tops for lft in lefts]
+    for i in range(0, len(windows), 8):
+        chunk = windows[i : i + 8]
+        batch = torch.stack([padded[:, t : t + size, lft : lft + size] for t, lft in chunk])
+        logits = model.predict(batch)
+        for (t, lft), one in zip(chunk, logits, strict=True):
+            total[0, :, t : t + size, lft : lft + size] += one
+            count[0, :, t : t + size, lft : lft + size] += 1
+    return (total / count)[:, :, :h, :w]
+
+
+def _starts(length: int, size: int, stride: int) -> list[int]:
+    if length <= size:
+        return [0]
+    n = math.ceil((length - size) / stride) + 1
+    return sorted({min(i * stride, length - size) for i in range(n)})
+
+
+def predict_mask(model: Segmenter, image: Image.Image, *, full_res: bool = False) -> np.ndarray:
+    """``uint8 [H, W]`` class indices at the image's original size."""
+    transform = eval_transform(model)
+    if full_res:
+        logits = sliding_logits(model, transform.normalize(image))
+    else:
+        logits = model.predict(transform.image(image)[None])
+        logits = F.interpolate(
+            logits, size=(image.size[1], image.size[0]), mode="bilinear", align_corners=False
+        )
+    return logits.argmax(1)[0].to(torch.uint8).numpy()

@@ -1,0 +1,280 @@
+"""One model identity: which model a reference names, and what a saved model folder says about itself.
+
+A model reference is resolved by one rule, in this order:
+
+1. an existing local folder — a model folder (``config.json``), or a run directory whose ``final/`` is one;
+2. a registry name (``vembed models``);
+3. a hub id (``org/name``), whose files are read exactly like a local folder's.
+
+A reference that looks like a path but names nothing (``runs/x/final`` not on disk, not a hub id) is
+"no such model folder", never a connection failure. ``vembed.json`` — the identity ``save_embedder``
+and ``vembed export`` write beside the backbone — is read here and only here (:func:`read_model_config`)
+and written here (:func:`write_model_config`); training, evaluation, the store and export all load
+models through :func:`load_model`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vembed.errors import VembedError
+from vembed.io import read_json, write_json
+from vembed.models.registry import REGISTRY, ModelSpec, spec_from_config
+
+VEMBED_CONFIG = "vembed.json"
+HEAD_WEIGHTS = "vembed_head.safetensors"
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+TASK_HEAD_PREFIX = "task_head."  # weights of a task head (classifier, segmenter) in HEAD_WEIGHTS
+RUN_MARKERS = ("settings.yaml", "metrics.jsonl", "checkpoints")
+# vembed.json keys that ModelConfig holds as fields; every other key is kept in ModelConfig.extra
+_FIELDS = (
+    "vembed_version",
+    "base_model",
+    "family",
+    "pooling",
+    "projection_dim",
+    "normalize",
+    "embed_dim",
+    "num_prefix_tokens",
+    "lora_targets",
+    "preprocessing",
+    "task_head",
+)
+
+
+@dataclass(frozen=True)
+class ModelRef:
+    """A resolved model reference: ``kind`` is ``folder``, ``registry`` or ``hub``."""
+
+    text: str  # what the user wrote
+    kind: str
+    name: str  # the folder path, registry name or hub id
+    run_dir: Path | None = None  # set when a run directory was given (its final/ is the model)
+
+    @property
+    def folder(self) -> Path | None:
+        return Path(self.name) if self.kind == "folder" else None
+
+
+@dataclass
+class ModelConfig:
+    """The parsed ``vembed.json`` of a saved model; every field is optional (older or hand-made files).
+
+    ``task_head`` leaves room for a task's head (e.g. ``{"kind": "classifier", "labels": [...]}``):
+    its weights live in ``vembed_head.safetensors`` under the ``task_head.`` prefix.
+    """
+
+    vembed_version: str | None = None
+    base_model: str | None = None
+    family: str | None = None
+    pooling: str | None = None
+    projection_dim: int | None = None
+    normalize: bool | None = None
+    embed_dim: int | None = None
+    num_prefix_tokens: int | None = None
+    lora_targets: list[str] | None = None
+    preprocessing: dict = field(default_factory=dict)
+    task_head: dict | None = None
+    extra: dict = field(default_factory=dict)  # everything else (training, export, exported_from ...)
+
+    @classmethod
+    def from_json(cls, data: Any, *, where: str) -> ModelConfig:
+        if not isinstance(data, dict):
+            raise VembedError(f"{where}: expected a JSON object, got {type(data).__name__}")
+        known = {key: data[key] for key in _FIELDS if data.get(key) is not None}
+        if not isinstance(known.get("preprocessing", {}), dict):
+            raise VembedError(f"{where}: 'preprocessing' must be an object")
+        if not isinstance(known.get("task_head", {}), dict):
+            raise VembedError(f"{where}: 'task_head' must be an object")
+        extra = {key: value for key, value in data.items() if key not in _FIELDS}
+        return cls(**known, extra=extra)
+
+    def to_json(self) -> dict:
+        out = {key: getattr(self, key) for key in _FIELDS}
+        if out["task_head"] is None:
+            del out["task_head"]
+        return {**out, **self.extra}
+
+
+def read_model_config(folder: str | Path) -> ModelConfig | None:
+    """The one reader of ``vembed.json``: ``None`` when the folder has none."""
+    path = Path(folder) / VEMBED_CONFIG
+    data = read_json(path)
+    return None if data is None else ModelConfig.from_json(data, where=str(path))
+
+
+def write_model_config(folder: str | Path, config: ModelConfig) -> Path:
+    """The one writer of ``vembed.json`` (atomic); writes back exactly what :func:`read_model_config` read."""
+    return write_json(Path(folder) / VEMBED_CONFIG, config.to_json())
+
+
+def looks_like_hub_id(text: str) -> bool:
+    """``org/name`` that the hub accepts as a repository id."""
+    if text.count("/") != 1 or text.startswith((".", "/", "~")):
+        return False
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(text)
+    except HFValidationError:
+        return False
+    return True
+
+
+def resolve_ref(model: str | Path) -> ModelRef:
+    """Apply the precedence rule (local folder > registry name > hub id) without loading anything."""
+    text = str(model)
+    path = Path(text).expanduser()
+    if path.is_dir():
+        if (path / "config.json").is_file():
+            return ModelRef(text, "folder", str(path))
+        if (path / "final" / "config.json").is_file():
+            return ModelRef(text, "folder", str(path / "final"), run_dir=path)
+        if any((path / marker).exists() for marker in RUN_MARKERS):
+            raise VembedError(
+                f"{path}: run directory has no final/ model (the run did not finish); resume it with "
+                f"`vembed train --config {path / 'settings.yaml'} --resume`"
+            )
+        raise VembedError(f"{path}: not a model folder (no config.json) nor a run directory (with final/)")
+    if path.exists():
+        raise VembedError(f"{path}: is a file, not a model folder")
+    if text in REGISTRY:
+        return ModelRef(text, "registry", text)
+    if looks_like_hub_id(text):
+        return ModelRef(text, "hub", text)
+    if "/" in text or "\\" in text or text.startswith((".", "~")):
+        raise VembedError(
+            f"{text}: no such model folder or run directory (nor a registry name or a hub id org/name)"
+        )
+    close = difflib.get_close_matches(text, list(REGISTRY), n=3, cutoff=0.5)
+    hint = f" Did you mean: {', '.join(close)}?" if close else ""
+    raise VembedError(
+        f"unknown model {text!r}: not a registry name, an existing folder or a hub id (org/name).{hint} "
+        "`vembed models` lists the registry."
+    )
+
+
+def hub_file(
+    hub_id: str, filename: str, *, revision: str | None = None, required: bool = False
+) -> Path | None:
+    """A file of a hub repository (downloaded or cached); ``None`` when an optional file is absent.
+
+    The one place the loader talks to the hub; tests replace it.
+    """
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+
+    try:
+        return Path(hf_hub_download(hub_id, filename, revision=revision))
+    except EntryNotFoundError as exc:  # not in the repository (or, offline, not in the cache)
+        if not required:
+            return None
+        error: Exception = exc
+    except (HFValidationError, OSError, ValueError) as exc:  # network, auth, missing repo or revision
+        error = exc
+    reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    raise VembedError(
+        f"cannot load {filename} of {hub_id!r} from the Hugging Face Hub ({reason}); "
+        f"{hub_id!r} is neither a local folder nor a registry name"
+    )
+
+
+@dataclass
+class LoadedModel:
+    """What a reference resolves to: the spec, the saved identity and head weights, the backbone."""
+
+    ref: ModelRef
+    spec: ModelSpec
+    config: ModelConfig | None  # vembed.json, when the model was saved by vembed
+    head_state: dict = field(default_factory=dict)  # projection / GeM weights (Embedder keys)
+    task_head_state: dict = field(default_factory=dict)  # task head weights, prefix removed
+    backbone: Any = None  # the transformers vision tower (load_model(..., weights=True))
+
+    @property
+    def task_head(self) -> dict | None:
+        """The saved task head's config (``vembed.json: task_head``), ``None`` for an embedding model."""
+        return self.config.task_head if self.config is not None else None
+
+
+def load_model(model: str | Path, *, revision: str | None = None, weights: bool = True) -> LoadedModel:
+    """Resolve ``model`` and load its spec, saved identity, head weights and (``weights``) backbone."""
+    ref = resolve_ref(model)
+    if ref.kind == "registry":
+        spec = REGISTRY[ref.name]
+        loaded = LoadedModel(ref, spec.replace(base_model=spec.base_model or spec.source), None)
+    else:
+        loaded = _load_files(ref, revision=revision)
+    if weights:
+        from vembed.models.factory import load_backbone
+
+        loaded.backbone = load_backbone(loaded.spec, revision=revision)
+    return loaded
+
+
+def load_spec(model: str | Path, *, revision: str | None = None) -> ModelSpec:
+    """Just the spec of ``model`` (no weights): what ``resolve_spec`` returns."""
+    return load_model(model, revision=revision, weights=False).spec
+
+
+def _load_files(ref: ModelRef, *, revision: str | None) -> LoadedModel:
+    """A folder's or hub repository's config, preprocessing, vembed.json and head weights."""
+    if ref.kind == "folder":
+        folder = Path(ref.name)
+
+        def find(name: str) -> Path | None:
+            return folder / name if (folder / name).is_file() else None
+    else:
+
+        def find(name: str) -> Path | None:
+            return hub_file(ref.name, name, revision=revision, required=name == "config.json")
+
+    config_file = find("config.json")
+    if config_file is None:
+        raise VembedError(f"{ref.name}: not a model directory (no config.json)")
+    config = _json(config_file)
+    preprocessor_file = find(PREPROCESSOR_CONFIG)
+    preprocessor = _json(preprocessor_file) if preprocessor_file else None
+    spec = spec_from_config(config, name=ref.name, source=ref.name, preprocessor=preprocessor)
+    spec = spec.replace(base_model=ref.name)
+    saved_file = find(VEMBED_CONFIG)
+    saved = ModelConfig.from_json(_json(saved_file), where=str(saved_file)) if saved_file else None
+    head_state, task_state = {}, {}
+    if saved is not None:
+        spec = apply_model_config(spec, saved)
+        head_file = find(HEAD_WEIGHTS)
+        if head_file is not None:
+            from safetensors.torch import load_file
+
+            state = load_file(str(head_file))
+            head_state = {k: v for k, v in state.items() if not k.startswith(TASK_HEAD_PREFIX)}
+            task_state = {
+                k[len(TASK_HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(TASK_HEAD_PREFIX)
+            }
+    return LoadedModel(ref, spec, saved, head_state, task_state)
+
+
+def apply_model_config(spec: ModelSpec, saved: ModelConfig) -> ModelSpec:
+    """The spec as a saved ``vembed.json`` records it (its pooling and preprocessing win)."""
+    pre = saved.preprocessing
+    return spec.replace(
+        pooling=saved.pooling or spec.pooling,
+        image_size=pre.get("image_size", spec.image_size),
+        crop_pct=pre.get("crop_pct", spec.crop_pct),
+        mean=tuple(pre.get("mean", spec.mean)),
+        std=tuple(pre.get("std", spec.std)),
+        interpolation=pre.get("interpolation", spec.interpolation),
+        lora_targets=tuple(saved.lora_targets or spec.lora_targets),
+        base_model=saved.base_model or spec.base_model,
+        description=f"saved by vembed from {saved.base_model or '?'}",
+    )
+
+
+def _json(path: Path) -> Any:
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except json.JSONDecodeError as exc:
+        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
