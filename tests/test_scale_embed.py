@@ -119,7 +119,8 @@ def test_a_killed_process_resumes_only_its_missing_shards(data, tmp_path, monkey
     resumed = KilledAfter(embedder)
     monkeypatch.setattr(embedder, "encode", resumed)
     run_ = embed_shards(embedder, data["records"], out, **common)  # rerun alone: only block 3 is left
-    assert resumed.images == 2 + 1 and run_.blocks_embedded == 1  # block 3, and the probe image and run_.blocks_reused == 3
+    assert run_.blocks_embedded == 1 and run_.blocks_reused == 3
+    assert resumed.images == 2 + 1  # block 3's two images, and the probe image
     same_store(open_store(out), data["one"])
     after = {p.name: p.stat().st_mtime_ns for p in (out / "shards").iterdir() if p.name in before}
     assert after == {name: t for name, t in before.items() if name in after}  # nothing written twice

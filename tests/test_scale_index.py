@@ -110,7 +110,9 @@ def test_index_build_and_info_commands(tmp_path):
                                 "--nbits", "4", "--opq"])  # fmt: skip
     assert built.exit_code == 0, built.stderr
     assert "built the ivfpq index over 3000 vectors" in built.stderr.replace("\n", "")
-    info = runner.invoke(app, ["index", "info", str(path), "--sample", "100", "index.nprobe=8", "index.rerank=10"])
+    info = runner.invoke(
+        app, ["index", "info", str(path), "--sample", "100", "index.nprobe=8", "index.rerank=10"]
+    )
     assert info.exit_code == 0, info.stderr
     out = info.stdout.replace("\n", "")
     assert "OPQ8,IVF8,PQ8x4" in out and "queries per second" in out and "bytes per vector" in out

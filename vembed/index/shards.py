@@ -212,7 +212,7 @@ def _check_append_target(out: Path, embedder: Embedder, model: str | Path) -> di
         raise VembedError(f"--append: {out} is not a vembed store (embed into it without --append first)")
     meta = read_store_meta(out)
     made_by = (meta.get("model") or {}).get("source")
-    if made_by != model_source(model):
+    if made_by is None or _identity(made_by) != _identity(model):
         raise VembedError(
             f"{out / META_FILE}: the store was made with model {made_by}, not {model_source(model)}; "
             "--append needs the same model (embed into a new store instead)"
@@ -225,6 +225,16 @@ def _check_append_target(out: Path, embedder: Embedder, model: str | Path) -> di
     store = EmbeddingStore(out, torch.empty(0, int(meta["dim"])), [], meta, read_probe(out, meta))
     check_store_model(store, embedder)
     return meta
+
+
+def _identity(model: str | Path) -> str:
+    """The model a reference names (a run directory names its final/), by the loader's one rule."""
+    from vembed.models.loader import resolve_ref
+
+    try:
+        return model_source(resolve_ref(model).name)
+    except VembedError:  # a folder that is gone: compare what was written
+        return model_source(model)
 
 
 def _check_job(job: Path, spec: dict[str, Any]) -> None:
