@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -118,3 +120,33 @@ def test_index_build_and_info_commands(tmp_path):
     assert "OPQ8,IVF8,PQ8x4" in out and "queries per second" in out and "bytes per vector" in out
     recall_at_10 = float(out.split("recall@10 vs exact")[1].split()[1])
     assert recall_at_10 >= 0.9  # every cluster visited, 100 candidates re-scored
+
+
+def test_eval_metrics_from_an_index_report_the_loss_against_exact():
+    from vembed.evaluation.retrieval import retrieval_metrics
+    from vembed.index.ann_eval import ann_retrieval_metrics
+
+    x = clustered(3000, dim=16, clusters=30)
+    labels = np.argmax(x @ clustered(30, dim=16, clusters=30, seed=1).T, axis=1)  # 30 regions of the sphere
+    exact = retrieval_metrics(x, labels, ks=(1, 10))
+    same = ann_retrieval_metrics(x, labels, kind="flat", ks=(1, 10), sample=300)
+    assert same["recall@1"] == pytest.approx(exact["recall@1"]) and same["recall@10"] == exact["recall@10"]
+    assert same["recall_loss@1"] == 0 and same["neighbour_recall@10"] == 1.0 and "map@r" not in same
+    coarse = ann_retrieval_metrics(
+        x, labels, kind="ivfpq", settings=IndexSettings(nlist=16, nprobe=1, pq_m=4, pq_nbits=4, rerank=0),
+        ks=(1, 10), sample=300,
+    )  # fmt: skip
+    assert coarse["neighbour_recall@10"] < 0.9 and coarse["recall_loss@1"] >= 0
+    assert coarse["num_queries"] == exact["num_queries"]
+
+
+def test_eval_retrieval_with_an_index(tiny_model, image_dataset, tmp_path):
+    out = tmp_path / "m.json"
+    args = ["eval", "retrieval", "--model", str(tiny_model), "--data", str(image_dataset), "--k", "1,3"]
+    result = runner.invoke(app, [*args, "--index", "hnsw", "--json", str(out), "data.num_workers=0"])
+    assert result.exit_code == 0, result.output
+    metrics = json.loads(out.read_text())
+    assert {"recall@1", "recall@3", "recall_loss@1", "neighbour_recall@10"} <= set(metrics)
+    assert metrics["neighbour_recall@10"] == 1.0 and metrics["num_queries"] == 20  # HNSW is exact on 20
+    bad = runner.invoke(app, [*args, "--index", "lsh"])
+    assert bad.exit_code == 2 and "--index lsh: choose one of flat, hnsw, ivf, ivfpq" in bad.stderr

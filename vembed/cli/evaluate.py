@@ -35,6 +35,12 @@ def retrieval_command(
     ),
     config: Path = typer.Option(None, "--config", "-c", help="YAML recipe."),
     skip_bad: bool = typer.Option(None, "--skip-bad", help="Skip and count bad records/images."),
+    index: str = typer.Option(
+        None,
+        "--index",
+        help="Neighbours from a faiss index (hnsw, ivf, ivfpq, flat) instead of exact search; reports the "
+        "recall loss against exact on a sample (no MAP@R).",
+    ),
     overrides: list[str] = typer.Argument(None, help="key=value settings overrides."),
 ) -> None:
     """Recall@K and MAP@R: all-vs-all (SOP protocol), or query/gallery with --gallery."""
@@ -42,13 +48,18 @@ def retrieval_command(
     data = data or settings.data.test
     if data is None:
         raise VembedError("no evaluation data: pass --data FILE.jsonl (or set data.test)")
+    from vembed.index.faiss_index import KINDS
+
+    if index is not None and index not in KINDS:
+        raise VembedError(f"--index {index}: choose one of {', '.join(KINDS)}")
     _evaluate(
         settings,
         [settings.model.name, *(compare or [])],
         data,
         gallery,
         json_out,
-        title=f"retrieval on {data}",
+        title=f"retrieval on {data}" + (f" ({index} index)" if index else ""),
+        index=index,
     )
 
 
@@ -91,6 +102,7 @@ def _evaluate(
     json_out: Path | None,
     *,
     title: str,
+    index: str | None = None,
 ) -> None:
     from vembed.evaluation.report import comparison_json, comparison_table  # torch: imported on use
     from vembed.evaluation.run import evaluate_retrieval
@@ -101,7 +113,7 @@ def _evaluate(
     reports = []
     for name in models:
         log(f"evaluating [bold]{name}[/] on {data}")
-        reports.append(evaluate_retrieval(name, data, gallery=gallery, settings=settings))
+        reports.append(evaluate_retrieval(name, data, gallery=gallery, settings=settings, index=index))
     Console().print(comparison_table(reports, title=title))
     if json_out is not None:
         write_json(json_out, comparison_json(reports))

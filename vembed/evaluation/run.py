@@ -48,11 +48,13 @@ def evaluate_retrieval(
     gallery: str | Path | RecordSet | None = None,
     settings: Settings | None = None,
     show_progress: bool = True,
+    index: str | None = None,
 ) -> RetrievalReport:
     """Recall@K (``settings.eval.k``) and MAP@R of ``model`` on labelled records.
 
     Without ``gallery`` every image queries all the others, itself excluded (the SOP protocol);
-    with it, ``query`` images search the ``gallery`` images.
+    with it, ``query`` images search the ``gallery`` images. ``index`` (a faiss kind: hnsw, ivf, ivfpq,
+    flat) takes the neighbours from that index instead, see :mod:`vembed.index.ann_eval`.
     """
     settings = settings or Settings()
     start = time.perf_counter()
@@ -82,14 +84,21 @@ def evaluate_retrieval(
         r_emb, r_labels, r_problems = embed(references, "gallery")
         problems = problems + r_problems
         kwargs = {"reference_embeddings": r_emb, "reference_labels": r_labels}
-    metrics = retrieval_metrics(
-        q_emb,
-        q_labels,
-        **kwargs,
-        ks=settings.eval.k,
-        chunk_size=settings.eval.chunk_size,
-        progress=show_progress,
-    )
+    if index is not None:
+        from vembed.index.ann_eval import ann_retrieval_metrics
+
+        metrics = ann_retrieval_metrics(
+            q_emb, q_labels, **kwargs, kind=index, settings=settings.index, ks=settings.eval.k
+        )
+    else:
+        metrics = retrieval_metrics(
+            q_emb,
+            q_labels,
+            **kwargs,
+            ks=settings.eval.k,
+            chunk_size=settings.eval.chunk_size,
+            progress=show_progress,
+        )
     if problems:
         log(f"[yellow]skipped {len(problems)} bad image(s)[/]; first: {problems[0]}")
     return RetrievalReport(
