@@ -90,12 +90,14 @@ def export_model(
     dtype: str | None = None,
     onnx: bool | None = None,
     opset: int = ONNX_OPSET,
+    truncate_dim: int | None = None,
 ) -> ExportResult:
     """Export ``source`` (a run dir — its ``final/`` —, a model folder, registry name or hub id) to ``out``.
 
     ``dtype`` casts the saved backbone weights (``float32``, ``float16``, ``bfloat16``); ``onnx`` also
     writes ``model.onnx`` (always float32) and fails if onnxruntime's output differs from PyTorch's
-    by more than ``ONNX_ATOL``. Left as ``None`` they come from the run's ``export`` settings (its
+    by more than ``ONNX_ATOL``. ``truncate_dim`` keeps the first N dims of the embedding (re-normalised;
+    a Matryoshka width), recorded in ``vembed.json`` and part of the ONNX graph. Left as ``None`` they come from the run's ``export`` settings (its
     ``settings.yaml``), else float32 without ONNX. Raises :class:`VembedError` before writing anything
     on a bad source, a bad ``out`` or a missing onnxruntime.
     """
@@ -109,7 +111,7 @@ def export_model(
     _check_inputs(model, run_dir, out, dtype, onnx)
     log(f"exporting [bold]{model}[/] → {out} ({dtype}{', onnx' if onnx else ''})")
     loaded = load_model(model)
-    embedder = build_embedder(loaded, device="cpu", dtype="float32")
+    embedder = build_embedder(loaded, device="cpu", dtype="float32", truncate_dim=truncate_dim)
     saved = loaded.config or ModelConfig()
     # write exactly what was read: the saved identity's other keys (training ...) and its task head
     extra = {k: v for k, v in saved.extra.items() if k not in ("export", "exported_from")}
@@ -398,6 +400,13 @@ def _model_card(config: dict) -> str:
         else ""
     )
     norm_line = "emb = torch.nn.functional.normalize(feats, dim=-1)" if config["normalize"] else "emb = feats"
+    if config.get("truncate_dim"):
+        width = config["truncate_dim"]
+        norm_line = (
+            f"emb = torch.nn.functional.normalize(feats[:, :{width}], dim=-1)  # the first {width} dims"
+            if config["normalize"]
+            else f"emb = feats[:, :{width}]  # the first {width} dims"
+        )
     export = config.get("export", {})
     onnx = export.get("onnx")
     onnx_text = (

@@ -6,7 +6,16 @@ Python user of the library would also need lives here.
 
 from __future__ import annotations
 
-from vembed.cli import embed, evaluate, export, inspect, prepare, segment, train  # noqa: F401  (registers commands)
+from vembed.cli import (  # noqa: F401  (registers commands)
+    embed,
+    eval_classes,
+    evaluate,
+    export,
+    inspect,
+    prepare,
+    segment,
+    train,
+)
 from vembed.cli.app import app
 
 

@@ -7,13 +7,41 @@ import os
 from pathlib import Path
 
 import typer
+from typer.core import TyperGroup
 
 from vembed.console import console
 from vembed.errors import VembedError
 from vembed.settings import Settings, load_settings
 
+# `vembed --help` lists commands in the order a user runs them; helpers (and any others) come last.
+COMMAND_ORDER = (
+    "prepare",
+    "train",
+    "eval",
+    "export",
+    "embed",
+    "search",
+    "classify",
+    "predict-masks",
+    "index",
+    "quickstart",
+    "models",
+    "config",
+)
+
+
+class OrderedGroup(TyperGroup):
+    """A command group whose ``list_commands`` follows :data:`COMMAND_ORDER`."""
+
+    def list_commands(self, ctx) -> list[str]:
+        names = super().list_commands(ctx)
+        rank = {name: i for i, name in enumerate(COMMAND_ORDER)}
+        return sorted(names, key=lambda name: (rank.get(name, len(rank)), names.index(name)))
+
+
 app = typer.Typer(
     name="vembed",
+    cls=OrderedGroup,
     help="Turn a pretrained vision backbone into a domain-specific image embedding model: "
     "prepare data, train, evaluate, export, embed and search.",
     no_args_is_help=True,

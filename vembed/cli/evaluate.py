@@ -33,6 +33,11 @@ def retrieval_command(
         "--compare",
         help="Also evaluate these models (repeatable); the table shows their deltas against --model.",
     ),
+    dims: str = typer.Option(
+        None,
+        "--dims",
+        help="Also score these truncated widths (first N dims, re-normalised), e.g. 64,128,768.",
+    ),
     config: Path = typer.Option(None, "--config", "-c", help="YAML recipe."),
     skip_bad: bool = typer.Option(None, "--skip-bad", help="Skip and count bad records/images."),
     index: str = typer.Option(
@@ -44,6 +49,9 @@ def retrieval_command(
     overrides: list[str] = typer.Argument(None, help="key=value settings overrides."),
 ) -> None:
     """Recall@K and MAP@R: all-vs-all (SOP protocol), or query/gallery with --gallery."""
+    from vembed.evaluation.base import parse_dims
+
+    widths = parse_dims(dims)
     settings = settings_from(config, overrides, model__name=model, eval__k=k, data__skip_bad=skip_bad)
     data = data or settings.data.test
     if data is None:
@@ -59,6 +67,7 @@ def retrieval_command(
         gallery,
         json_out,
         title=f"retrieval on {data}" + (f" ({index} index)" if index else ""),
+        dims=widths,
         index=index,
     )
 
@@ -102,6 +111,7 @@ def _evaluate(
     json_out: Path | None,
     *,
     title: str,
+    dims: list[int] | None = None,
     index: str | None = None,
 ) -> None:
     from vembed.evaluation.report import comparison_json, comparison_table  # torch: imported on use
@@ -113,8 +123,11 @@ def _evaluate(
     reports = []
     for name in models:
         log(f"evaluating [bold]{name}[/] on {data}")
-        reports.append(evaluate_retrieval(name, data, gallery=gallery, settings=settings, index=index))
-    Console().print(comparison_table(reports, title=title))
+        reports.append(
+            evaluate_retrieval(name, data, gallery=gallery, settings=settings, dims=dims or (), index=index)
+        )
+    rows = [row for report in reports for row in report.by_width()]
+    Console().print(comparison_table(rows, title=title))
     if json_out is not None:
         write_json(json_out, comparison_json(reports))
         write_text(json_out.with_suffix(".settings.yaml"), settings_to_yaml(settings))

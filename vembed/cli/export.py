@@ -32,12 +32,18 @@ def export_command(
         help="Weights as float32, float16 or bfloat16. Default: the run's export.dtype setting (float32).",
     ),
     json_out: Path = typer.Option(None, "--json", help="Also write the export summary here as JSON."),
+    truncate_dim: int = typer.Option(
+        None,
+        "--truncate-dim",
+        help="Keep the first N embedding dims, re-normalised (a train.matryoshka_dims width; "
+        "model.truncate_dim).",
+    ),
 ) -> None:
     """Write a model folder that vembed and plain transformers.AutoModel load (LoRA merged)."""
     from vembed.export import export_model
 
     quiet_transformers()
-    result = export_model(source, out, dtype=dtype, onnx=onnx)
+    result = export_model(source, out, dtype=dtype, onnx=onnx, truncate_dim=truncate_dim)
     table = Table(title=f"exported {result.model}", title_justify="left", show_header=False)
     table.add_column("", style="bold")
     table.add_column("")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -11,7 +12,7 @@ from vembed.data.records import RecordSet, read_records
 from vembed.errors import VembedError
 from vembed.evaluation.retrieval import retrieval_metrics
 from vembed.inference import embed_records
-from vembed.models.embedder import Embedder
+from vembed.models.embedder import Embedder, truncate_embeddings
 from vembed.models.factory import create_embedder
 from vembed.models.registry import resolve_spec
 from vembed.settings import Settings
@@ -28,9 +29,10 @@ class RetrievalReport:
     gallery: str | None = None
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
+    dims: dict[int, dict[str, float]] = field(default_factory=dict)  # width → metrics (--dims)
 
     def to_json(self) -> dict:
-        return {
+        out = {
             "model": self.model,
             "data": self.data,
             "gallery": self.gallery,
@@ -39,6 +41,16 @@ class RetrievalReport:
             "seconds": round(self.seconds, 3),
             "num_bad_images": len(self.problems),
         }
+        if self.dims:
+            out["dims"] = {str(d): m for d, m in self.dims.items()}
+        return out
+
+    def by_width(self) -> list[RetrievalReport]:
+        """This report first, then one per ``--dims`` width (named ``model @ N-d``), for tables."""
+        return [self] + [
+            RetrievalReport(f"{self.model} @ {d}-d", self.data, m, self.protocol, self.gallery)
+            for d, m in self.dims.items()
+        ]
 
 
 def evaluate_retrieval(
@@ -48,13 +60,15 @@ def evaluate_retrieval(
     gallery: str | Path | RecordSet | None = None,
     settings: Settings | None = None,
     show_progress: bool = True,
+    dims: Sequence[int] = (),
     index: str | None = None,
 ) -> RetrievalReport:
     """Recall@K (``settings.eval.k``) and MAP@R of ``model`` on labelled records.
 
     Without ``gallery`` every image queries all the others, itself excluded (the SOP protocol);
-    with it, ``query`` images search the ``gallery`` images. ``index`` (a faiss kind: hnsw, ivf, ivfpq,
-    flat) takes the neighbours from that index instead, see :mod:`vembed.index.ann_eval`.
+    with it, ``query`` images search the ``gallery`` images. ``dims`` also scores each of these
+    truncated widths (first N dims, re-normalised) of the same embeddings. ``index`` (a faiss kind:
+    hnsw, ivf, ivfpq, flat) takes the neighbours from that index instead, see :mod:`vembed.index.ann_eval`.
     """
     settings = settings or Settings()
     start = time.perf_counter()
@@ -79,26 +93,37 @@ def evaluate_retrieval(
         return out.embeddings, [images[i].label for i in out.indices], out.problems
 
     q_emb, q_labels, problems = embed(queries, "queries")
-    kwargs = {}
+    r_emb = r_labels = None
     if references is not None:
         r_emb, r_labels, r_problems = embed(references, "gallery")
         problems = problems + r_problems
-        kwargs = {"reference_embeddings": r_emb, "reference_labels": r_labels}
-    if index is not None:
-        from vembed.index.ann_eval import ann_retrieval_metrics
 
-        metrics = ann_retrieval_metrics(
-            q_emb, q_labels, **kwargs, kind=index, settings=settings.index, ks=settings.eval.k
-        )
-    else:
-        metrics = retrieval_metrics(
-            q_emb,
+    def score(dim: int | None) -> dict[str, float]:
+        kwargs = {}
+        if r_emb is not None:
+            kwargs = {"reference_embeddings": _width(r_emb, dim, embedder), "reference_labels": r_labels}
+        if index is not None:
+            from vembed.index.ann_eval import ann_retrieval_metrics
+
+            return ann_retrieval_metrics(
+                _width(q_emb, dim, embedder),
+                q_labels,
+                **kwargs,
+                kind=index,
+                settings=settings.index,
+                ks=settings.eval.k,
+            )
+        return retrieval_metrics(
+            _width(q_emb, dim, embedder),
             q_labels,
             **kwargs,
             ks=settings.eval.k,
             chunk_size=settings.eval.chunk_size,
-            progress=show_progress,
+            progress=show_progress and dim is None,
         )
+
+    metrics = score(None)
+    by_dim = {dim: score(dim) for dim in dims}
     if problems:
         log(f"[yellow]skipped {len(problems)} bad image(s)[/]; first: {problems[0]}")
     return RetrievalReport(
@@ -109,7 +134,17 @@ def evaluate_retrieval(
         metrics=metrics,
         seconds=time.perf_counter() - start,
         problems=problems,
+        dims=by_dim,
     )
+
+
+def _width(embeddings, dim: int | None, embedder: Embedder):
+    """The embeddings at a ``--dims`` width (None: as they are)."""
+    if dim is None:
+        return embeddings
+    if dim > embeddings.shape[1]:
+        raise VembedError(f"--dims {dim} is wider than the model's {embeddings.shape[1]}-d embeddings")
+    return truncate_embeddings(embeddings, dim, normalize=embedder.normalize)
 
 
 def _records(source: str | Path | RecordSet, settings: Settings) -> RecordSet:

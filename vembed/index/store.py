@@ -131,6 +131,7 @@ def build_store(
             "pooling": embedder.pooling,
             "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
             "normalize": embedder.normalize,
+            "truncate_dim": embedder.truncate_dim,
         },
         "preprocessing": spec.preprocessing(),
         "source": source,
@@ -316,6 +317,7 @@ def model_settings_for(store: EmbeddingStore, base: ModelSettings | None = None)
             "pooling": model.get("pooling"),
             "projection_dim": model.get("projection_dim"),
             "normalize": bool(model.get("normalize", True)),
+            "truncate_dim": model.get("truncate_dim"),
             "image_size": pre.get("image_size"),
         }
     )
@@ -335,6 +337,8 @@ def embedder_for_store(store: EmbeddingStore, base: ModelSettings | None = None)
         revision=settings.revision,
         device=settings.device,
         dtype=settings.dtype,
+        attention=settings.attention,
+        truncate_dim=settings.truncate_dim,
     )
     check_store_model(store, embedder)
     return embedder

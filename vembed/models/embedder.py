@@ -12,6 +12,18 @@ from vembed.models.registry import ModelSpec
 POOLINGS = ("cls", "mean", "cls+mean", "gem", "pooler")
 
 
+def truncate_embeddings(embeddings: torch.Tensor, dim: int, *, normalize: bool = True) -> torch.Tensor:
+    """The first ``dim`` components of each embedding (a Matryoshka width), re-normalised to unit length.
+
+    ``normalize=False`` only slices. This is the one definition of a truncated width: the model's
+    ``truncate_dim``, ``--dims`` in evaluation and the store all use it.
+    """
+    if not 1 <= dim <= embeddings.shape[-1]:
+        raise VembedError(f"cannot truncate {embeddings.shape[-1]}-d embeddings to {dim} dims")
+    out = embeddings[..., :dim]
+    return F.normalize(out, dim=-1) if normalize else out
+
+
 class GeM(nn.Module):
     """Generalised-mean pooling over patch tokens with a learnable exponent p, for signed features.
 
@@ -52,6 +64,7 @@ class Embedder(nn.Module):
         pooling: str | None = None,
         projection_dim: int | None = None,
         normalize: bool = True,
+        truncate_dim: int | None = None,
     ):
         super().__init__()
         pooling = pooling or spec.pooling
@@ -69,7 +82,13 @@ class Embedder(nn.Module):
         width = spec.embed_dim * (2 if pooling == "cls+mean" else 1)
         self.feature_dim = width
         self.projection = nn.Linear(width, projection_dim) if projection_dim else None
-        self.embed_dim = projection_dim or width
+        self.full_dim = projection_dim or width
+        if truncate_dim is not None and not 1 <= truncate_dim <= self.full_dim:
+            raise VembedError(
+                f"model.truncate_dim is {truncate_dim}, but the model's embeddings are {self.full_dim}-d"
+            )
+        self.truncate_dim = truncate_dim if truncate_dim != self.full_dim else None
+        self.embed_dim = self.truncate_dim or self.full_dim
 
     @property
     def num_prefix_tokens(self) -> int:
@@ -97,6 +116,8 @@ class Embedder(nn.Module):
         """Projection and normalisation applied to pooled features (cacheable for frozen training)."""
         if self.projection is not None:
             features = self.projection(features.to(self.projection.weight.dtype))
+        if self.truncate_dim is not None:
+            return truncate_embeddings(features.float(), self.truncate_dim, normalize=self.normalize)
         return F.normalize(features.float(), dim=-1) if self.normalize else features.float()
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:

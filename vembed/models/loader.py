@@ -39,6 +39,7 @@ _FIELDS = (
     "projection_dim",
     "normalize",
     "embed_dim",
+    "truncate_dim",
     "num_prefix_tokens",
     "lora_targets",
     "preprocessing",
@@ -75,6 +76,7 @@ class ModelConfig:
     projection_dim: int | None = None
     normalize: bool | None = None
     embed_dim: int | None = None
+    truncate_dim: int | None = None  # the first N dims of the embedding, re-normalised (Matryoshka)
     num_prefix_tokens: int | None = None
     lora_targets: list[str] | None = None
     preprocessing: dict = field(default_factory=dict)
@@ -200,8 +202,13 @@ class LoadedModel:
         return self.config.task_head if self.config is not None else None
 
 
-def load_model(model: str | Path, *, revision: str | None = None, weights: bool = True) -> LoadedModel:
-    """Resolve ``model`` and load its spec, saved identity, head weights and (``weights``) backbone."""
+def load_model(
+    model: str | Path, *, revision: str | None = None, weights: bool = True, attention: str = "auto"
+) -> LoadedModel:
+    """Resolve ``model`` and load its spec, saved identity, head weights and (``weights``) backbone.
+
+    ``attention``: transformers' ``attn_implementation`` for the backbone (``model.attention``).
+    """
     ref = resolve_ref(model)
     if ref.kind == "registry":
         spec = REGISTRY[ref.name]
@@ -211,7 +218,7 @@ def load_model(model: str | Path, *, revision: str | None = None, weights: bool 
     if weights:
         from vembed.models.factory import load_backbone
 
-        loaded.backbone = load_backbone(loaded.spec, revision=revision)
+        loaded.backbone = load_backbone(loaded.spec, revision=revision, attention=attention)
     return loaded
 
 

@@ -1,0 +1,193 @@
+"""What every evaluator shares: the contract, labelled embeddings, and the checks on class labels.
+
+The contract (sentence-transformers style): an evaluator is a callable ``evaluator(embedder) ->
+{metric: value}`` with a ``primary_metric`` naming the key that ranks models. Training validation and
+``vembed eval`` call the same objects; the CLI only renders their results.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from vembed.console import log
+from vembed.data.records import ImageRecord, RecordSet, read_records
+from vembed.errors import VembedError
+from vembed.inference import embed_records
+from vembed.models.embedder import Embedder, truncate_embeddings
+from vembed.settings import Settings
+
+__all__ = [
+    "EmbedOptions",
+    "Evaluator",
+    "LabelledEmbeddings",
+    "embed_labelled",
+    "embedder_for",
+    "parse_dims",
+    "read_labelled",
+]
+
+
+@runtime_checkable
+class Evaluator(Protocol):
+    """``evaluator(embedder) -> {metric: value}``; ``metrics[primary_metric]`` ranks models."""
+
+    primary_metric: str
+
+    def __call__(self, embedder: Embedder) -> dict[str, float]: ...
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How images are embedded for an evaluation (from ``eval.batch_size``, ``data.num_workers`` ...)."""
+
+    batch_size: int = 64
+    num_workers: int = 2
+    skip_bad: bool = False
+    show_progress: bool = True
+
+    @classmethod
+    def from_settings(cls, settings: Settings, *, show_progress: bool = True) -> EmbedOptions:
+        return cls(settings.eval.batch_size, settings.data.num_workers, settings.data.skip_bad, show_progress)
+
+
+@dataclass
+class LabelledEmbeddings:
+    """Embeddings ``[N, D]`` of the records that decoded, with their labels, in record order."""
+
+    embeddings: torch.Tensor
+    labels: list
+    source: str = ""  # the records file, for messages
+    problems: list[str] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def truncated(self, dim: int | None, *, normalize: bool = True) -> LabelledEmbeddings:
+        """The first ``dim`` dims re-normalised (``None``: unchanged)."""
+        if dim is None or dim == self.embeddings.shape[1]:
+            return self
+        if dim > self.embeddings.shape[1]:
+            raise VembedError(
+                f"--dims {dim} is wider than the model's {self.embeddings.shape[1]}-d embeddings"
+            )
+        emb = truncate_embeddings(self.embeddings, dim, normalize=normalize)
+        return LabelledEmbeddings(emb, self.labels, self.source, self.problems)
+
+
+def read_labelled(path: str | Path, settings: Settings | None = None) -> RecordSet:
+    """Labelled image records of a JSONL file (``data.image_root``, ``data.skip_bad`` respected)."""
+    data = (settings or Settings()).data
+    records = read_records(path, image_root=data.image_root, skip_bad=data.skip_bad, require_label=True)
+    if records.problems:
+        log(f"[yellow]skipped {len(records.problems)} bad record(s)[/]; first: {records.problems[0]}")
+    if not records.records:
+        raise VembedError(f"{path}: no usable records")
+    return records
+
+
+def embed_labelled(
+    embedder: Embedder,
+    records: RecordSet | Sequence[ImageRecord],
+    options: EmbedOptions = EmbedOptions(),
+    *,
+    description: str = "embedding",
+) -> LabelledEmbeddings:
+    """Embed labelled records through :func:`vembed.inference.embed_records` (the one embedding path)."""
+    source = str(records.path) if isinstance(records, RecordSet) else ""
+    images = records.images() if isinstance(records, RecordSet) else list(records)
+    out = embed_records(
+        embedder,
+        images,
+        batch_size=options.batch_size,
+        num_workers=options.num_workers,
+        skip_bad=options.skip_bad,
+        show_progress=options.show_progress,
+        description=description,
+    )
+    if out.problems:
+        log(f"[yellow]{source}: skipped {len(out.problems)} bad image(s)[/]; first: {out.problems[0]}")
+    if not out.indices:
+        raise VembedError(f"{source or 'records'}: no image could be embedded")
+    return LabelledEmbeddings(out.embeddings, [images[i].label for i in out.indices], source, out.problems)
+
+
+def embedder_for(model: str | Path | Embedder, settings: Settings | None = None) -> Embedder:
+    """``model`` itself when it is an :class:`Embedder`, else the model it names (``settings.model``)."""
+    if isinstance(model, Embedder):
+        return model
+    from vembed.models.factory import create_embedder
+
+    return create_embedder(str(model), (settings or Settings()).model)
+
+
+def model_name(model: str | Path | Embedder) -> str:
+    return model.spec.name if isinstance(model, Embedder) else str(model)
+
+
+def parse_dims(value: str | Sequence[int] | None) -> list[int]:
+    """``"64,128,768"`` → ``[64, 128, 768]`` (positive, distinct, in the order given)."""
+    if value is None:
+        return []
+    parts = value.split(",") if isinstance(value, str) else list(value)
+    dims: list[int] = []
+    for part in parts:
+        try:
+            dim = int(str(part).strip())
+        except ValueError:
+            raise VembedError(
+                f"--dims: {str(part).strip()!r} is not an integer (e.g. --dims 64,128,768)"
+            ) from None
+        if dim < 1:
+            raise VembedError(f"--dims: widths must be positive, got {dim}")
+        if dim not in dims:
+            dims.append(dim)
+    return dims
+
+
+def drop_unknown_labels(
+    data: LabelledEmbeddings, known: set, *, reference: str, what: str = "queries", warn: bool = True
+) -> LabelledEmbeddings:
+    """Leave out the items whose label never occurs in ``known`` (the support / training classes).
+
+    Warns once, naming the file, how many items and which classes; raises when nothing is left.
+    """
+    missing = Counter(label for label in data.labels if label not in known)
+    if not missing:
+        return data
+    count = sum(missing.values())
+    if warn:
+        log(
+            f"[yellow]warning:[/] {data.source}: {count} {what} of {len(missing)} class(es) absent from "
+            f"{reference} ({class_list(missing)}) are left out"
+        )
+    keep = [i for i, label in enumerate(data.labels) if label in known]
+    if not keep:
+        raise VembedError(f"{data.source}: no {what} has a class that occurs in {reference}")
+    index = torch.tensor(keep, dtype=torch.long)
+    return LabelledEmbeddings(
+        data.embeddings[index], [data.labels[i] for i in keep], data.source, data.problems
+    )
+
+
+def class_list(classes, limit: int = 8) -> str:
+    """``"a, b, c"`` (sorted, at most ``limit`` names, then ``+N more``)."""
+    names = sorted(classes, key=str)
+    text = ", ".join(str(n) for n in names[:limit])
+    return text + (f", +{len(names) - limit} more" if len(names) > limit else "")
+
+
+def accuracy_by_class(truth: Sequence, predicted: Sequence) -> dict[str, float]:
+    """Per-class top-1 accuracy (recall), keyed by the class label as text, in sorted label order."""
+    totals: Counter = Counter(truth)
+    correct: Counter = Counter(t for t, p in zip(truth, predicted, strict=True) if t == p)
+    return {str(label): correct[label] / totals[label] for label in sorted(totals, key=label_sort_key)}
+
+
+def label_sort_key(label) -> tuple:
+    return (0, label, "") if isinstance(label, int) else (1, 0, str(label))
