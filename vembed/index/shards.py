@@ -23,7 +23,6 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
-from vembed import __version__
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.index.blocks import iter_blocks
@@ -32,7 +31,6 @@ from vembed.index.store import (
     PROBE_FILE,
     SETTINGS_FILE,
     STORE_FORMAT,
-    STORE_VERSION,
     EmbeddingStore,
     _read_manifest,
     check_store_model,
@@ -41,6 +39,7 @@ from vembed.index.store import (
     probe_embedding,
     read_probe,
     read_store_meta,
+    store_meta,
     store_shards,
 )
 from vembed.io import atomic_path, read_json, write_json, write_jsonl, write_text
@@ -312,30 +311,17 @@ def _finalize(job: Path, out: Path, spec: dict, num_blocks: int, embedder: Embed
 
 
 def _meta(embedder: Embedder, spec: dict, entries: list[dict], count: int, skipped: int) -> dict[str, Any]:
-    return {
-        "format": STORE_FORMAT,
-        "format_version": STORE_VERSION,
-        "vembed_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "count": count,
-        "dim": embedder.embed_dim,
-        "dtype": "float32",
-        "normalize": embedder.normalize,
-        "model": {
-            "source": spec["model"],
-            "revision": spec["revision"],
-            "family": embedder.spec.family,
-            "pooling": embedder.pooling,
-            "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
-            "normalize": embedder.normalize,
-        },
-        "preprocessing": spec["preprocessing"],
-        "source": spec["source"],
-        "num_skipped": skipped,
-        "shard_size": spec["shard_size"],
-        "parts": spec["part"] + 1,
-        "shards": entries,
-    }
+    meta = store_meta(
+        embedder, model=spec["model"], revision=spec["revision"], count=count, source=spec["source"]
+    )
+    meta["preprocessing"] = spec["preprocessing"]
+    meta.update(
+        num_skipped=skipped,
+        shard_size=spec["shard_size"],
+        parts=spec["part"] + 1,
+        shards=entries,
+    )
+    return meta
 
 
 def _finish_append(job: Path, out: Path, entries: list[dict], skipped: int) -> None:

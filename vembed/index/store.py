@@ -99,6 +99,35 @@ def probe_embedding(embedder: Embedder) -> torch.Tensor:
     return embedder.encode(probe_input(embedder))
 
 
+def store_meta(
+    embedder: Embedder, *, model: str | Path, revision: str | None, count: int, source: str
+) -> dict[str, Any]:
+    """``meta.json`` of a store of ``count`` embeddings made by ``embedder`` (how to rebuild it)."""
+    spec = embedder.spec
+    return {
+        "format": STORE_FORMAT,
+        "format_version": STORE_VERSION,
+        "vembed_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "count": count,
+        "dim": embedder.embed_dim,
+        "dtype": "float32",
+        "normalize": embedder.normalize,
+        "model": {
+            "source": model_source(model),
+            "revision": revision,
+            "family": spec.family,
+            "pooling": embedder.pooling,
+            "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
+            "normalize": embedder.normalize,
+            "truncate_dim": embedder.truncate_dim,
+        },
+        "preprocessing": spec.preprocessing(),
+        "source": source,
+        "num_skipped": 0,
+    }
+
+
 def build_store(
     embedder: Embedder,
     embeddings: torch.Tensor,
@@ -114,29 +143,9 @@ def build_store(
         raise VembedError(f"{len(embeddings)} embeddings but {len(records)} records")
     if len(records) == 0:
         raise VembedError(f"{source or 'source'}: no image could be embedded; the store would be empty")
-    spec = embedder.spec
-    meta = {
-        "format": STORE_FORMAT,
-        "format_version": STORE_VERSION,
-        "vembed_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "count": len(records),
-        "dim": int(embeddings.shape[1]),
-        "dtype": "float32",
-        "normalize": embedder.normalize,
-        "model": {
-            "source": model_source(model),
-            "revision": revision,
-            "family": spec.family,
-            "pooling": embedder.pooling,
-            "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
-            "normalize": embedder.normalize,
-            "truncate_dim": embedder.truncate_dim,
-        },
-        "preprocessing": spec.preprocessing(),
-        "source": source,
-        "num_skipped": len(problems or []),
-    }
+    meta = store_meta(embedder, model=model, revision=revision, count=len(records), source=source)
+    meta["dim"] = int(embeddings.shape[1])
+    meta["num_skipped"] = len(problems or [])
     manifest = [
         {"path": str(Path(rec.image).expanduser().resolve()), "label": rec.label, "category": rec.category}
         for rec in records
