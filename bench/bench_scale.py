@@ -75,6 +75,13 @@ def queries_like(n: int, dim: int, count: int) -> np.ndarray:
 
 
 def rss_mb() -> float:
+    """This process' peak RSS (VmHWM: ``ru_maxrss`` would start from the parent's peak at fork)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 

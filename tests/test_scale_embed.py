@@ -214,3 +214,28 @@ def _two_fake_processes():
     from vembed.index.processes import Processes
 
     return contextlib.nullcontext(Processes(0, 2))
+
+
+def test_append_to_a_version_1_store(data, tmp_path):
+    from vembed.data.records import read_records
+    from vembed.index.embed import embed_to_store
+
+    embedder = create_embedder(str(data["model"]))
+    records = read_records(data["records"]).images()[:9]
+    out = tmp_path / "store"
+    embed_to_store(embedder, records, out, model=data["model"], num_workers=0, show_progress=False)
+    assert (out / "embeddings.safetensors").is_file()  # the single-file layout
+    run(
+        "embed",
+        data["records"],
+        "--model",
+        data["model"],
+        "--out",
+        out,
+        "--append",
+        "-q",
+        "data.num_workers=0",
+    )
+    store = open_store(out)
+    same_store(store, data["one"])
+    assert [s.count for s in store_shards(out)] == [9, 5] and store.probe is not None
