@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from itertools import islice
 from pathlib import Path
 
-from vembed.data.records import ImageRecord, PairRecord, RecordSet, parse_record
+from vembed.data.records import ImageRecord, RecordSet, _paths, parse_record
 from vembed.errors import VembedError
 from vembed.index.sources import RECORD_SUFFIXES, STDIN, records_from_source
 
@@ -53,7 +53,7 @@ def iter_blocks(
 
 def _jsonl_blocks(path, block_size, owned, image_root, skip_bad, exclude) -> Iterator[Block]:
     root = Path(image_root) if image_root is not None else path.parent
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:  # a BOM (Excel, Notepad) is not part of line 1
         lines = ((lineno, line) for lineno, line in enumerate(fh, start=1) if line.strip())
         number = 0
         any_line = False
@@ -78,13 +78,13 @@ def _count(lines: Iterator, n: int) -> int:
 
 
 def _parse(path: Path, chunk, root: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[str]]:
-    records: list[ImageRecord | PairRecord] = []
+    records: list = []
     problems: list[str] = []
     for lineno, line in chunk:
         where = f"{path}:{lineno}"
         try:
             rec = parse_record(line, root=root, where=where)
-            for image in (rec.query_image, rec.positive) if isinstance(rec, PairRecord) else (rec.image,):
+            for image in _paths(rec):
                 if not image.is_file():
                     raise VembedError(f"{where}: image not found: {image}")
         except VembedError as exc:

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 from safetensors.torch import save_file
 
+import vembed.io
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.index.blocks import iter_blocks
@@ -306,8 +307,9 @@ def _finalize(job: Path, out: Path, spec: dict, num_blocks: int, embedder: Embed
     if settings_yaml is not None:
         write_text(job / SETTINGS_FILE, settings_yaml)
     write_json(job / META_FILE, meta)
-    (job / JOB_FILE).unlink()
+    vembed.io.make_readable(job)  # (through the module: the reliability tests interrupt here)
     _swap(job, out)
+    (out / JOB_FILE).unlink()  # only now: until the swap, a rerun must still match the job
 
 
 def _meta(embedder: Embedder, spec: dict, entries: list[dict], count: int, skipped: int) -> dict[str, Any]:
