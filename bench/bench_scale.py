@@ -85,7 +85,7 @@ def rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_kind(kind: str, store: Path, work: Path, threads: int, nlist: int) -> dict:
+def run_kind(kind: str, store: Path, work: Path, threads: int, nlist: int, pq_nbits: int = 8) -> dict:
     """Child process: build ``kind`` from the store, sweep its query knob; figures as a dict."""
     import faiss
 
@@ -97,9 +97,8 @@ def run_kind(kind: str, store: Path, work: Path, threads: int, nlist: int) -> di
         faiss.omp_set_num_threads(threads)
     queries = np.load(work / "queries.npy")
     exact = np.load(work / "exact.npy")
-    settings = IndexSettings(
-        **{**BUILD.get(kind, {}), **({"nlist": nlist} if kind in ("ivf", "ivfpq") else {})}
-    )
+    build = {**BUILD.get(kind, {}), **({"nlist": nlist} if kind in ("ivf", "ivfpq") else {})}
+    settings = IndexSettings(**{**build, **({"pq_nbits": pq_nbits} if kind == "ivfpq" else {})})
     start = time.perf_counter()
     index = build_store_index(store, kind, settings, show_progress=False)
     build = time.perf_counter() - start
@@ -132,6 +131,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--queries", type=int, default=1000)
     parser.add_argument("--kinds", default="flat,hnsw,ivf,ivfpq")
     parser.add_argument("--nlist", type=int, default=1024, help="IVF lists (index.nlist)")
+    parser.add_argument("--pq-nbits", type=int, default=8, help="IVF-PQ bits per code (index.pq_nbits)")
     parser.add_argument("--threads", type=int, default=0, help="faiss OpenMP threads (0: faiss's default)")
     parser.add_argument("--workdir", type=Path, default=None)
     parser.add_argument("--json", type=Path, default=None, help="also write the figures here")
@@ -139,7 +139,11 @@ def main(argv: list[str] | None = None) -> dict:
     args = parser.parse_args(argv)
     if args.child:
         print(
-            json.dumps(run_kind(args.child, args.workdir / "store", args.workdir, args.threads, args.nlist))
+            json.dumps(
+                run_kind(
+                    args.child, args.workdir / "store", args.workdir, args.threads, args.nlist, args.pq_nbits
+                )
+            )
         )
         return {}
     with tempfile.TemporaryDirectory(dir=args.workdir) as tmp:

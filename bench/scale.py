@@ -2,7 +2,7 @@
 
 Runs :mod:`bench.bench_scale` (also a script: ``python bench/bench_scale.py --help``) at the profile's
 size — cpu and gpu: 10⁶ × 128-d (flat, IVF, IVF-PQ; HNSW's build is too slow for 2 cores at 10⁶),
-smoke: 2·10⁴ × 32-d — and reports, per index kind, its best QPS at recall@10 ≥ 0.95 against exact
+smoke: 5·10³ × 16-d — and reports, per index kind, its best QPS at recall@10 ≥ 0.95 against exact
 search over the same store in the same run (target ≥ 10×), with bytes per vector and build time.
 """
 
@@ -15,20 +15,31 @@ from bench.common import Figure, Profile, log
 
 ORDER = 60
 TARGET_RECALL = 0.95
-SIZES = {  # profile: (vectors, dim, IVF lists, kinds)
-    "smoke": (20_000, 32, 128, "flat,hnsw,ivf,ivfpq"),
-    "cpu": (1_000_000, 128, 1024, "flat,ivf,ivfpq"),
-    "gpu": (1_000_000, 128, 1024, "flat,ivf,ivfpq"),
+SIZES = {  # profile: (vectors, dim, IVF lists, IVF-PQ bits, kinds)
+    "smoke": (5_000, 16, 32, 4, "flat,hnsw,ivf,ivfpq"),
+    "cpu": (1_000_000, 128, 1024, 8, "flat,ivf,ivfpq"),
+    "gpu": (1_000_000, 128, 1024, 8, "flat,ivf,ivfpq"),
 }
 
 
 def run(profile: Profile) -> list[Figure]:
     from bench.bench_scale import main
 
-    n, dim, nlist, kinds = SIZES.get(profile.name, SIZES["cpu"])
+    n, dim, nlist, nbits, kinds = SIZES.get(profile.name, SIZES["cpu"])
     profile.workdir.mkdir(parents=True, exist_ok=True)
     log(f"scale: {n} x {dim}-d, kinds {kinds}")
-    args = ["--n", str(n), "--dim", str(dim), "--nlist", str(nlist), "--kinds", kinds]
+    args = [
+        "--n",
+        str(n),
+        "--dim",
+        str(dim),
+        "--nlist",
+        str(nlist),
+        "--pq-nbits",
+        str(nbits),
+        "--kinds",
+        kinds,
+    ]
     args += ["--threads", str(profile.threads), "--workdir", str(profile.workdir)]
     with contextlib.redirect_stdout(sys.stderr):  # the table goes to the log; stdout carries the figures
         report = main(args)
