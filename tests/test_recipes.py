@@ -95,8 +95,17 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
     from vembed.models.factory import create_embedder
     from vembed.training import train
 
-    train_file = make_image_dataset(tmp_path / "train", num_classes=4, per_class=6)
-    val_file = make_image_dataset(tmp_path / "val", num_classes=3, per_class=3, seed=1)
+    segmentation = load_settings(recipe).train.task == "segmentation"
+    if segmentation:  # image + mask records and classes.txt, from the segfolder prepare
+        from vembed.data.prepare import prepare_segfolder
+        from vembed.data.shapes import write_shapes
+
+        write_shapes(tmp_path / "shapes", count=12, size=28)
+        prepare_segfolder(tmp_path / "shapes", tmp_path / "seg", val_ratio=0.25, test_ratio=0)
+        train_file, val_file = tmp_path / "seg" / "train.jsonl", tmp_path / "seg" / "val.jsonl"
+    else:
+        train_file = make_image_dataset(tmp_path / "train", num_classes=4, per_class=6)
+        val_file = make_image_dataset(tmp_path / "val", num_classes=3, per_class=3, seed=1)
     settings = load_settings(
         recipe,
         values={
@@ -117,5 +126,10 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
     )
     result = train(settings, show_progress=False)
     assert result.steps == 2
+    if segmentation:
+        from vembed.models.segfactory import create_segmenter
+
+        assert create_segmenter(result.final_dir).decoder_name == settings.model.decoder
+        return
     model = create_embedder(str(result.final_dir))
     assert model.embed_dim == (settings.model.projection_dim or 32)

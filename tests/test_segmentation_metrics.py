@@ -20,12 +20,12 @@ def test_miou_matches_a_hand_computed_case_with_ignore_and_an_absent_class():
     assert torch.equal(cm.matrix, expected)
     m = cm.metrics(["bg", "a", "b", "absent"])
     # IoU0 = 1 / (2 + 2 - 1) = 1/3; IoU1 = 2 / (3 + 2 - 2) = 2/3; IoU2 = 1 / (1 + 2 - 1) = 1/2
-    assert m.per_class_iou["bg"] == pytest.approx(100 / 3)
-    assert m.per_class_iou["a"] == pytest.approx(200 / 3)
-    assert m.per_class_iou["b"] == pytest.approx(50)
+    assert m.per_class_iou["bg"] == pytest.approx(1 / 3)
+    assert m.per_class_iou["a"] == pytest.approx(2 / 3)
+    assert m.per_class_iou["b"] == pytest.approx(1 / 2)
     assert m.per_class_iou["absent"] is None  # left out of the mean
-    assert m.miou == pytest.approx((100 / 3 + 200 / 3 + 50) / 3)
-    assert m.pixel_accuracy == pytest.approx(4 / 6 * 100)
+    assert m.miou == pytest.approx((1 / 3 + 2 / 3 + 1 / 2) / 3)
+    assert m.pixel_accuracy == pytest.approx(4 / 6)
     assert m.pixels == 6
 
 
@@ -35,16 +35,16 @@ def test_one_matrix_over_the_split_is_not_a_mean_of_per_image_scores():
     cm.update(torch.tensor([1]), torch.tensor([1]))  # image 2
     m = cm.metrics()
     # summed matrix [[3, 0], [1, 1]]: IoU0 = 3/4, IoU1 = 1/2
-    assert m.miou == pytest.approx((75 + 50) / 2)
-    assert segmentation_metrics(cm.matrix).to_json()["per_class_iou"] == {"0": 75.0, "1": 50.0}
+    assert m.miou == pytest.approx((0.75 + 0.5) / 2)
+    assert segmentation_metrics(cm.matrix).to_json()["per_class_iou"] == {"0": 0.75, "1": 0.5}
 
 
 def test_a_class_only_predicted_counts_with_iou_zero():
     cm = ConfusionMatrix(3)
     cm.update(torch.tensor([0, 2]), torch.tensor([0, 0]))
     m = cm.metrics()
-    assert m.per_class_iou == {"0": 50.0, "1": None, "2": 0.0}
-    assert m.miou == pytest.approx(25.0)
+    assert m.per_class_iou == {"0": 0.5, "1": None, "2": 0.0}
+    assert m.miou == pytest.approx(0.25)
 
 
 def test_target_beyond_the_class_count_is_an_error():

@@ -30,6 +30,7 @@ from torch import nn
 
 from vembed.console import log
 from vembed.errors import VembedError
+from vembed.export_segmentation import check_segmentation_export, is_segmentation_head, segmentation_card
 from vembed.io import atomic_dir, make_readable, write_json, write_text
 from vembed.models.embedder import Embedder
 from vembed.models.factory import build_embedder, load_embedder, save_embedder
@@ -67,6 +68,7 @@ class ExportResult:
     onnx_max_abs_diff: float | None = None
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    segmentation_max_abs_diff: float | None = None  # decoder logits, reloaded export vs source
 
     def to_json(self) -> dict:
         return {
@@ -80,6 +82,11 @@ class ExportResult:
             "onnx_max_abs_diff": self.onnx_max_abs_diff,
             "files": self.files,
             "seconds": round(self.seconds, 3),
+            **(
+                {"segmentation_max_abs_diff": self.segmentation_max_abs_diff}
+                if self.segmentation_max_abs_diff is not None
+                else {}
+            ),
         }
 
 
@@ -128,6 +135,8 @@ def export_model(
         task_head=task_head,
         settings_file=settings_file if settings_file and settings_file.is_file() else None,
     )
+    if is_segmentation_head(saved.task_head):
+        result.segmentation_max_abs_diff = check_segmentation_export(model, out, dtype)
     result.source = str(source)
     result.model = model
     result.seconds = time.perf_counter() - start
@@ -445,4 +454,4 @@ with torch.no_grad():
 {pool_line}
 {proj_line}{norm_line}
 ```
-{onnx_text}"""
+{onnx_text}{segmentation_card(config) if is_segmentation_head(config.get("task_head")) else ""}"""

@@ -60,7 +60,10 @@ def _summary(result) -> Table:
     metric_keys = []
     for row in result.history:
         for key in row:
-            if key.startswith(("recall@", "map@", "top")) and key not in metric_keys:
+            if (
+                key.startswith(("recall@", "map@", "top", "miou", "pixel_accuracy"))
+                and key not in metric_keys
+            ):
                 metric_keys.append(key)
     for key in metric_keys:
         table.add_column(key, justify="right")

@@ -54,9 +54,11 @@ class SegTrainTransform:
     """Random scale (shorter side ``size x s``, ``s`` in ``scale``), random ``size x size`` crop, flip.
 
     A crop larger than the scaled image is padded: the image with its mean colour (0 after
-    normalisation), the mask with 255 (ignored by the loss). Uses :mod:`random`, which the training
-    loop seeds per worker.
+    normalisation), the mask with 255 (ignored by the loss). ``generator`` (a ``random.Random``,
+    seeded per image by training) draws the scale, crop and flip; default: a fresh one.
     """
+
+    takes_generator = True
 
     def __init__(
         self,
@@ -74,14 +76,17 @@ class SegTrainTransform:
         self.normalize = Normalize(mean, std)
         self.resample = _RESAMPLE.get(interpolation, Image.Resampling.BICUBIC)
 
-    def __call__(self, img: Image.Image, mask: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, img: Image.Image, mask: np.ndarray, generator: random.Random | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        rng = generator if generator is not None else random.Random()
         w, h = img.size
-        s = random.uniform(*self.scale) * self.size / min(w, h)
+        s = rng.uniform(*self.scale) * self.size / min(w, h)
         nw, nh = max(1, round(w * s)), max(1, round(h * s))
         img = img.resize((nw, nh), self.resample)
         lab = Image.fromarray(mask).resize((nw, nh), Image.Resampling.NEAREST)
-        left = random.randint(0, max(0, nw - self.size))
-        top = random.randint(0, max(0, nh - self.size))
+        left = rng.randint(0, max(0, nw - self.size))
+        top = rng.randint(0, max(0, nh - self.size))
         box = (left, top, left + self.size, top + self.size)
         pixels = self.normalize(img.crop(box))  # Pillow pads a crop beyond the image with 0 (black)
         target = torch.from_numpy(np.asarray(lab.crop(box), dtype=np.int64).copy())
@@ -91,7 +96,7 @@ class SegTrainTransform:
             pixels[:, :, cw:] = 0.0
             target[ch:, :] = IGNORE_INDEX
             target[:, cw:] = IGNORE_INDEX
-        if self.flip and random.random() < 0.5:
+        if self.flip and rng.random() < 0.5:
             pixels, target = pixels.flip(-1), target.flip(-1)
         return pixels, target
 

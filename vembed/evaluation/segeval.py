@@ -92,7 +92,7 @@ def evaluate_segmentation(
     loader = DataLoader(
         data,
         batch_size=1 if full_res else batch_size,
-        num_workers=min(num_workers, len(data)),
+        num_workers=min(num_workers, len(data) // (1 if full_res else batch_size) + 1),
         collate_fn=_stack,
     )
     cm = ConfusionMatrix(model.num_classes)

@@ -51,7 +51,8 @@ class ConfusionMatrix:
 
 @dataclass
 class SegmentationMetrics:
-    """``miou`` and ``pixel_accuracy`` in percent; ``per_class_iou``: name → IoU in percent or None."""
+    """``miou`` and ``pixel_accuracy`` as fractions (0-1, like every vembed metric; tables show percent);
+    ``per_class_iou``: name → IoU, or None for a class absent from ground truth and prediction."""
 
     miou: float
     pixel_accuracy: float
@@ -83,12 +84,10 @@ def segmentation_metrics(
     present = union > 0
     iou = torch.where(present, tp / union.clamp(min=1), torch.zeros_like(tp))
     total = float(matrix.sum())
-    miou = float(iou[present].mean()) * 100 if bool(present.any()) else 0.0
+    miou = float(iou[present].mean()) if bool(present.any()) else 0.0
     return SegmentationMetrics(
         miou=miou,
-        pixel_accuracy=float(tp.sum()) / total * 100 if total else 0.0,
-        per_class_iou={
-            name: (float(iou[i]) * 100 if bool(present[i]) else None) for i, name in enumerate(names)
-        },
+        pixel_accuracy=float(tp.sum()) / total if total else 0.0,
+        per_class_iou={name: (float(iou[i]) if bool(present[i]) else None) for i, name in enumerate(names)},
         pixels=int(total),
     )

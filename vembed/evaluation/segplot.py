@@ -71,9 +71,11 @@ def plot_segmentation(
         ax = fig.add_subplot(grid[rows, :])
         for name, values in corruptions.items():
             severities = sorted(values, key=int)
-            ax.plot([int(s) for s in severities], [values[s] for s in severities], marker="o", label=name)
+            ax.plot(
+                [int(s) for s in severities], [100 * values[s] for s in severities], marker="o", label=name
+            )
         ax.set_xlabel("severity")
-        ax.set_ylabel("mIoU")
+        ax.set_ylabel("mIoU (%)")
         ax.set_xticks(range(1, 6))
         ax.set_ylim(0, 100)
         ax.legend(fontsize=7, ncol=3)

@@ -117,7 +117,8 @@ def run_segmentation_eval(
 
 
 def segmentation_table(reports: list[SegmentationReport], title: str) -> Table:
-    """One row per model: mIoU, pixel accuracy, mean corrupted mIoU per severity (deltas vs the first)."""
+    """One row per model, in percent: mIoU, pixel accuracy, mean corrupted mIoU per severity (deltas vs
+    the first)."""
     table = Table(title=title)
     table.add_column("model", no_wrap=True)
     columns = ["miou", "pixel_accuracy"]
@@ -136,9 +137,9 @@ def segmentation_table(reports: list[SegmentationReport], title: str) -> Table:
         base += [first_means.get(s, float("nan")) for s in severities]
         cells = []
         for value, ref in zip(values, base, strict=True):
-            cell = f"{value:.2f}"
+            cell = f"{100 * value:.2f}"
             if report is not first:
-                delta = value - ref
+                delta = 100 * (value - ref)
                 colour = "green" if delta > 0 else "red" if delta < 0 else "dim"
                 cell += f" [{colour}]({delta:+.2f})[/]"
             cells.append(cell)

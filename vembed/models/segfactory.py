@@ -78,7 +78,7 @@ def create_segmenter(
     settings = settings or ModelSettings()
     name = str(model if model is not None else settings.name)
     return build_segmenter(
-        load_model(name, revision=settings.revision),
+        load_model(name, revision=settings.revision, attention=settings.attention),
         num_classes=num_classes,
         class_names=class_names,
         decoder=decoder or settings.decoder,

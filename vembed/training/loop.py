@@ -18,7 +18,6 @@ import os
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -49,51 +48,16 @@ from vembed.training.preflight import (
     check_settings,
     report_problems,
 )
+from vembed.training.result import StepInfo, TrainingInterrupted, TrainResult
 from vembed.training.runtime import deterministic, make_accelerator, release_accelerator
 from vembed.training.saving import BestStore, checkpoint_selections, save_model, saved_training
+from vembed.training.segmentation import select_metric, task_for
 from vembed.training.selection import Selection, resolution_warning
 from vembed.training.state import TrainState, plan
 from vembed.training.steps import cache_features, step_runner, uses_feature_cache
 from vembed.training.validation import Validator
 
 SETTINGS_FILE = "settings.yaml"
-
-
-@dataclass
-class TrainResult:
-    """What a run produced; ``final_dir`` is a model folder ``create_embedder`` loads."""
-
-    run_dir: Path
-    final_dir: Path
-    history: list[dict]  # one entry per validation (step 0 = before training, with eval_at_start)
-    best: dict | None  # the validation entry of the model in final/ (None when final/ is the last step's)
-    steps: int
-    seconds: float  # wall time of the whole call
-    images_per_second: float  # training throughput (all processes, validation excluded)
-    train_seconds: float = 0.0
-    resumed_from: Path | None = None
-    selected: str = "last"  # "best": final/ is the selected validation model; "last": the last step's
-    main_process: bool = True  # False on the other processes of a multi-process run (history empty)
-
-
-class TrainingInterrupted(Exception):
-    """A stop signal (SIGTERM, Ctrl-C) ended the run after saving a checkpoint."""
-
-    def __init__(self, message: str, checkpoint: Path):
-        super().__init__(message)
-        self.checkpoint = checkpoint
-
-
-@dataclass
-class StepInfo:
-    """Passed to ``on_step`` after every optimiser step."""
-
-    step: int
-    total_steps: int
-    epoch: int
-    loss: float
-    lr: float
-    run_dir: Path
 
 
 def train(
@@ -170,6 +134,11 @@ class _Trainer:
     def _setup(self) -> None:
         acc, s, settings = self.accelerator, self.s, self.settings
         set_seed(s.seed)
+        self.task = task_for(
+            settings
+        )  # None: retrieval; else the task's model, data, loss, validator, runner
+        if self.task is not None:
+            return self._setup_task()
         self.embedder = build_embedder(settings)  # LoRA target errors: before any data is read
         check_objective(s, self.embedder)
         data = read_labelled(settings.data.train, settings, what="training")
@@ -191,6 +160,24 @@ class _Trainer:
             acc.device
         )
         self.sampler = build_batch_sampler(data, s, num_replicas=acc.num_processes, rank=acc.process_index)
+        self.validator = None
+        if val is not None:
+            features_, indices = val_features if val_features is not None else (None, None)
+            self.validator = Validator(val, settings, features=features_, feature_indices=indices)
+        self.runner = step_runner(acc, self.embedder, self.loss, data, settings, features)
+        self._setup_optimisation()
+
+    def _setup_task(self) -> None:
+        """A non-retrieval task (segmentation) brings its model, data, loss, sampler, validator and runner."""
+        self.embedder, self.data, self.loss, self.sampler, self.validator, self.runner = self.task.setup(
+            self.accelerator
+        )
+        self.selection = Selection(select_metric(self.settings), self.s.select, self.s.select_smoothing)
+        self._setup_optimisation()
+
+    def _setup_optimisation(self) -> None:
+        """Steps, optimiser, schedule, metrics, callbacks and resume: the same for every task."""
+        acc, s, settings = self.accelerator, self.s, self.settings
         steps_per_epoch = len(self.sampler) // s.grad_accum
         if steps_per_epoch < 1:
             raise VembedError(
@@ -202,10 +189,6 @@ class _Trainer:
             steps_per_epoch=steps_per_epoch,
             settings=settings.model_dump(mode="json"),
         )
-        self.validator = None
-        if val is not None:
-            features_, indices = val_features if val_features is not None else (None, None)
-            self.validator = Validator(val, settings, features=features_, feature_indices=indices)
         head = [
             (f"embedder.{n}", p) for n, p in self.embedder.named_parameters() if not n.startswith("backbone.")
         ]
@@ -216,7 +199,6 @@ class _Trainer:
         self.scheduler = build_scheduler(
             optimizer, s, total_steps=self.state.total_steps, steps_per_epoch=steps_per_epoch
         )
-        self.runner = step_runner(acc, self.embedder, self.loss, data, settings, features)
         # The loss (and, with cached features, the head) runs outside the DDP wrapper: its gradients
         # are averaged over processes by hand (see _sync_outside_grads).
         self.outside = self.runner.outside_parameters()
@@ -360,7 +342,9 @@ class _Trainer:
         self.add_row(row)
         selected = self.selection.mode == "best" and self.selection.improves(state.history)
         shown = ", ".join(
-            f"{k} {v:.4f}" for k, v in metrics.items() if k.startswith(("recall", "map", "top"))
+            f"{k} {v:.4f}"
+            for k, v in metrics.items()
+            if k.startswith(("recall", "map", "top", "miou", "pixel"))
         )
         self._say(f"step {state.step}: validation {shown}" + (" [green](selected)[/]" if selected else ""))
         if selected:
@@ -466,7 +450,10 @@ class _Trainer:
                 "run_dir": str(self.run_dir),
                 "finished_step": state.step,
             }
-            save_model(final, self.embedder, training)
+            if self.task is not None:
+                self.task.save(final, self.embedder, training)
+            else:
+                save_model(final, self.embedder, training)
             self.best_store.remove()
             which = self.selection.describe() if row is not None else "last step"
             self._say(f"final model ({which}, step {training['step']}): {final}")

@@ -29,7 +29,9 @@ def plot_metrics(rows: Sequence[dict], out: str | Path, *, title: str = "") -> P
     if train:
         loss_ax.plot([r["step"] for r in train], [r["loss"] for r in train], color="tab:blue")
     loss_ax.set(title="training loss", xlabel="step")
-    names = [k for k in (val[0] if val else {}) if k.startswith(("recall@", "map@"))]
+    names = [
+        k for k in (val[0] if val else {}) if k.startswith(("recall@", "map@", "miou", "pixel_accuracy"))
+    ]
     for name in names:
         points = [(r["step"], 100 * r[name]) for r in val if name in r]
         val_ax.plot(*zip(*points, strict=True), marker="o", markersize=3, label=name)

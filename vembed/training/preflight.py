@@ -40,12 +40,17 @@ def check_settings(settings: Settings) -> None:
         path = getattr(settings.data, key)
         if path is not None and not Path(path).is_file():
             raise VembedError(f"data.{key}: records file not found: {path}")
-    if s.loss.strip().lower() not in LOSSES:
-        try:
-            loss_kwargs(s)
-        except VembedError as exc:
-            raise VembedError(f"train.loss={s.loss!r}: {exc}") from None
-    loss_kwargs(s)
+    if s.task == "segmentation":
+        from vembed.training.segmentation import check_segmentation_settings
+
+        check_segmentation_settings(settings)
+    else:
+        if s.loss.strip().lower() not in LOSSES:
+            try:
+                loss_kwargs(s)
+            except VembedError as exc:
+                raise VembedError(f"train.loss={s.loss!r}: {exc}") from None
+        loss_kwargs(s)
     if s.scheduler == "step" and s.step_epochs is None:
         raise VembedError(
             "train.scheduler=step needs train.step_epochs (lr x train.step_gamma every N epochs)"

@@ -1,0 +1,323 @@
+"""``train.task: segmentation`` on the one training loop: the pieces that differ from retrieval.
+
+The loop stays the same (optimiser, schedule, checkpoints, resume, selection, ``final/``); this task
+gives it a :class:`~vembed.models.segmenter.Segmenter` with the method applied (lora / frozen / full),
+image+mask records, pixel cross-entropy (255 ignored), a step runner whose labels are masks, and a
+validator reporting ``miou`` (the selection metric) and ``pixel_accuracy``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+
+from vembed.console import log
+from vembed.data.images import IGNORE_INDEX
+from vembed.data.records import SegRecord, read_records
+from vembed.data.segmentation import SegEvalTransform, SegmentationImages, SegTrainTransform
+from vembed.errors import VembedError
+from vembed.evaluation.segeval import evaluate_segmentation
+from vembed.inference import _without_worker_tracebacks
+from vembed.io import atomic_dir
+from vembed.models.lora import apply_lora, merge_lora
+from vembed.models.segfactory import create_segmenter, save_segmenter
+from vembed.models.segmenter import Segmenter
+from vembed.settings import Settings
+from vembed.training.data import ShuffledBatchSampler
+
+SELECT_METRIC = "miou"
+LOSS_NAME = "pixel_ce"
+# train.* keys that only mean something for retrieval: setting one for segmentation is an error
+RETRIEVAL_KEYS = (
+    "temperature",
+    "learnable_temperature",
+    "margin",
+    "scale",
+    "mining",
+    "matryoshka_dims",
+    "samples_per_class",
+    "categories_per_batch",
+    "grad_cache_chunk",
+)
+
+
+def is_segmentation(settings: Settings) -> bool:
+    return settings.train.task == "segmentation"
+
+
+def check_segmentation_settings(settings: Settings) -> None:
+    """Retrieval-only settings asked for a segmentation run are errors naming the key."""
+    s = settings.train
+    given = s.model_fields_set
+    if "loss" in given and s.loss.strip().lower() not in (LOSS_NAME, "ce", "cross_entropy"):
+        raise VembedError(
+            f"train.loss={s.loss!r} is a retrieval loss; train.task=segmentation trains with pixel "
+            "cross-entropy (leave train.loss unset, or set it to pixel_ce)"
+        )
+    for key in RETRIEVAL_KEYS:
+        if key in given and getattr(s, key) not in (None, False):
+            raise VembedError(
+                f"train.{key} is a retrieval setting; it does not apply to train.task=segmentation"
+            )
+    if s.sampler == "pk":
+        raise VembedError("train.sampler=pk needs class labels per image; segmentation batches are shuffled")
+    select = getattr(s, "select_metric", SELECT_METRIC)
+    if "select_metric" in given and select not in (SELECT_METRIC, "pixel_accuracy"):
+        raise VembedError(
+            f"train.select_metric={select!r}: segmentation validation reports miou and pixel_accuracy"
+        )
+
+
+def select_metric(settings: Settings) -> str:
+    """``train.select_metric`` when set, else ``miou``."""
+    s = settings.train
+    given = getattr(s, "select_metric", None)
+    return given if given and "select_metric" in s.model_fields_set else SELECT_METRIC
+
+
+@dataclass
+class MaskRecords:
+    """Image/mask records with the class names of their data set."""
+
+    records: list[SegRecord]
+    class_names: list[str]
+    problems: list[str] = field(default_factory=list)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+
+def read_mask_records(
+    path: Path, settings: Settings, *, what: str, classes: list[str] | None = None
+) -> MaskRecords:
+    """Records ``{"image", "mask"}`` and the class names of ``classes.txt`` beside ``path``."""
+    from vembed.data.prepare.segmasks import CLASSES, read_class_names
+
+    found = read_records(path, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad)
+    if not found.is_segmentation:
+        raise VembedError(
+            f'{path}: train.task=segmentation needs {what} records {{"image": ..., "mask": ...}} '
+            "(`vembed prepare segfolder` writes them)"
+        )
+    names_file = Path(path).parent / CLASSES
+    names = read_class_names(names_file) if names_file.is_file() else None
+    if names is None and classes is None:
+        raise VembedError(
+            f"{names_file}: not found; segmentation needs the class list beside the {what} records "
+            "(one name a line, the first naming class 0; `vembed prepare` writes it)"
+        )
+    if names is not None and classes is not None and len(names) != len(classes):
+        raise VembedError(
+            f"{names_file}: {len(names)} classes, but the training data has {len(classes)} "
+            "(the class count differs between the run and the data)"
+        )
+    return MaskRecords(found.masks(), names or list(classes), list(found.problems))
+
+
+def build_segmentation_model(settings: Settings, data: MaskRecords) -> Segmenter:
+    """The segmenter (float32 on the CPU; accelerate places it) with ``train.method`` applied."""
+    model = settings.model
+    dtype = "float32" if model.dtype == "auto" else model.dtype
+    segmenter = create_segmenter(
+        model.name,
+        model.model_copy(update={"device": "cpu", "dtype": dtype}),
+        num_classes=data.num_classes,
+        class_names=data.class_names,
+    )
+    s = settings.train
+    if s.grad_checkpointing and s.method != "frozen":
+        from vembed.training.model import _enable_checkpointing
+
+        _enable_checkpointing(segmenter.backbone)
+    if s.method in ("lora", "frozen"):
+        segmenter.backbone.requires_grad_(False)
+    if s.method == "lora":
+        apply_lora(segmenter, s.lora)
+    return segmenter
+
+
+class PixelCrossEntropy(nn.Module):
+    """Cross-entropy over pixels, 255 ignored; a batch with no labelled pixel gives a zero loss."""
+
+    def forward(self, logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        if not bool((masks != IGNORE_INDEX).any()):
+            return logits.sum() * 0.0
+        return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
+
+
+class _SeededPairs(Dataset):
+    """Items ``(index, tag)`` → the pair's transform drawn from ``random.Random(tag)``."""
+
+    def __init__(self, images: SegmentationImages):
+        self.images = images
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, item):
+        index, tag = item
+        img, mask = self.images.load(index)
+        return self.images.transform(img, mask, random.Random(tag))
+
+
+def _stack(items):
+    return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
+
+
+def seg_epoch_loader(
+    data: MaskRecords, batches, *, segmenter: Segmenter, settings: Settings, epoch: int, first: int = 0
+):
+    """A DataLoader over ``batches[first:]`` of an epoch; each pair's augmentation is seeded by
+    ``(seed, epoch, position in the epoch)``, so a resumed run sees the same crops."""
+    spec, seed = segmenter.spec, settings.train.seed
+    if settings.train.augment.enabled:  # its other keys (crop share, flips, jitter) are retrieval's
+        transform = SegTrainTransform(spec.image_size, spec.mean, spec.std, spec.interpolation)
+    else:
+        transform = _Fixed(SegEvalTransform(spec.image_size, spec.mean, spec.std, spec.interpolation))
+    tagged, drawn = [], 0
+    for batch in batches:
+        tagged.append([(index, f"{seed}/{epoch}/{drawn + slot}") for slot, index in enumerate(batch)])
+        drawn += len(batch)
+    dataset = _SeededPairs(SegmentationImages(data.records, transform, num_classes=data.num_classes))
+    workers = settings.data.num_workers
+    return DataLoader(
+        dataset,
+        batch_sampler=tagged[first:],
+        num_workers=workers,
+        collate_fn=_stack,
+        pin_memory=torch.cuda.is_available(),
+        generator=torch.Generator().manual_seed(seed * 1000 + epoch),
+        **({"prefetch_factor": 4} if workers > 0 else {}),
+    )
+
+
+class _Fixed:
+    """An eval transform with the training call signature (``train.augment=false``)."""
+
+    def __init__(self, transform: SegEvalTransform):
+        self.transform = transform
+
+    def __call__(self, img, mask, generator=None):
+        return self.transform(img, mask)
+
+
+class SegmentationSteps:
+    """Step runner: image batches through the (accelerate-wrapped) segmenter, masks as labels."""
+
+    def __init__(
+        self, accelerator, segmenter: Segmenter, loss: nn.Module, data: MaskRecords, settings: Settings
+    ):
+        self.accelerator, self.segmenter, self.loss = accelerator, segmenter, loss
+        self.data, self.settings = data, settings
+
+    def prepare(self, optimizer):
+        self.model, optimizer = self.accelerator.prepare(self.segmenter, optimizer)
+        return self.model, optimizer
+
+    def outside_parameters(self) -> list:
+        return list(self.loss.parameters())
+
+    def micro_batches(self, epoch: int, batches: list[list[int]], first: int):
+        loader = seg_epoch_loader(
+            self.data, batches, segmenter=self.segmenter, settings=self.settings, epoch=epoch, first=first
+        )
+        device = self.accelerator.device
+        for pixels, masks in _without_worker_tracebacks(loader):
+            yield pixels.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+
+    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        loss = self.loss(self.model(inputs), labels)
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+
+class SegmentationValidator:
+    """mIoU and pixel accuracy of the model on the validation records (at the model's input size)."""
+
+    def __init__(self, data: MaskRecords, settings: Settings):
+        self.data, self.settings = data, settings
+
+    def __call__(
+        self, model: Segmenter, *, autocast=contextlib.nullcontext, show_progress: bool = True
+    ) -> dict:
+        devices = [model.device] if model.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):  # validation must not move the training RNG
+            m = evaluate_segmentation(
+                model,
+                self.data.records,
+                batch_size=self.settings.eval.batch_size,
+                num_workers=self.settings.data.num_workers,
+                show_progress=show_progress,
+                description="validating",
+                autocast=autocast,
+            )
+        return {"miou": m.miou, "pixel_accuracy": m.pixel_accuracy, "num_images": len(self.data.records)}
+
+
+def save_segmentation_model(out: Path, segmenter: Segmenter, training: dict) -> None:
+    """``final/``: LoRA merged into the encoder, the decoder and the class names (atomically)."""
+    with atomic_dir(out) as tmp:
+        save_segmenter(merge_lora(segmenter), tmp, extra={"training": training})
+
+
+def report_problems(data: MaskRecords, val: MaskRecords | None) -> None:
+    for what, found in (("training", data), ("validation", val)):
+        if found is not None and found.problems:
+            log(f"[yellow]skipped {len(found.problems)} bad {what} records[/] (first: {found.problems[0]})")
+
+
+class SegmentationTask:
+    """Everything the loop asks of ``train.task: segmentation``, in the order it asks."""
+
+    name = "segmentation"
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+
+    def setup(self, accelerator):
+        """``(model, data, loss, sampler, validator, step runner)``; the records come first (their class
+        list sizes the decoder), then the model with the method applied, on the accelerator's device."""
+        settings, acc = self.settings, accelerator
+        data = read_mask_records(settings.data.train, settings, what="training")
+        val = None
+        if settings.data.val:
+            val = read_mask_records(settings.data.val, settings, what="validation", classes=data.class_names)
+        report_problems(data, val)
+        model = build_segmentation_model(settings, data).to(acc.device)
+        loss = PixelCrossEntropy().to(acc.device)
+        s = settings.train
+        sampler = ShuffledBatchSampler(
+            len(data.records),
+            s.batch_size,
+            seed=s.seed,
+            num_replicas=acc.num_processes,
+            rank=acc.process_index,
+        )
+        validator = SegmentationValidator(val, settings) if val is not None else None
+        return model, data, loss, sampler, validator, SegmentationSteps(acc, model, loss, data, settings)
+
+    def rank_key(self, metrics: dict) -> tuple[float]:
+        """How validations are ranked: ``train.select_metric`` if it is miou or pixel_accuracy, else mIoU."""
+        return (float(metrics[select_metric(self.settings)]),)
+
+    def save(self, out: Path, model: Segmenter, training: dict) -> None:
+        training = {
+            "select_metric": select_metric(self.settings),
+            **training,
+            "loss": LOSS_NAME,
+            "task": self.name,
+        }
+        save_segmentation_model(out, model, training)
+
+
+def task_for(settings: Settings) -> SegmentationTask | None:
+    """The task object of a non-retrieval run (None: the loop's retrieval path)."""
+    return SegmentationTask(settings) if is_segmentation(settings) else None
