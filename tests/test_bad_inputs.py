@@ -350,6 +350,32 @@ CASES += [
         "truncated",
     ),
 ]
+KNN = f"eval knn --model {{model}} --train {{data}} {FAST}"
+PROBE = f"eval linear-probe --model {{model}} --train {{data}} --val {{data}} --no-cache {FAST}"
+FEWSHOT = f"eval fewshot --model {{model}} --support {{data}} --k 1 {FAST}"
+for kind in ["bomb", "trunc", "malformed", "wrongtype", "empty"]:  # classification evaluators
+    f = image_file(kind) if kind in BAD_IMAGES else f"{kind}.jsonl"
+    CASES += [
+        Case(f"eval-knn-{kind}", f"{KNN} --test {{bad}}/{kind}.jsonl", f),
+        Case(f"eval-probe-{kind}", f"{PROBE} --test {{bad}}/{kind}.jsonl", f),
+        Case(f"eval-fewshot-{kind}", f"{FEWSHOT} --query {{bad}}/{kind}.jsonl", f),
+    ]
+CASES += [
+    Case("eval-knn-skip-bomb", f"{KNN} --test {{bad}}/bomb.jsonl data.skip_bad=true", "bomb.png", 0),
+    Case("eval-knn-json-folder", f"{KNN} --test {{data}} --json {{bad}}", "--json"),
+    Case("eval-probe-json-folder", f"{PROBE} --test {{data}} --json {{bad}}", "--json"),
+    Case("eval-fewshot-plot-folder", f"{FEWSHOT} --query {{data}} --plot {{bad}}", "--plot"),
+    Case(
+        "eval-knn-truncated-model",
+        "eval knn --model {models}/truncated --train {data} --test {data}",
+        "truncated",
+    ),
+    Case(
+        "eval-probe-pickled-model",
+        "eval linear-probe --model {models}/pickled --train {data} --val {data} --test {data}",
+        "pickled",
+    ),
+]
 for name, culprit in CONFIG_CASES:
     config = f"{{bad}}/{name}" if name else "{bad}"
     CASES += [
