@@ -7,7 +7,7 @@ import functools
 
 import torch
 
-from vembed.evaluation.retrieval import retrieval_metrics
+from vembed.evaluation.retrieval import ranking_device, retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder
 from vembed.settings import Settings
@@ -57,7 +57,9 @@ class Validator:
             embeddings, indices, problems = self._embed(embedder, show_progress)
         labels = [self.data.labels[i] for i in indices]
         ev = self.settings.eval
-        metrics = retrieval_metrics(embeddings, labels, ks=tuple(ev.k), chunk_size=ev.chunk_size)
+        metrics = retrieval_metrics(
+            embeddings, labels, ks=tuple(ev.k), chunk_size=ev.chunk_size, device=ranking_device(embedder)
+        )
         if problems:
             metrics["num_bad_images"] = len(problems)
         return metrics
