@@ -350,6 +350,32 @@ CASES += [
         "truncated",
     ),
 ]
+KNN = f"eval knn --model {{model}} --train {{data}} {FAST}"
+PROBE = f"eval linear-probe --model {{model}} --train {{data}} --val {{data}} --no-cache {FAST}"
+FEWSHOT = f"eval fewshot --model {{model}} --support {{data}} --k 1 {FAST}"
+for kind in ["bomb", "trunc", "malformed", "wrongtype", "empty"]:  # classification evaluators
+    f = image_file(kind) if kind in BAD_IMAGES else f"{kind}.jsonl"
+    CASES += [
+        Case(f"eval-knn-{kind}", f"{KNN} --test {{bad}}/{kind}.jsonl", f),
+        Case(f"eval-probe-{kind}", f"{PROBE} --test {{bad}}/{kind}.jsonl", f),
+        Case(f"eval-fewshot-{kind}", f"{FEWSHOT} --query {{bad}}/{kind}.jsonl", f),
+    ]
+CASES += [
+    Case("eval-knn-skip-bomb", f"{KNN} --test {{bad}}/bomb.jsonl data.skip_bad=true", "bomb.png", 0),
+    Case("eval-knn-json-folder", f"{KNN} --test {{data}} --json {{bad}}", "--json"),
+    Case("eval-probe-json-folder", f"{PROBE} --test {{data}} --json {{bad}}", "--json"),
+    Case("eval-fewshot-plot-folder", f"{FEWSHOT} --query {{data}} --plot {{bad}}", "--plot"),
+    Case(
+        "eval-knn-truncated-model",
+        "eval knn --model {models}/truncated --train {data} --test {data}",
+        "truncated",
+    ),
+    Case(
+        "eval-probe-pickled-model",
+        "eval linear-probe --model {models}/pickled --train {data} --val {data} --test {data}",
+        "pickled",
+    ),
+]
 for name, culprit in CONFIG_CASES:
     config = f"{{bad}}/{name}" if name else "{bad}"
     CASES += [
@@ -543,7 +569,7 @@ def test_interrupted_embed_keeps_the_previous_store(world, tmp_path, sig, ctrl_c
     if sig == "SIGKILL":
         assert "Traceback" not in killed(args, tmp_path).stderr  # kill -9 runs no cleanup: the next run does
     else:
-        ctrl_c_at(vembed.io, "make_readable")  # the store is complete, not yet published
+        ctrl_c_at(vembed.io, "_umask")  # every atomic write asks for the umask (its file written)
         result = runner.invoke(app, [str(a) for a in args])
         assert result.exit_code == 130 and "interrupted" in result.stderr, result.stderr
         # embed keeps its finished shards in .store.embedding/ for the next run (docs/scale.md)
@@ -554,8 +580,9 @@ def test_interrupted_embed_keeps_the_previous_store(world, tmp_path, sig, ctrl_c
     assert leftovers(tmp_path) == [] and _snapshot(out) != before
 
 
-@pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])
+@pytest.mark.parametrize("sig", ["SIGINT", pytest.param("SIGKILL", marks=pytest.mark.slow)])
 def test_interrupted_export_keeps_the_previous_folder(world, tmp_path, sig, ctrl_c_at):
+    """(SIGKILL goes through the same vembed.io.atomic_dir as embed's, whose SIGKILL test runs by default.)"""
     import vembed.io
 
     out = tmp_path / "exported"
