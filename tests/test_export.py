@@ -27,6 +27,12 @@ ONNX_TOL = 1e-4  # onnxruntime vs PyTorch, float32
 runner = CliRunner()
 
 
+@pytest.fixture(autouse=True)
+def _fp32_models(monkeypatch):
+    """These tests compare embeddings with fp32 references at 1e-5: keep model.dtype=auto at fp32."""
+    monkeypatch.setenv("VEMBED_CPU_BF16", "0")
+
+
 def _images(folder: Path, n: int = 4) -> list[Path]:
     """Class pictures; one 40x60 so that resizing keeps an exact aspect ratio (28/40*60 = 42)."""
     folder.mkdir(parents=True, exist_ok=True)

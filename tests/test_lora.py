@@ -23,6 +23,12 @@ TOLERANCE = 1e-5  # float32, merged W + BA vs. W x + B(A x)
 
 
 @pytest.fixture(autouse=True)
+def _fp32_models(monkeypatch):
+    """These tests compare embeddings with fp32 references at 1e-5: keep model.dtype=auto at fp32."""
+    monkeypatch.setenv("VEMBED_CPU_BF16", "0")
+
+
+@pytest.fixture(autouse=True)
 def _one_thread():
     with one_thread():
         yield

@@ -313,3 +313,22 @@ def test_errors_name_what_is_wrong(call, message):
     with pytest.raises(VembedError) as error:
         call()
     assert message in str(error.value)
+
+
+@pytest.mark.parametrize("shortlist", [1, 3, 1000])
+def test_recall_counted_beyond_the_shortlist_equals_brute_force(monkeypatch, shortlist):
+    """Recall@K read off the shortlist, or counted for queries whose first match ranks below it."""
+    from vembed.evaluation import retrieval
+
+    monkeypatch.setattr(retrieval, "_SHORTLIST", shortlist)
+    embeddings = random_integer_data(150, 5, seed=3)  # many exactly tied scores
+    labels = torch.randint(0, 25, (150,), generator=torch.Generator().manual_seed(8))
+    ks = (1, 2, 5, 20, 100)
+    expected = brute_force_metrics(embeddings, labels, ks=ks)
+    metrics = retrieval_metrics(embeddings, labels, ks=ks, chunk_size=16)
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected)
+    queries = random_integer_data(40, 5, seed=9)
+    query_labels = torch.randint(0, 25, (40,), generator=torch.Generator().manual_seed(10))
+    expected = brute_force_metrics(queries, query_labels, embeddings, labels, ks=ks)
+    metrics = retrieval_metrics(queries, query_labels, embeddings, labels, ks=ks, chunk_size=16)
+    assert {key: metrics[key] for key in expected} == pytest.approx(expected)

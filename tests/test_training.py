@@ -20,6 +20,12 @@ from vembed.training import loop as loop_module
 from vembed.training import train
 
 
+@pytest.fixture(autouse=True)
+def _fp32_models(monkeypatch):
+    """final/ must reproduce the validation numbers exactly: keep model.dtype=auto at fp32 here."""
+    monkeypatch.setenv("VEMBED_CPU_BF16", "0")
+
+
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     root = tmp_path_factory.mktemp("train-data")

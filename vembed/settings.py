@@ -7,6 +7,7 @@ suggest the closest valid one; wrong types name the key, the value and what was 
 from __future__ import annotations
 
 import difflib
+import os
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,6 +23,19 @@ class Section(BaseModel):
     """Base for every settings section: unknown keys are errors, assignments are validated."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+
+def default_num_workers() -> int:
+    """Usable CPU cores minus one for the training/inference process, between 1 and 12.
+
+    One worker decodes and augments ~100-200 SOP-sized JPEGs per second (``python -m bench --only
+    loader``), so a GPU step rate of ~2,500 images/s needs most of a 16-core machine.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, min(cores - 1, 12))
 
 
 def _split_ints(value: Any) -> Any:
@@ -55,9 +69,17 @@ class ModelSettings(Section):
         "(features of four layers).",
     )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
-        "auto", description="auto: bf16 (or fp16) on GPU, fp32 on CPU."
+        "auto",
+        description="Inference dtype. auto: bf16 on GPUs (fp16 without bf16) and on CPUs with native bf16 "
+        "(AMX / AVX512-BF16, ARM BF16), fp32 otherwise; training keeps fp32 weights (see train.precision).",
     )
     device: str = Field("auto", description="auto, cpu, cuda, cuda:1, mps ...")
+    attention: Literal["auto", "sdpa", "eager", "flash_attention_2", "flex_attention"] = Field(
+        "auto",
+        description="Attention kernels (transformers' attn_implementation). auto: transformers' choice "
+        "(sdpa, which on a GPU picks flash / memory-efficient kernels itself); flash_attention_2 needs "
+        "the flash-attn package.",
+    )
     revision: str | None = Field(None, description="Hub revision (branch, tag or commit).")
 
 
@@ -68,7 +90,12 @@ class DataSettings(Section):
     image_root: Path | None = Field(
         None, description="Resolve relative image paths here (default: the JSONL's folder)."
     )
-    num_workers: int = Field(2, ge=0, description="DataLoader worker processes.")
+    num_workers: int = Field(
+        default_factory=lambda: default_num_workers(),
+        ge=0,
+        description="DataLoader worker processes decoding images; default: the usable CPU cores minus one "
+        "(1 to 12).",
+    )
     skip_bad: bool = Field(False, description="Skip (and count) bad records and images instead of failing.")
 
 
@@ -130,6 +157,12 @@ class TrainSettings(Section):
     grad_accum: int = Field(1, ge=1, description="Micro-batches per optimiser step.")
     precision: Literal["no", "bf16", "fp16"] = Field("no", description="Mixed precision (accelerate).")
     grad_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
+    compile: bool = Field(
+        False, description="torch.compile the model (inductor): slower start, faster steps on a GPU."
+    )
+    fused_adamw: bool | None = Field(
+        None, description="AdamW's fused kernel (one launch for all parameters); default: on with a GPU."
+    )
     grad_cache_chunk: int | None = Field(
         None,
         ge=1,

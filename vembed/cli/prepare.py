@@ -42,6 +42,13 @@ SKIP_BAD = typer.Option(
 VAL = typer.Option(0.1, "--val-ratio", help="Share of each class's images in val (0: no val split).")
 TEST = typer.Option(0.1, "--test-ratio", help="Share of each class's images in test (0: no test split).")
 SHOTS = typer.Option(0, "--shots", min=0, help="Also write k-shot support/query files with this many shots.")
+RESIZE = typer.Option(
+    None,
+    "--resize-to",
+    min=32,
+    help="Also write copies whose shorter side is N px to OUT/resized-N/ (records gain 'resized', keep "
+    "'image' as the original): less decoding every epoch. N: the model's resize size (256 for 224 px) or more.",
+)
 HOLDOUT = typer.Option(
     0.0, "--holdout-classes", help="Share of the classes held out entirely (unseen.jsonl)."
 )
@@ -61,6 +68,7 @@ def sop_command(
     check_images: bool = CHECK,
     workers: int = WORKERS,
     skip_bad: bool = SKIP_BAD,
+    resize_to: int = RESIZE,
 ) -> None:
     """Stanford Online Products: train/val from the official train split, test = the official test split."""
     result = prepare_sop(
@@ -72,7 +80,7 @@ def sop_command(
         workers=workers,
         skip_bad=skip_bad,
     )
-    render(result)
+    finish(result, resize_to, workers)
 
 
 @prepare_app.command("flowers102")
@@ -100,6 +108,7 @@ def flowers_command(
     check_images: bool = CHECK,
     workers: int = WORKERS,
     skip_bad: bool = SKIP_BAD,
+    resize_to: int = RESIZE,
 ) -> None:
     """Oxford Flowers-102: seen train/val/test, unseen classes, k-shot support/query files."""
     result = prepare_flowers102(
@@ -116,7 +125,7 @@ def flowers_command(
         workers=workers,
         skip_bad=skip_bad,
     )
-    render(result)
+    finish(result, resize_to, workers)
 
 
 @prepare_app.command("imagefolder")
@@ -135,6 +144,7 @@ def imagefolder_command(
     check_images: bool = CHECK,
     workers: int = WORKERS,
     skip_bad: bool = SKIP_BAD,
+    resize_to: int = RESIZE,
 ) -> None:
     """Any ImageFolder tree: stratified split by ratio, or its train/ val/ test/ folders kept."""
     name = kaggle.rstrip("/").split("/")[-1] if kaggle else (folder.absolute().name if folder else "")
@@ -151,7 +161,7 @@ def imagefolder_command(
         workers=workers,
         skip_bad=skip_bad,
     )
-    render(result)
+    finish(result, resize_to, workers)
 
 
 def _table_command(fmt: str):
@@ -176,6 +186,7 @@ def _table_command(fmt: str):
         check_images: bool = CHECK,
         workers: int = WORKERS,
         skip_bad: bool = SKIP_BAD,
+        resize_to: int = RESIZE,
     ) -> None:
         options = dict(
             image_key=image_key,
@@ -199,7 +210,7 @@ def _table_command(fmt: str):
             if delimiter is not None:
                 log("[yellow]note:[/] --delimiter applies to CSV files only")
             result = prepare_jsonl(file, out, **options)
-        render(result)
+        finish(result, resize_to, workers)
 
     command.__doc__ = (
         f"Your own {fmt.upper()} records: validate each line, map field names, split as imagefolder does."
@@ -277,6 +288,15 @@ prepare_app.command("ade20k")(
         prepare_ade20k,
     )
 )
+
+
+def finish(result: PrepareResult, resize_to: int | None, workers: int | None) -> None:
+    """The optional resized-image cache (every source alike), then the summary."""
+    if resize_to:
+        from vembed.data.prepare.resize import resize_prepared
+
+        result = resize_prepared(result, resize_to, workers=workers)
+    render(result)
 
 
 def render(result: PrepareResult) -> None:

@@ -36,7 +36,7 @@ class ImageDataset(Dataset):
     def __getitem__(self, index: int):
         rec = self.records[index]
         try:
-            image = load_image(rec.image, min_size=self.min_size)
+            image = load_image(rec.decode_path, min_size=self.min_size)
         except VembedError as exc:
             message = f"{rec.source}: {exc}" if rec.source and rec.source != str(rec.image) else str(exc)
             if self.skip_bad:
@@ -74,7 +74,11 @@ def build_loader(
     drop_last: bool = False,
     seed: int | None = None,
 ) -> DataLoader:
-    """A DataLoader with vembed's collate, pinned memory on CUDA and persistent workers."""
+    """A DataLoader with vembed's collate; on CUDA pinned memory (copies overlap with compute).
+
+    Each worker keeps 4 batches decoded ahead. Loaders are made per epoch and per pass, so workers
+    are not kept between them (``persistent_workers`` would keep idle decoders alive for nothing).
+    """
     kwargs: dict = {
         "num_workers": num_workers,
         "collate_fn": collate,

@@ -29,6 +29,14 @@ class ImageRecord:
     label: Label | None = None
     category: str | None = None
     source: str = ""  # "file.jsonl:12" — where the record came from, for error messages
+    resized: Path | None = None  # a smaller copy to decode instead (``vembed prepare --resize-to``)
+
+    @property
+    def decode_path(self) -> Path:
+        """The file to decode: the ``resized`` copy when it exists, else the original ``image``."""
+        if self.resized is not None and self.resized.is_file():
+            return self.resized
+        return self.image
 
 
 @dataclass(frozen=True)
@@ -181,7 +189,16 @@ def parse_record(line: str, *, root: Path, where: str, require_label: bool = Fal
             raise VembedError(f"{where}: 'mask' must be a path (a one-channel PNG of class indices)")
         return SegRecord(_resolve(image, root), _resolve(mask, root), where)
     category = obj.get("category")
-    return ImageRecord(_resolve(image, root), label, None if category is None else str(category), where)
+    resized = obj.get("resized")
+    if resized is not None and (not isinstance(resized, str) or not resized):
+        raise VembedError(f"{where}: 'resized' must be a path (a string), got {resized!r}")
+    return ImageRecord(
+        _resolve(image, root),
+        label,
+        None if category is None else str(category),
+        where,
+        None if resized is None else _resolve(resized, root),
+    )
 
 
 def records_from_paths(paths: Iterable[str | Path], *, check_exists: bool = True) -> RecordSet:
@@ -245,6 +262,8 @@ def record_to_json(rec: Record, *, relative_to: Path | None = None) -> dict[str,
         out["label"] = rec.label
     if isinstance(rec, ImageRecord) and rec.category is not None:
         out["category"] = rec.category
+    if isinstance(rec, ImageRecord) and rec.resized is not None:
+        out["resized"] = rel(rec.resized)
     return out
 
 

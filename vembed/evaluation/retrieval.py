@@ -23,6 +23,9 @@ __all__ = ["labels_to_codes", "retrieval_metrics", "topk"]
 
 # Rows of a chunk whose top-k boundary ties are re-selected at once (bounds the int32 cumsum buffer).
 _TIE_ROWS = 256
+# retrieval_metrics selects at least this many neighbours per query; Recall@K for the queries whose
+# first relevant reference ranks lower is counted instead (cheaper than selecting max(ks) for all).
+_SHORTLIST = 16
 
 
 def topk(
@@ -147,15 +150,23 @@ def retrieval_metrics(
     hits = dict.fromkeys(ks, 0)
     average_precision = torch.empty(len(used), dtype=torch.float64)  # AP@R per used query
     buffer = _scores_buffer(len(used), references, chunk_size)
+    members = _ClassMembers(reference_codes, class_sizes)
     for start, stop in _chunks(len(used), chunk_size, progress, "retrieval"):
         rows = used[start:stop]
         r = num_relevant[rows]
-        k = min(max(ks[-1], int(r.max())), available)
         exclude = rows if all_vs_all else None
-        _, neighbours = _rank(queries[rows], references, k, exclude, buffer[: stop - start])
+        scores = _similarities(queries[rows], references, exclude, buffer[: stop - start])
+        # The top R (for MAP@R; at least _SHORTLIST) is selected; Recall@K needs only the rank of the
+        # first relevant reference: read off the shortlist, or counted for the rows that miss it.
+        k = min(max(int(r.max()), _SHORTLIST), available)
+        _, neighbours = _select(scores, k, exclude is not None)
         relevant = reference_codes[neighbours] == query_codes[rows, None]  # [c, k] bool
+        first = relevant.to(torch.uint8).argmax(dim=1) + 1
+        missed = torch.nonzero(~relevant.any(dim=1)).squeeze(1)
+        if len(missed):
+            first[missed] = members.first_relevant_rank(scores[missed], query_codes[rows[missed]])
         for kk in ks:
-            hits[kk] += int(relevant[:, :kk].any(dim=1).sum())
+            hits[kk] += int((first <= kk).sum())
         ranks = torch.arange(1, k + 1, device=relevant.device)
         precision = relevant.cumsum(dim=1) / ranks
         counted = relevant & (ranks <= r[:, None])
@@ -195,11 +206,23 @@ def _rank(
     ``scores`` is a ``[len(block), len(references)]`` buffer for the similarities, reused across
     chunks so that the largest allocation is made once rather than once per chunk.
     """
+    return _select(_similarities(block, references, exclude, scores), k, exclude is not None)
+
+
+def _similarities(
+    block: torch.Tensor, references: torch.Tensor, exclude: torch.Tensor | None, scores: torch.Tensor
+) -> torch.Tensor:
+    """Inner products of a query block with every reference into ``scores``; excluded ones -inf."""
     torch.mm(block, references.T, out=scores)
     if exclude is not None:
         scores[torch.arange(len(block), device=scores.device), exclude] = float("-inf")
+    return scores
+
+
+def _select(scores: torch.Tensor, k: int, excluded: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Top-``k`` of each row of ``scores``, best first, equal scores by lower index (see :func:`_rank`)."""
     # One extra candidate shows whether the k-th score also occurs among the references left out.
-    extra = int(k < scores.shape[1] - (exclude is not None))
+    extra = int(k < scores.shape[1] - excluded)
     values, indices = torch.topk(scores, k + extra, dim=1)
     spill = values[:, k - 1] == values[:, k] if extra else torch.zeros_like(values[:, 0], dtype=torch.bool)
     values, indices = values[:, :k], indices[:, :k]
@@ -226,6 +249,41 @@ def _rank(
         values[tied_rows] = vals
         indices[tied_rows] = idx.gather(1, order)
     return values, indices
+
+
+class _ClassMembers:
+    """References grouped by class, to find each query's best relevant reference by gathering."""
+
+    def __init__(self, reference_codes: torch.Tensor, class_sizes: torch.Tensor):
+        self.codes = reference_codes
+        self.order = torch.argsort(reference_codes, stable=True)  # reference indices, class by class
+        self.sizes = class_sizes
+        self.starts = torch.cumsum(class_sizes, 0) - class_sizes
+
+    def first_relevant_rank(self, scores: torch.Tensor, query_codes: torch.Tensor) -> torch.Tensor:
+        """1-based rank of each row's first same-class reference in :func:`_select`'s order.
+
+        Rank = 1 + references scoring higher + references with the same score and a lower index than
+        the best relevant one (ties rank by index), the query itself excluded (its score is -inf).
+        Every row must have a relevant reference besides itself.
+        """
+        size = self.sizes[query_codes]
+        offsets = torch.arange(int(size.max()), device=scores.device)
+        valid = offsets < size[:, None]
+        slots = (self.starts[query_codes, None] + offsets).clamp_(max=len(self.order) - 1)
+        members = self.order[slots]  # [c, largest class] reference indices
+        member_scores = scores.gather(1, members).masked_fill_(~valid, float("-inf"))
+        best = member_scores.max(dim=1, keepdim=True).values
+        at_best = valid & (member_scores == best)
+        first = torch.where(at_best, members, len(self.codes)).min(dim=1, keepdim=True).values
+        rank = 1 + (scores > best).sum(dim=1, dtype=torch.int64)
+        tied = (scores == best).sum(dim=1) > 1  # another reference has exactly the best score
+        if tied.any():
+            rows = torch.nonzero(tied).squeeze(1)
+            columns = torch.arange(scores.shape[1], device=scores.device)
+            before = (scores[rows] == best[rows]) & (columns < first[rows])
+            rank[rows] += before.sum(dim=1)
+        return rank
 
 
 def _scores_buffer(num_queries: int, references: torch.Tensor, chunk_size: int) -> torch.Tensor:

@@ -244,6 +244,7 @@ def embedder_for_store(store: EmbeddingStore, base: ModelSettings | None = None)
         revision=settings.revision,
         device=settings.device,
         dtype=settings.dtype,
+        attention=settings.attention,
         truncate_dim=settings.truncate_dim,
     )
     check_store_model(store, embedder)

@@ -22,6 +22,7 @@ from vembed.models.loader import (
     load_model,
     write_model_config,
 )
+from vembed.models.precision import resolve_dtype
 from vembed.models.registry import ModelSpec
 from vembed.settings import ModelSettings
 
@@ -49,21 +50,22 @@ def resolve_device(device: str = "auto") -> torch.device:
     return torch.device("cpu")
 
 
-def resolve_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto`` → bf16 on GPUs that support it (fp16 otherwise), fp32 on CPU."""
-    if dtype != "auto":
-        return getattr(torch, dtype)
-    if device.type == "cuda":
-        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return torch.float32
+def load_backbone(
+    spec: ModelSpec, *, revision: str | None = None, attention: str = "auto"
+) -> torch.nn.Module:
+    """Load the vision tower named by ``spec`` through ``from_pretrained`` (hub id or folder).
 
-
-def load_backbone(spec: ModelSpec, *, revision: str | None = None) -> torch.nn.Module:
-    """Load the vision tower named by ``spec`` through ``from_pretrained`` (hub id or folder)."""
+    ``attention`` is transformers' ``attn_implementation`` (``auto``: transformers' default).
+    """
     cls = getattr(transformers, spec.family_info.model_class)
     transformers.utils.logging.disable_progress_bar()
+    options = {} if attention == "auto" else {"attn_implementation": attention}
     try:
-        return cls.from_pretrained(spec.source, revision=revision)
+        return cls.from_pretrained(spec.source, revision=revision, **options)
+    except (ImportError, ValueError) as exc:
+        if not options:
+            raise
+        raise VembedError(f"model.attention={attention}: {str(exc).splitlines()[0]}") from None
     except OSError as exc:
         raise VembedError(f"cannot load model weights from {spec.source!r}: {exc}") from None
 
@@ -78,15 +80,17 @@ def load_embedder(
     revision: str | None = None,
     device: str = "auto",
     dtype: str = "auto",
+    attention: str = "auto",
     truncate_dim: int | None = None,
 ) -> Embedder:
     """The embedding model for ``model`` (local folder > registry name > hub id) on its device and dtype.
 
     A folder saved by vembed (``vembed export``, a run's ``final/``) brings back its pooling,
-    projection, normalisation and preprocessing; arguments given here override them.
+    projection, normalisation and preprocessing; arguments given here override them. ``dtype`` and
+    ``attention`` are ``model.dtype`` and ``model.attention`` (see :mod:`vembed.models.precision`).
     """
     return build_embedder(
-        load_model(model, revision=revision),
+        load_model(model, revision=revision, attention=attention),
         pooling=pooling,
         projection_dim=projection_dim,
         normalize=normalize,
@@ -153,6 +157,7 @@ def create_embedder(model: str | Path | None = None, settings: ModelSettings | N
         revision=settings.revision,
         device=settings.device,
         dtype=settings.dtype,
+        attention=settings.attention,
         truncate_dim=settings.truncate_dim,
     )
 

@@ -202,8 +202,13 @@ class LoadedModel:
         return self.config.task_head if self.config is not None else None
 
 
-def load_model(model: str | Path, *, revision: str | None = None, weights: bool = True) -> LoadedModel:
-    """Resolve ``model`` and load its spec, saved identity, head weights and (``weights``) backbone."""
+def load_model(
+    model: str | Path, *, revision: str | None = None, weights: bool = True, attention: str = "auto"
+) -> LoadedModel:
+    """Resolve ``model`` and load its spec, saved identity, head weights and (``weights``) backbone.
+
+    ``attention``: transformers' ``attn_implementation`` for the backbone (``model.attention``).
+    """
     ref = resolve_ref(model)
     if ref.kind == "registry":
         spec = REGISTRY[ref.name]
@@ -213,7 +218,7 @@ def load_model(model: str | Path, *, revision: str | None = None, weights: bool 
     if weights:
         from vembed.models.factory import load_backbone
 
-        loaded.backbone = load_backbone(loaded.spec, revision=revision)
+        loaded.backbone = load_backbone(loaded.spec, revision=revision, attention=attention)
     return loaded
 
 

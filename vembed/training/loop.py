@@ -736,6 +736,8 @@ def _make_accelerator(settings: Settings) -> Accelerator:
         "gradient_accumulation_steps": s.grad_accum,
         # on a machine without an accelerator, accelerate runs several processes (torchrun) only with cpu=True
         "cpu": resolve_device(settings.model.device).type == "cpu",
+        # train.compile: accelerate wraps the prepared model in torch.compile (inductor)
+        "dynamo_backend": "inductor" if s.compile else "no",
     }
     from accelerate.utils import is_tensorboard_available
 

@@ -33,6 +33,7 @@ def build_embedder(settings: Settings) -> Embedder:
         revision=model.revision,
         device="cpu",
         dtype=dtype,
+        attention=model.attention,
     )
     train = settings.train
     if train.grad_checkpointing and train.method != "frozen":

@@ -74,7 +74,13 @@ def param_groups(
 
 
 def build_optimizer(groups: list[dict], settings: TrainSettings) -> Optimizer:
-    return AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay)
+    """AdamW over ``groups``; fused (one kernel for every parameter) per ``train.fused_adamw``."""
+    fused = settings.fused_adamw
+    if fused is None:
+        import torch
+
+        fused = torch.cuda.is_available()
+    return AdamW(groups, lr=settings.lr, weight_decay=settings.weight_decay, fused=fused or None)
 
 
 def build_scheduler(optimizer: Optimizer, total_steps: int, warmup_ratio: float) -> LambdaLR:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 
 import torch
 
@@ -13,6 +14,17 @@ from vembed.settings import Settings
 from vembed.training.data import LabelledImages
 
 PRIMARY_METRIC = "recall@1"
+
+
+def inference_autocast(embedder: Embedder, dtype: str):
+    """A bf16/fp16 autocast for validating fp32 training weights where ``model.dtype`` (auto) computes
+    inference in it (GPUs, CPUs with native bf16); None where inference is fp32."""
+    from vembed.models.precision import resolve_dtype
+
+    target = resolve_dtype(dtype, embedder.device)
+    if target == embedder.dtype or target not in (torch.bfloat16, torch.float16):
+        return None
+    return functools.partial(torch.autocast, embedder.device.type, dtype=target)
 
 
 class Validator:
@@ -40,6 +52,7 @@ class Validator:
     ) -> dict:
         # Validation must not move the training RNG streams (a resumed run would diverge).
         devices = [embedder.device] if embedder.device.type == "cuda" else []
+        autocast = inference_autocast(embedder, self.settings.model.dtype) or autocast
         with torch.random.fork_rng(devices=devices), autocast():
             embeddings, indices, problems = self._embed(embedder, show_progress)
         labels = [self.data.labels[i] for i in indices]

@@ -1,83 +1,39 @@
-"""Train-step throughput of vembed's loop vs a plain training loop, as a ratio measured in one run.
-
-    python bench/bench_train.py                                   # tiny DINOv2 (hidden 32, 2 layers, 28 px), CPU
-    python bench/bench_train.py --size base --batch 128 --precision bf16 --images 2048   # dinov2-base shape, GPU
+"""Train-step throughput of vembed's loop vs a plain transformers+peft loop, and bf16 autocast on CPU.
 
 Both loops train the same randomly initialised DINOv2 (saved like a hub checkpoint, no download) with
 LoRA (r 16 on q/k/v/o_proj) and InfoNCE on the same generated images (PNG files on disk), at the same
 batch size, precision and number of torch threads:
 
 - vembed: :func:`vembed.training.train` as ``vembed train`` runs it (accelerate, P x K batches, DataLoader
-  workers decoding ahead, ``data.num_workers`` of them), no validation;
+  workers decoding ahead), no validation;
 - plain: transformers + peft + AdamW, each step decodes its images with Pillow in the training process,
   resizes and normalises them, forward, loss, backward, step (no accumulation, no workers, no tricks).
 
-Throughput is images per second over the steps after ``--warmup`` (steady state: vembed's own
-``metrics.jsonl`` rows, the plain loop's step timer). On a GPU the peak allocated memory is reported too.
-Each loop runs ``--repeat`` times and the best run counts (other work on the machine adds noise).
+Throughput is images per second over the steps after the warm-up (vembed's own ``metrics.jsonl``
+rows, the plain loop's step timer), best of the profile's repeats, interleaved. The target is vembed
+≥ 1.5× plain. A second figure compares ``train.precision=bf16`` with ``no`` for vembed on the CPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import random
-import sys
-import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from vembed.io import write_json
+from bench.common import SIZES, Figure, Profile, log, make_records, save_model
 from vembed.losses import build_loss
 from vembed.settings import load_settings
 
-SIZES = {  # name: (hidden, layers, heads, mlp, image size)
-    "tiny": (32, 2, 2, 64, 28),
-    "small": (384, 12, 6, 1536, 224),
-    "base": (768, 12, 12, 3072, 224),
-}
 MEAN, STD = np.array([0.485, 0.456, 0.406]), np.array([0.229, 0.224, 0.225])
-
-
-def save_model(path: Path, size: str) -> Path:
-    import transformers as tf
-
-    hidden, layers, heads, mlp, image_size = SIZES[size]
-    torch.manual_seed(0)
-    config = tf.Dinov2Config(
-        hidden_size=hidden,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        intermediate_size=mlp,
-        image_size=image_size,
-        patch_size=14,
-    )
-    tf.Dinov2Model(config).save_pretrained(path)
-    return path
-
-
-def make_images(root: Path, n: int, size: int, per_class: int = 8) -> Path:
-    """``n`` PNG pictures, ``per_class`` per class (colour + stripes + noise), and their records.jsonl."""
-    rng = np.random.default_rng(0)
-    yy, xx = np.mgrid[0:size, 0:size]
-    lines = []
-    for i in range(n):
-        label = i // per_class
-        hue = np.array([(label * 67) % 256, (label * 131 + 80) % 256, (label * 29 + 160) % 256], float)
-        stripes = np.sin((xx if label % 2 else yy) * (0.3 + 0.1 * (label % 5)))[..., None]
-        arr = hue * (0.6 + 0.4 * stripes) + rng.normal(0, 20, (size, size, 3))
-        path = root / "images" / f"{i:06d}.png"
-        path.parent.mkdir(parents=True, exist_ok=True)
-        Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8)).save(path)
-        lines.append(json.dumps({"image": f"images/{i:06d}.png", "label": label}))
-    (root / "records.jsonl").write_text("\n".join(lines) + "\n")
-    return root / "records.jsonl"
+ORDER = 40
 
 
 def vembed_loop(model: Path, records: Path, out: Path, args) -> dict:
@@ -99,6 +55,7 @@ def vembed_loop(model: Path, records: Path, out: Path, args) -> dict:
             "train.augment=false",  # the plain loop resizes + normalises only: same work per image
             "train.eval_at_start=false",
             f"train.log_every={args.warmup}",
+            *args.extra,
         ],
     )
     _reset_peak_memory()
@@ -184,61 +141,44 @@ def _peak_memory() -> float | None:
     return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--size", choices=sorted(SIZES), default="tiny", help="DINOv2 shape (random weights)."
-    )
-    parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--images", type=int, default=512, help="Generated training images.")
-    parser.add_argument("--steps", type=int, default=30, help="Timed steps (after --warmup).")
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--precision", choices=["no", "bf16", "fp16"], default="no")
-    parser.add_argument(
-        "--workers", type=int, default=2, help="vembed's DataLoader workers (data.num_workers)."
-    )
-    parser.add_argument(
-        "--threads", type=int, default=None, help="torch threads for both loops (default: torch's)."
-    )
-    parser.add_argument("--device", choices=["auto", "cpu"], default="auto")
-    parser.add_argument("--repeat", type=int, default=2)
-    parser.add_argument("--json", type=Path, default=None, help="Also write the results here.")
-    args = parser.parse_args()
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    image_size = SIZES[args.size][4]
-    with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        model = save_model(tmp / "model", args.size)
-        records = make_images(tmp / "data", args.images, size=math.ceil(image_size * 8 / 7))
-        vembed_runs, plain_runs = [], []
-        for r in range(args.repeat):  # interleaved, so drifting machine load hits both
-            plain_runs.append(plain_loop(model, records, args))
-            vembed_runs.append(vembed_loop(model, records, tmp / f"run{r}", args))
-    best = lambda runs: max(runs, key=lambda x: x["images_per_second"])  # noqa: E731
-    vembed, plain = best(vembed_runs), best(plain_runs)
-    result = {
-        "model": f"dinov2 {args.size} (random weights), LoRA r16, InfoNCE",
-        "device": "cuda: " + torch.cuda.get_device_name()
-        if torch.cuda.is_available() and args.device != "cpu"
-        else "cpu",
-        "threads": torch.get_num_threads(),
-        "batch": args.batch,
-        "precision": args.precision,
-        "vembed_workers": args.workers,
-        "vembed_img_per_s": round(vembed["images_per_second"], 1),
-        "plain_img_per_s": round(plain["images_per_second"], 1),
-        "ratio": round(vembed["images_per_second"] / plain["images_per_second"], 2),
-        "vembed_runs": [round(x["images_per_second"], 1) for x in vembed_runs],
-        "plain_runs": [round(x["images_per_second"], 1) for x in plain_runs],
-        "vembed_peak_gib": vembed["peak_memory_gib"],
-        "plain_peak_gib": plain["peak_memory_gib"],
-        "command": " ".join([Path(sys.executable).name, *sys.argv]),
-    }
-    print(json.dumps(result, indent=2))
-    if args.json:
-        write_json(args.json, result)
+def measure(profile: Profile, *, size: str, batch: int, precision: str, steps: int, warmup: int, images: int,
+            plain: bool = True, extra: tuple[str, ...] = ()) -> dict:  # fmt: skip
+    """Best images/s of vembed (and of the plain loop), runs interleaved so drifting load hits both."""
+    args = SimpleNamespace(
+        size=size, batch=batch, precision=precision, steps=steps, warmup=warmup,
+        workers=2 if profile.device == "cpu" else 8, device=profile.device, extra=extra,
+    )  # fmt: skip
+    model = save_model(profile.workdir / size, size)
+    records = make_records(profile.workdir / f"png{size}", images, math.ceil(SIZES[size][4] * 8 / 7))
+    best = {"vembed": 0.0, "plain": 0.0}
+    for r in range(profile.repeat):
+        if plain:
+            best["plain"] = max(best["plain"], plain_loop(model, records, args)["images_per_second"])
+        tag = f"{size}-{precision}-{r}-{len(list(profile.workdir.glob('run-*')))}"
+        best["vembed"] = max(
+            best["vembed"],
+            vembed_loop(model, records, profile.workdir / f"run-{tag}", args)["images_per_second"],
+        )
+        log(f"train {size} {precision} {extra}: {best}")
+    return best
 
 
-if __name__ == "__main__":
-    main()
+def run(profile: Profile) -> list[Figure]:
+    if profile.device == "cuda":
+        size, batch, precision, images = profile.model, profile.batch, "bf16", profile.images
+    else:
+        size, batch, precision, images = profile.model, profile.batch, "no", profile.images
+    common = dict(steps=profile.steps, warmup=profile.warmup)
+    out = measure(profile, size=size, batch=batch, precision=precision, images=images, **common)
+    what = f"train img/s, ViT {size} LoRA r16 InfoNCE, batch {batch}, precision {precision}"
+    figures = [
+        Figure("train", what, out["vembed"], out["plain"], "plain transformers+peft", "img/s", target=1.5)
+    ]
+    if profile.device == "cpu":  # bf16 autocast on the CPU, on the ViT-S shape (compute-bound)
+        shape = "small" if profile.name == "cpu" else "tiny"
+        small = dict(size=shape, batch=8, images=64, steps=3, warmup=1, plain=False)
+        fp32 = measure(profile, precision="no", **small)["vembed"]
+        bf16 = measure(profile, precision="bf16", **small)["vembed"]
+        figures.append(Figure("train", f"train img/s, ViT {shape} LoRA, batch 8, bf16 autocast vs fp32",
+                              bf16, fp32, "fp32", "img/s", note="quality: see the precision case"))  # fmt: skip
+    return figures
