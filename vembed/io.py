@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import contextlib
+import glob
 import json
 import os
 import shutil
+import socket
 import tempfile
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -21,12 +23,13 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale_temporaries(path)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp_path = Path(tmp)
-    os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; give the usual permissions
     try:
         yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp (and safetensors) make 0600
         with open(tmp_path, "rb+") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
@@ -71,10 +74,12 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent))
+    remove_stale_temporaries(path)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent))
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes 0700
     try:
         yield tmp
+        make_readable(tmp)
         if path.exists():
             old = path.with_name(f".{path.name}.old-{os.getpid()}")
             os.replace(path, old)
@@ -85,6 +90,29 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_output_path(path: str | os.PathLike, *, folder: bool = False, what: str = "output") -> Path:
+    """Raise :class:`VembedError` now, before any work, if ``path`` cannot be written later.
+
+    Refused: a folder where a file goes (``folder=False``) or a file where a folder goes, a file in
+    the way of a parent folder, and a parent folder this user may not write in.
+    """
+    from vembed.errors import VembedError
+
+    path = Path(path)
+    if path.is_dir() and not folder:
+        raise VembedError(f"{what} {path}: is a folder; give a file name")
+    if path.exists() and not path.is_dir() and folder:
+        raise VembedError(f"{what} {path}: is a file; give a folder")
+    parent = path.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir():
+        raise VembedError(f"{what} {path}: {parent} is a file, not a folder")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise VembedError(f"{what} {path}: cannot write in {parent} (permission denied)")
+    return path
 
 
 def read_json(path: str | os.PathLike, *, missing: Any = None) -> Any:
@@ -101,11 +129,52 @@ def read_json(path: str | os.PathLike, *, missing: Any = None) -> Any:
 
 
 def make_readable(folder: str | os.PathLike) -> None:
-    """Give the files in ``folder`` the umask's permissions (libraries such as transformers 5 save
-    ``model.safetensors`` as 0600, which hides a model folder from the other users it is meant for)."""
-    for path in Path(folder).iterdir():
-        if path.is_file():
-            path.chmod(0o666 & ~_umask())
+    """Give the files in ``folder`` the umask's permissions (libraries such as transformers 5 and
+    safetensors save files as 0600, which hides a model folder or a store from the other users it is
+    meant for)."""
+    mode = 0o666 & ~_umask()
+    for path in Path(folder).rglob("*"):
+        if path.is_file() and not path.is_symlink():
+            path.chmod(mode)
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries beside ``path`` that a killed process left (``kill -9`` runs no cleanup).
+
+    A temporary's name holds the host and process id that made it; one whose process no longer runs
+    on this host is removed. Returns what was removed.
+    """
+    path = Path(path)
+    host = _host()
+    removed = []
+    for tmp in path.parent.glob(f".{glob.escape(path.name)}.*.tmp"):
+        parts = tmp.name[len(path.name) + 2 :].split(".")
+        if len(parts) < 3 or parts[0] != host or not parts[1].isdigit() or _alive(int(parts[1])):
+            continue
+        if tmp.is_dir():
+            shutil.rmtree(tmp, ignore_errors=True)
+        else:
+            tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def _temp_prefix(path: Path) -> str:
+    return f".{path.name}.{_host()}.{os.getpid()}."
+
+
+def _host() -> str:
+    return socket.gethostname().split(".")[0].replace("/", "_") or "host"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True
 
 
 def _umask() -> int:

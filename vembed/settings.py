@@ -97,6 +97,12 @@ class DataSettings(Section):
         "(1 to 12).",
     )
     skip_bad: bool = Field(False, description="Skip (and count) bad records and images instead of failing.")
+    max_image_pixels: int = Field(
+        100_000_000,
+        ge=0,
+        description="Largest image decoded (width × height); larger JPEGs decode at a reduced scale, other "
+        "formats are refused (skipped with skip_bad). 0: no limit.",
+    )
 
 
 class LoraSettings(Section):
@@ -333,10 +339,12 @@ def settings_to_yaml(settings: Settings) -> str:
 
 
 def _read_yaml(path: Path) -> dict[str, Any]:
+    if path.is_dir():
+        raise VembedError(f"{path}: is a folder; --config takes a YAML recipe file")
     if not path.is_file():
         raise VembedError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from pathlib import Path
 
 import typer
-from typer.core import TyperGroup
 
-from vembed.console import console
-from vembed.errors import VembedError
+from vembed.cli.failures import VembedGroup
 from vembed.settings import Settings, load_settings
 
 # `vembed --help` lists commands in the order a user runs them; helpers (and any others) come last.
@@ -30,8 +27,9 @@ COMMAND_ORDER = (
 )
 
 
-class OrderedGroup(TyperGroup):
-    """A command group whose ``list_commands`` follows :data:`COMMAND_ORDER`."""
+class OrderedGroup(VembedGroup):
+    """The app's group (failures reported in one place, see :mod:`vembed.cli.failures`), whose
+    ``list_commands`` follows :data:`COMMAND_ORDER`."""
 
     def list_commands(self, ctx) -> list[str]:
         names = super().list_commands(ctx)
@@ -43,7 +41,8 @@ app = typer.Typer(
     name="vembed",
     cls=OrderedGroup,
     help="Turn a pretrained vision backbone into a domain-specific image embedding model: "
-    "prepare data, train, evaluate, export, embed and search.",
+    "prepare data, train, evaluate, export, embed and search. "
+    "--debug (or VEMBED_DEBUG=1) prints the full traceback of an unexpected error.",
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_enable=False,
@@ -52,20 +51,12 @@ app = typer.Typer(
 
 
 def user_errors(fn):
-    """Turn a :class:`VembedError` into one red line on stderr and exit status 2."""
+    """Kept for commands written before the app reported failures itself: returns ``fn`` unchanged.
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except VembedError as exc:
-            console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
-            raise typer.Exit(2) from None
-        except KeyboardInterrupt:
-            console.print("[yellow]interrupted[/]")
-            raise typer.Exit(130) from None
-
-    return wrapper
+    Every command registered on ``app`` (or on a group added to it) already runs inside
+    :mod:`vembed.cli.failures`: a :class:`~vembed.errors.VembedError` is one red line and exit 2.
+    """
+    return fn
 
 
 def settings_from(config: Path | None, overrides: list[str] | None, **explicit) -> Settings:
@@ -74,7 +65,10 @@ def settings_from(config: Path | None, overrides: list[str] | None, **explicit) 
     Flags are passed as ``section__key=value`` (``model__name="dinov2-base"``).
     """
     values = {key.replace("__", "."): value for key, value in explicit.items() if value is not None}
-    return load_settings(config, list(overrides or []), values)
+    settings = load_settings(config, list(overrides or []), values)
+    # read by vembed.data.images.load_image, here and in data-loading worker processes
+    os.environ["VEMBED_MAX_IMAGE_PIXELS"] = str(settings.data.max_image_pixels)
+    return settings
 
 
 def quiet_transformers() -> None:

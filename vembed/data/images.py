@@ -7,6 +7,7 @@ large photos at a reduced scale, then resize → centre crop → normalise.
 from __future__ import annotations
 
 import math
+import os
 import random
 from pathlib import Path
 
@@ -20,27 +21,58 @@ from vembed.models.registry import ModelSpec
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def load_image(path: str | Path, *, min_size: int | None = None) -> Image.Image:
+def load_image(
+    path: str | Path, *, min_size: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
     """Decode an image file to an upright RGB ``PIL.Image``.
 
     ``min_size`` lets JPEGs decode at 1/2, 1/4 or 1/8 scale while keeping the shorter side at least
-    that large (much faster for big photos). Corrupt, truncated or empty files raise
+    that large (much faster for big photos). An image over ``max_pixels`` (default
+    :func:`max_image_pixels`, the setting ``data.max_image_pixels``) is draft-decoded under the limit
+    when it is a JPEG, and refused otherwise. Corrupt, truncated, empty or oversized files raise
     :class:`VembedError` naming the path.
     """
     path = Path(path)
+    limit = max_image_pixels() if max_pixels is None else max_pixels
     try:
         with Image.open(path) as img:
-            if min_size and img.format == "JPEG":
-                w, h = img.size
-                scale = min_size / min(w, h)
+            w, h = img.size
+            scale = min_size / min(w, h) if min_size else 1.0
+            if limit and w * h > limit:  # draft picks a scale ≥ the one asked, so ask for half
+                scale = min(scale, math.sqrt(limit / (w * h)) / 2)
+            if scale < 1 and img.format == "JPEG":
                 img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
+            check_pixels(path, img.size, limit, original=(w, h))
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
     except FileNotFoundError:
         raise VembedError(f"image not found: {path}") from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise VembedError(f"cannot decode image {path}: {exc}") from None
+
+
+# vembed checks each image's size itself (above), so that a large JPEG can still be draft-decoded;
+# Pillow's own check would refuse it (or print a raw warning) before the draft.
+Image.MAX_IMAGE_PIXELS = None
+MAX_IMAGE_PIXELS = 100_000_000  # data.max_image_pixels' default: ~300 MB once decoded as RGB
+
+
+def check_pixels(path, size: tuple[int, int], limit: int, *, original: tuple[int, int] | None = None) -> None:
+    """Refuse, naming the file, an image of ``size`` over ``limit`` pixels (0: no limit)."""
+    if limit and size[0] * size[1] > limit:
+        w, h = original or size
+        raise VembedError(
+            f"{path}: {w}×{h} pixels is over the limit of {limit:,} (data.max_image_pixels); "
+            "too large to decode safely — shrink it, raise the limit, or skip it with --skip-bad"
+        )
+
+
+def max_image_pixels() -> int:
+    """The process's limit: ``VEMBED_MAX_IMAGE_PIXELS`` (the CLI sets it from ``data.max_image_pixels``,
+    and worker processes inherit it), else :data:`MAX_IMAGE_PIXELS`; 0 means no limit."""
+    value = os.environ.get("VEMBED_MAX_IMAGE_PIXELS", "").strip()
+    return int(value) if value.isdigit() else MAX_IMAGE_PIXELS
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -167,6 +199,7 @@ def load_mask(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
+            check_pixels(path, img.size, max_image_pixels())
             img.load()
             mode = img.mode
             if mode in ("L", "P"):

@@ -124,7 +124,7 @@ def read_records(
     records: list[Record] = []
     problems: list[str] = []
     kind: str | None = None
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if not line.strip():
                 continue
@@ -177,12 +177,14 @@ def parse_record(line: str, *, root: Path, where: str, require_label: bool = Fal
         for key in ("query_image", "positive"):
             if not isinstance(obj.get(key), str) or not obj[key]:
                 raise VembedError(
-                    f"{where}: missing field '{key}' (a pair record needs query_image and positive)"
+                    f"{where}: {_bad_field(obj, key)} (a pair record needs query_image and positive)"
                 )
         return PairRecord(_resolve(obj["query_image"], root), _resolve(obj["positive"], root), label, where)
     image = obj.get("image")
     if not isinstance(image, str) or not image:
-        raise VembedError(f"{where}: missing field 'image' (or 'query_image'/'positive' for a pair record)")
+        raise VembedError(
+            f"{where}: {_bad_field(obj, 'image')} (or 'query_image'/'positive' for a pair record)"
+        )
     if "mask" in obj:
         mask = obj["mask"]
         if not isinstance(mask, str) or not mask:
@@ -199,6 +201,13 @@ def parse_record(line: str, *, root: Path, where: str, require_label: bool = Fal
         where,
         None if resized is None else _resolve(resized, root),
     )
+
+
+def _bad_field(obj: dict[str, Any], key: str) -> str:
+    """Why ``obj[key]`` is not a usable path: missing, or of the wrong type (the value shown)."""
+    if obj.get(key) in (None, ""):
+        return f"missing field '{key}'"
+    return f"field '{key}' must be a path (a JSON string), got {type(obj[key]).__name__} {json.dumps(obj[key])[:60]}"
 
 
 def records_from_paths(paths: Iterable[str | Path], *, check_exists: bool = True) -> RecordSet:

@@ -24,6 +24,7 @@ from vembed.models.loader import (
 )
 from vembed.models.precision import resolve_dtype
 from vembed.models.registry import ModelSpec
+from vembed.models.weights import check_model_folder, refusal
 from vembed.settings import ModelSettings
 
 __all__ = [
@@ -59,6 +60,8 @@ def load_backbone(
     """
     cls = getattr(transformers, spec.family_info.model_class)
     transformers.utils.logging.disable_progress_bar()
+    if Path(spec.source).is_dir():
+        check_model_folder(spec.source)
     options = {} if attention == "auto" else {"attn_implementation": attention}
     try:
         return cls.from_pretrained(spec.source, revision=revision, **options)
@@ -68,6 +71,11 @@ def load_backbone(
         raise VembedError(f"model.attention={attention}: {str(exc).splitlines()[0]}") from None
     except OSError as exc:
         raise VembedError(f"cannot load model weights from {spec.source!r}: {exc}") from None
+    except Exception as exc:  # a pickle refused by weights_only, a broken safetensors file
+        error = refusal(spec.source, exc)
+        if error is None:
+            raise
+        raise error from None
 
 
 def load_embedder(

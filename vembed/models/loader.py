@@ -254,9 +254,9 @@ def _load_files(ref: ModelRef, *, revision: str | None) -> LoadedModel:
         spec = apply_model_config(spec, saved)
         head_file = find(HEAD_WEIGHTS)
         if head_file is not None:
-            from safetensors.torch import load_file
+            from vembed.models.weights import load_safetensors
 
-            state = load_file(str(head_file))
+            state = load_safetensors(head_file)
             head_state = {k: v for k, v in state.items() if not k.startswith(TASK_HEAD_PREFIX)}
             task_state = {
                 k[len(TASK_HEAD_PREFIX) :]: v for k, v in state.items() if k.startswith(TASK_HEAD_PREFIX)

@@ -25,11 +25,12 @@ from typing import Any
 import numpy as np
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 from torch.optim import Optimizer
 
 from vembed.errors import VembedError
 from vembed.io import make_readable
+from vembed.models.weights import check_safetensors, load_safetensors
 
 CHECKPOINTS = "checkpoints"
 _NAME = re.compile(r"^step-(\d+)$")
@@ -116,12 +117,12 @@ def read_state(path: Path) -> dict[str, Any]:
 
 
 def load_model_state(path: Path) -> dict[str, torch.Tensor]:
-    return load_file(str(path / "model.safetensors"))
+    return load_safetensors(path / "model.safetensors")
 
 
 def load_optimizer(path: Path, optimizer: Optimizer) -> None:
     meta = json.loads((path / "optimizer.json").read_text())
-    tensors = load_file(str(path / "optimizer.safetensors"))
+    tensors = load_safetensors(path / "optimizer.safetensors")
     optimizer.load_state_dict(_unflatten_optimizer(tensors, meta))
 
 
@@ -131,6 +132,7 @@ def load_rng(path: Path, rank: int) -> None:
         raise VembedError(
             f"{path}: no random state for process {rank}; resume with the number of processes that saved it"
         )
+    check_safetensors(file)
     with safe_open(str(file), framework="pt") as fh:
         meta = fh.metadata()
         tensors = {key: fh.get_tensor(key) for key in fh.keys()}  # noqa: SIM118 (safe_open has no __iter__)

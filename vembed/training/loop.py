@@ -116,8 +116,23 @@ def train(
 
     ``on_step`` is called after every optimiser step (checkpoint already written when one was due);
     an exception it raises ends the run like a crash, which ``train.resume=true`` recovers from.
+    A new run that fails before its first checkpoint (a bad image, a wrong setting) removes its run
+    directory again, so that the same command can simply be rerun.
     """
-    return _Trainer(settings, show_progress=show_progress, on_step=on_step).run()
+    run_dir = Path(settings.train.output_dir)
+    fresh = not run_dir.exists()
+    try:
+        return _Trainer(settings, show_progress=show_progress, on_step=on_step).run()
+    except BaseException:
+        nothing_kept = run_dir.is_dir() and not ckpt.list_checkpoints(run_dir)
+        if (
+            fresh
+            and nothing_kept
+            and not (run_dir / FINAL_DIR).exists()
+            and os.environ.get("RANK", "0") == "0"
+        ):
+            shutil.rmtree(run_dir, ignore_errors=True)
+        raise
 
 
 def check_settings(settings: Settings) -> None:

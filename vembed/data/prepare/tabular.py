@@ -179,7 +179,7 @@ def parse_row(
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
-    with open(path, encoding="utf-8") as fh:
+    with open(path, encoding="utf-8-sig") as fh:
         for lineno, line in enumerate(fh, start=1):
             if line.strip():
                 yield lineno, json_object(line)
