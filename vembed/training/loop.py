@@ -30,6 +30,7 @@ from vembed.inference import embed_records
 from vembed.io import atomic_dir, write_json, write_text
 from vembed.losses import LOSSES
 from vembed.models.factory import VEMBED_CONFIG, resolve_device, save_embedder
+from vembed.models.heads import classifier_of_loss
 from vembed.models.lora import merge_lora
 from vembed.settings import Settings, settings_to_yaml
 from vembed.training import checkpoint as ckpt
@@ -252,7 +253,13 @@ class _Trainer:
         self.validator = None
         if self.val is not None:
             features, indices = val_features if val_features is not None else (None, None)
-            self.validator = Validator(self.val, self.settings, features=features, feature_indices=indices)
+            self.validator = Validator(
+                self.val,
+                self.settings,
+                features=features,
+                feature_indices=indices,
+                classifier=self._classifier if self._classifier() is not None else None,
+            )
         head = [
             (f"embedder.{n}", p) for n, p in self.embedder.named_parameters() if not n.startswith("backbone.")
         ]
@@ -611,7 +618,15 @@ class _Trainer:
             "finished_step": self.step if selected == "last" else None,  # set in final/ when the run ends
         }
         with atomic_dir(out) as tmp:
-            save_embedder(merged, tmp, extra={"training": training})
+            save_embedder(merged, tmp, extra={"training": training}, task_head=self._task_head())
+
+    def _classifier(self):
+        """The classifier the loss trains (``ce``), with the training class names; None otherwise."""
+        return classifier_of_loss(self.loss, self.data.class_names)
+
+    def _task_head(self) -> tuple[dict, dict] | None:
+        head = self._classifier()
+        return head.task_head() if head is not None else None
 
     # -- small helpers ----------------------------------------------------------------------------
 
