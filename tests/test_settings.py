@@ -69,3 +69,24 @@ def test_config_show_cli(tmp_path):
     bad = CliRunner().invoke(app, ["config", "show", str(recipe), "train.epoch=5"])
     assert bad.exit_code == 2
     assert "did you mean 'train.epochs'" in bad.output
+
+
+def test_train_augment_is_settings_and_still_takes_the_old_switch():
+    from vembed.models.registry import resolve_spec
+    from vembed.training.data import train_transform
+
+    spec = resolve_spec("dinov2-small")
+    assert load_settings(None, ["train.augment=false"]).train.augment.enabled is False
+    on = load_settings(None, ["train.augment=true"]).train.augment
+    assert on.enabled and on == load_settings().train.augment
+    custom = load_settings(None, ["train.augment.scale=0.8,1", "train.augment.hflip=0"]).train
+    t = train_transform(spec, custom)
+    assert (t.scale, t.hflip) == ((0.8, 1.0), 0.0)
+    assert (
+        type(train_transform(spec, load_settings(None, ["train.augment=false"]).train)).__name__
+        == "EvalTransform"
+    )
+    with pytest.raises(VembedError, match=r"train.augment.scale.*0 < min <= max <= 1"):
+        load_settings(None, ["train.augment.scale=0,1"])
+    with pytest.raises(VembedError, match=r"unknown setting 'train.augment.flip'.*hflip"):
+        load_settings(None, ["train.augment.flip=0"])

@@ -347,19 +347,23 @@ def _num_bytes(module: nn.Module) -> int:
 def _write_preprocessor_config(embedder: Embedder, folder: Path) -> None:
     """A ``preprocessor_config.json`` that makes ``AutoImageProcessor`` do vembed's eval transform.
 
-    CLIPImageProcessor is resize-shorter-side → centre crop → rescale → normalise, which is exactly
-    :class:`vembed.data.images.EvalTransform` for every family.
+    CLIPImageProcessor does resize-shorter-side → centre crop, or (``size: {height, width}`` without a
+    crop) a square resize, then rescale → normalise: :class:`vembed.data.images.EvalTransform` for
+    every family.
     """
     spec = embedder.spec
+    square = spec.resize == "square"
     write_json(
         folder / "preprocessor_config.json",
         {
             "image_processor_type": "CLIPImageProcessor",
             "do_convert_rgb": True,
             "do_resize": True,
-            "size": {"shortest_edge": spec.resize_size},
+            "size": {"height": spec.image_size, "width": spec.image_size}
+            if square
+            else {"shortest_edge": spec.resize_size},
             "resample": _RESAMPLE_CODES.get(spec.interpolation, 3),
-            "do_center_crop": True,
+            "do_center_crop": not square,
             "crop_size": {"height": spec.image_size, "width": spec.image_size},
             "do_rescale": True,
             "rescale_factor": 1 / 255,

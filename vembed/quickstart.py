@@ -53,7 +53,9 @@ class QuickstartOptions:
     # training
     loss: str = "infonce"
     batch_size: int = 80
-    samples_per_class: int = 8  # P×K: 10 digits × 8 images
+    samples_per_class: int | None = None  # None: P×K adapts to the 10 digits (10 classes × 8 images)
+    # digits: no flips (a mirrored 2 is not a 2) and no crops (the whole image is the digit)
+    augment: bool | dict = False
     lr: float = 1e-3
     seed: int = 0
     num_workers: int = 0  # tiny PNGs decode faster in-process than through worker processes
@@ -228,11 +230,10 @@ def quickstart_settings(
             "train.loss": options.loss,
             "train.epochs": options.epochs,
             "train.batch_size": options.batch_size,
-            "train.sampler": "pk",
             "train.samples_per_class": options.samples_per_class,
             "train.lr": options.lr,
             "train.warmup_ratio": 0.1,
-            "train.augment": False,
+            "train.augment": options.augment,
             "train.seed": options.seed,
             "eval.k": [1, 10],
             "eval.batch_size": 256,

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PositiveInt,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from vembed.errors import VembedError
 
@@ -123,6 +131,61 @@ class LoraSettings(Section):
         return value
 
 
+def _float_pair(value: Any) -> Any:
+    """Accept ``"0.5,1"`` (from the command line) as well as a YAML list."""
+    if isinstance(value, str):
+        return [part.strip() for part in value.split(",") if part.strip()]
+    return value
+
+
+class AugmentSettings(Section):
+    """``train.augment``: what a training image may go through (timm ``create_transform`` style).
+
+    ``train.augment: false`` trains on the evaluation transform; ``true`` is this default: crops of
+    80-100 % of the image, no flips — the mildest setting measured, which does no harm where a mirror
+    image or a cut-off edge changes the class (digits, text, logos). Photos of objects and scenes can
+    take stronger crops and flips (``scale: [0.35, 1]``, ``hflip: 0.5``, as the SOP recipe does).
+    """
+
+    enabled: bool = Field(
+        True, description="false: no augmentation (resize + centre crop, as at evaluation)."
+    )
+    scale: tuple[float, float] = Field(
+        (0.8, 1.0), description="Random resized crop: share of the image's area, [min, max] (1,1: no crop)."
+    )
+    ratio: tuple[float, float] = Field(
+        (3 / 4, 4 / 3), description="Random resized crop: aspect ratio range of the crop, [min, max]."
+    )
+    hflip: float = Field(0.0, ge=0, le=1, description="Probability of a horizontal flip (photos: 0.5).")
+    vflip: float = Field(0.0, ge=0, le=1, description="Probability of a vertical flip (aerial, microscopy).")
+    color_jitter: float = Field(
+        0.0, ge=0, le=1, description="Brightness, contrast and saturation each scaled by 1 ± this (0: off)."
+    )
+    grayscale: float = Field(0.0, ge=0, le=1, description="Probability of turning the image grey.")
+
+    _split_scale = field_validator("scale", "ratio", mode="before")(_float_pair)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _from_bool(cls, value: Any) -> Any:
+        """``train.augment: true|false`` (the old switch) still works."""
+        return {"enabled": value} if isinstance(value, bool) else value
+
+    @field_validator("scale")
+    @classmethod
+    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1] <= 1:
+            raise ValueError("scale must be [min, max] with 0 < min <= max <= 1")
+        return value
+
+    @field_validator("ratio")
+    @classmethod
+    def _ratio_range(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < value[0] <= value[1]:
+            raise ValueError("ratio must be [min, max] with 0 < min <= max")
+        return value
+
+
 class TrainSettings(Section):
     """``vembed train``: method, loss, optimisation, sampling, validation and checkpoints.
 
@@ -204,7 +267,10 @@ class TrainSettings(Section):
         ge=1,
         description="Draw each batch's classes from this many record categories (harder negatives).",
     )
-    augment: bool = Field(True, description="Random resized crop + flip on training images.")
+    augment: AugmentSettings = Field(
+        default_factory=lambda: AugmentSettings(),
+        description="Training-image augmentation (true: the mild default, false: none; or its keys).",
+    )
     cache_features: bool = Field(
         True, description="method=frozen: compute backbone features once and train the head on them."
     )

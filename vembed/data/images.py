@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageEnhance, ImageOps, UnidentifiedImageError
 
 from vembed.errors import VembedError
 from vembed.models.registry import ModelSpec
@@ -132,11 +132,17 @@ def center_crop(img: Image.Image, size: int) -> Image.Image:
 
 
 class EvalTransform:
-    """Resize the shorter side to ``spec.resize_size``, centre-crop ``spec.image_size``, normalise."""
+    """The model's evaluation preprocessing, as its own transformers image processor does it.
+
+    ``spec.resize == "shorter"``: resize the shorter side to ``spec.resize_size``, centre-crop
+    ``spec.image_size`` (DINOv2, CLIP); ``"square"``: resize to ``image_size`` x ``image_size`` without
+    cropping (SigLIP, DINOv3). Then normalise.
+    """
 
     def __init__(self, spec: ModelSpec):
         self.size = spec.image_size
-        self.resize_size = spec.resize_size
+        self.square = spec.resize == "square"
+        self.resize_size = spec.image_size if self.square else spec.resize_size
         self.normalize = Normalize(spec.mean, spec.std)
         self.resample = _RESAMPLE.get(spec.interpolation, Image.Resampling.BICUBIC)
 
@@ -145,41 +151,90 @@ class EvalTransform:
         return self.resize_size
 
     def __call__(self, img: Image.Image) -> torch.Tensor:
-        img = center_crop(resize_shorter(img, self.resize_size, self.resample), self.size)
+        if self.square:
+            img = (
+                img
+                if img.size == (self.size, self.size)
+                else img.resize((self.size, self.size), self.resample)
+            )
+        else:
+            img = center_crop(resize_shorter(img, self.resize_size, self.resample), self.size)
         return self.normalize(img)
 
 
 class TrainTransform:
-    """Random resized crop (scale ``scale``), horizontal flip, normalise."""
+    """Random resized crop, flips, colour jitter and grey scale (``train.augment``), then normalise.
 
-    def __init__(self, spec: ModelSpec, *, scale: tuple[float, float] = (0.35, 1.0), flip: bool = True):
+    The crop is cut from the image decoded at a size that keeps even the smallest crop at or above
+    the model's input resolution (:attr:`min_decode_size`), then resized to ``spec.image_size``.
+    """
+
+    takes_generator = True  # __call__(img, generator): training passes a seeded random.Random
+
+    def __init__(
+        self,
+        spec: ModelSpec,
+        *,
+        scale: tuple[float, float] = (0.8, 1.0),
+        ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.0,
+        vflip: float = 0.0,
+        color_jitter: float = 0.0,
+        grayscale: float = 0.0,
+    ):
         self.size = spec.image_size
         self.scale = scale
-        self.flip = flip
+        self.log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+        self.hflip, self.vflip = hflip, vflip
+        self.color_jitter, self.grayscale = color_jitter, grayscale
         self.normalize = Normalize(spec.mean, spec.std)
         self.resample = _RESAMPLE.get(spec.interpolation, Image.Resampling.BICUBIC)
+        # the shorter side of the smallest, most elongated crop of a square image is
+        # side * sqrt(scale_min / max(ratio_max, 1 / ratio_min)): decode so that it is >= size
+        stretch = max(ratio[1], 1 / ratio[0], 1.0)
+        self._min_decode = math.ceil(self.size / math.sqrt(scale[0] / stretch) - 1e-9)
 
     @property
     def min_decode_size(self) -> int:
-        return self.size
+        return self._min_decode
 
-    def __call__(self, img: Image.Image) -> torch.Tensor:
+    def __call__(self, img: Image.Image, generator: random.Random | None = None) -> torch.Tensor:
+        """``generator`` draws every random choice (training seeds one per image); default: ``random``."""
+        rng = generator if generator is not None else random
+        img = self._crop(img, rng)
+        if self.hflip and rng.random() < self.hflip:
+            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+        if self.vflip and rng.random() < self.vflip:
+            img = img.transpose(Image.Transpose.FLIP_TOP_BOTTOM)
+        if self.color_jitter:
+            img = self._jitter(img, rng)
+        if self.grayscale and rng.random() < self.grayscale:
+            img = img.convert("L").convert("RGB")
+        return self.normalize(img)
+
+    def _crop(self, img: Image.Image, rng) -> Image.Image:
         w, h = img.size
         area = w * h
         for _ in range(10):
-            target = area * random.uniform(*self.scale)
-            ratio = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+            target = area * rng.uniform(*self.scale)
+            ratio = math.exp(rng.uniform(*self.log_ratio))
             cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
             if 0 < cw <= w and 0 < ch <= h:
-                left, top = random.randint(0, w - cw), random.randint(0, h - ch)
+                left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
                 break
         else:
             cw = ch = min(w, h)
             left, top = (w - cw) // 2, (h - ch) // 2
-        img = img.resize((self.size, self.size), self.resample, box=(left, top, left + cw, top + ch))
-        if self.flip and random.random() < 0.5:
-            img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-        return self.normalize(img)
+        return img.resize((self.size, self.size), self.resample, box=(left, top, left + cw, top + ch))
+
+    def _jitter(self, img: Image.Image, rng) -> Image.Image:
+        """Brightness, contrast and saturation, each by a factor in [1 - j, 1 + j], in random order."""
+        j = self.color_jitter
+        enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+        rng.shuffle(enhancers)
+        for enhancer in enhancers:
+            img = enhancer(img).enhance(rng.uniform(max(0.0, 1 - j), 1 + j))
+        return img
 
 
 IGNORE_INDEX = 255

@@ -149,7 +149,12 @@ def search_queries(
     if to_embed:
         from vembed.data.records import ImageRecord
 
-        embedder = embedder_for_store(store, settings.model)
+        embedder = embedder_for_store(
+            store,
+            device=settings.model.device,
+            dtype=settings.model.dtype,
+            attention=settings.model.attention,
+        )
         records = [ImageRecord(queries[i].path, queries[i].label, None, queries[i].name) for i in to_embed]
         out = embed_records(
             embedder,

@@ -32,7 +32,6 @@ from vembed.errors import VembedError
 from vembed.io import atomic_dir, write_json, write_jsonl, write_text
 from vembed.models.embedder import Embedder
 from vembed.models.registry import REGISTRY
-from vembed.settings import ModelSettings
 
 STORE_FORMAT = "vembed-store"
 STORE_VERSION = 1
@@ -210,43 +209,30 @@ def open_store(path: str | Path) -> EmbeddingStore:
     return EmbeddingStore(path, embeddings.float(), manifest, meta, tensors.get("probe"))
 
 
-def model_settings_for(store: EmbeddingStore, base: ModelSettings | None = None) -> ModelSettings:
-    """The model settings that rebuild the store's model; device and dtype come from ``base``."""
-    base = base or ModelSettings()
+def model_arguments(store: EmbeddingStore) -> dict[str, Any]:
+    """The :func:`~vembed.models.factory.load_embedder` arguments that rebuild the store's model."""
     model = store.meta.get("model") or {}
     if not model.get("source"):
         raise VembedError(f"{_where(store)}: 'model.source' is missing; cannot rebuild the model")
     pre = store.meta.get("preprocessing") or {}
-    return base.model_copy(
-        update={
-            "name": model["source"],
-            "revision": model.get("revision"),
-            "pooling": model.get("pooling"),
-            "projection_dim": model.get("projection_dim"),
-            "normalize": bool(model.get("normalize", True)),
-            "truncate_dim": model.get("truncate_dim"),
-            "image_size": pre.get("image_size"),
-        }
-    )
+    return {
+        "model": model["source"],
+        "revision": model.get("revision"),
+        "pooling": model.get("pooling"),
+        "projection_dim": model.get("projection_dim"),
+        "normalize": bool(model.get("normalize", True)),
+        "truncate_dim": model.get("truncate_dim"),
+        "image_size": pre.get("image_size"),
+    }
 
 
-def embedder_for_store(store: EmbeddingStore, base: ModelSettings | None = None) -> Embedder:
+def embedder_for_store(
+    store: EmbeddingStore, *, device: str = "auto", dtype: str = "auto", attention: str = "auto"
+) -> Embedder:
     """Rebuild the model that made ``store`` and check it still embeds the way it did."""
     from vembed.models.factory import load_embedder
 
-    settings = model_settings_for(store, base)
-    embedder = load_embedder(
-        settings.name,
-        pooling=settings.pooling,
-        projection_dim=settings.projection_dim,
-        normalize=settings.normalize,
-        image_size=settings.image_size,
-        revision=settings.revision,
-        device=settings.device,
-        dtype=settings.dtype,
-        attention=settings.attention,
-        truncate_dim=settings.truncate_dim,
-    )
+    embedder = load_embedder(**model_arguments(store), device=device, dtype=dtype, attention=attention)
     check_store_model(store, embedder)
     return embedder
 
@@ -260,7 +246,7 @@ def check_store_model(store: EmbeddingStore, embedder: Embedder) -> None:
         )
     pre = store.meta.get("preprocessing") or {}
     spec = embedder.spec
-    now = {"mean": list(spec.mean), "std": list(spec.std), "crop_pct": spec.crop_pct}
+    now = {"mean": list(spec.mean), "std": list(spec.std), "crop_pct": spec.crop_pct, "resize": spec.resize}
     for key, value in now.items():
         if key in pre and not _close(pre[key], value):
             raise VembedError(

@@ -274,6 +274,7 @@ def apply_model_config(spec: ModelSpec, saved: ModelConfig) -> ModelSpec:
         mean=tuple(pre.get("mean", spec.mean)),
         std=tuple(pre.get("std", spec.std)),
         interpolation=pre.get("interpolation", spec.interpolation),
+        resize=pre.get("resize", spec.resize),
         lora_targets=tuple(saved.lora_targets or spec.lora_targets),
         base_model=saved.base_model or spec.base_model,
         description=f"saved by vembed from {saved.base_model or '?'}",

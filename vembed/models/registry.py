@@ -34,6 +34,7 @@ class Family:
     lora_targets: tuple[str, ...]  # candidate Linear names (old and new transformers spellings)
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
+    resize: str = "shorter"  # shorter side + centre crop, or "square": both sides, no crop
 
 
 FAMILIES: dict[str, Family] = {
@@ -68,6 +69,9 @@ FAMILIES: dict[str, Family] = {
             IMAGENET_MEAN,
             IMAGENET_STD,
             ("q_proj", "k_proj", "v_proj", "o_proj"),
+            crop_pct=1.0,
+            interpolation="bilinear",
+            resize="square",  # DINOv3ViTImageProcessor: 224 x 224 bilinear, no crop
         ),
         Family(
             "clip",
@@ -90,7 +94,7 @@ FAMILIES: dict[str, Family] = {
             HALF,
             ("q_proj", "k_proj", "v_proj", "out_proj"),
             crop_pct=1.0,
-            interpolation="bilinear",
+            resize="square",  # SiglipImageProcessor: 224 x 224 bicubic, no crop
         ),
     ]
 }
@@ -114,6 +118,7 @@ class ModelSpec:
     interpolation: str = "bicubic"
     num_register_tokens: int = 0
     description: str = ""
+    resize: str = "shorter"  # "shorter": shorter side to resize_size, centre crop; "square": no crop
     base_model: str = ""  # what the weights were first loaded from (hub id or folder), kept through saves
 
     @property
@@ -122,8 +127,8 @@ class ModelSpec:
 
     @property
     def resize_size(self) -> int:
-        """Shorter side before the centre crop (timm's crop_pct convention)."""
-        return round(self.image_size / self.crop_pct)
+        """Shorter side before the centre crop (timm's crop_pct convention); ``image_size`` for square."""
+        return self.image_size if self.resize == "square" else round(self.image_size / self.crop_pct)
 
     def preprocessing(self) -> dict:
         """The eval preprocessing as recorded in ``vembed.json`` and store metadata."""
@@ -134,6 +139,7 @@ class ModelSpec:
             "mean": list(self.mean),
             "std": list(self.std),
             "interpolation": self.interpolation,
+            "resize": self.resize,
         }
 
     def replace(self, **changes) -> ModelSpec:
@@ -155,6 +161,7 @@ def _spec(name, source, family, image_size, patch_size, embed_dim, description, 
         lora_targets=kw.pop("lora_targets", fam.lora_targets),
         crop_pct=kw.pop("crop_pct", fam.crop_pct),
         interpolation=fam.interpolation,
+        resize=fam.resize,
         description=description,
         **kw,
     )
@@ -270,27 +277,53 @@ def spec_from_config(config: dict, *, name: str, source: str, preprocessor: dict
     config_size = int(vision.get("image_size", 224))
     # DINOv2 configs say 518 (the pretraining size); 224 is the usual evaluation size.
     image_size = min(config_size, 224) if fam.name.startswith("dinov") else config_size
-    mean, std = fam.mean, fam.std
+    pre = {"image_size": image_size, "crop_pct": fam.crop_pct, "resize": fam.resize}
+    pre.update(interpolation=fam.interpolation, mean=fam.mean, std=fam.std)
     if preprocessor:
-        crop = preprocessor.get("crop_size") or preprocessor.get("size")
-        if isinstance(crop, dict):
-            crop = crop.get("height") or crop.get("shortest_edge")
-        if isinstance(crop, int):
-            image_size = crop
-        mean = tuple(preprocessor.get("image_mean", mean))
-        std = tuple(preprocessor.get("image_std", std))
+        pre.update(preprocessing_from_processor(preprocessor))
     return ModelSpec(
         name=name,
         source=source,
         family=fam.name,
-        image_size=image_size,
+        image_size=pre["image_size"],
         patch_size=int(vision.get("patch_size", 14)),
         embed_dim=int(vision.get("hidden_size", 768)),
-        mean=mean,
-        std=std,
+        mean=tuple(pre["mean"]),
+        std=tuple(pre["std"]),
         pooling=fam.default_pooling,
         lora_targets=fam.lora_targets,
-        crop_pct=fam.crop_pct,
-        interpolation=fam.interpolation,
+        crop_pct=pre["crop_pct"],
+        interpolation=pre["interpolation"],
+        resize=pre["resize"],
         num_register_tokens=int(vision.get("num_register_tokens", 0) or 0),
     )
+
+
+_RESAMPLE_NAMES = {2: "bilinear", 3: "bicubic"}  # PIL codes in preprocessor_config.json
+
+
+def preprocessing_from_processor(processor: dict) -> dict:
+    """What a transformers ``preprocessor_config.json`` says, in :class:`ModelSpec` fields.
+
+    ``size: {shortest_edge: S}`` + ``crop_size: C`` is resize-shorter-then-crop (crop_pct C / S);
+    ``size: {height, width}`` without a centre crop is a square resize (SigLIP, DINOv3).
+    """
+    out: dict = {}
+    size, crop = processor.get("size"), processor.get("crop_size")
+    crop = crop.get("height") if isinstance(crop, dict) else crop
+    do_crop = bool(processor.get("do_center_crop", crop is not None)) and isinstance(crop, int)
+    if isinstance(size, dict) and "shortest_edge" in size:
+        shortest = int(size["shortest_edge"])
+        out.update(resize="shorter", image_size=crop if do_crop else shortest)
+        out["crop_pct"] = crop / shortest if do_crop else 1.0
+    elif isinstance(size, dict) and "height" in size:
+        out.update(resize="square", image_size=crop if do_crop else int(size["height"]), crop_pct=1.0)
+    elif isinstance(crop, int):
+        out["image_size"] = crop
+    if processor.get("resample") in _RESAMPLE_NAMES:
+        out["interpolation"] = _RESAMPLE_NAMES[processor["resample"]]
+    if processor.get("image_mean") is not None:
+        out["mean"] = tuple(processor["image_mean"])
+    if processor.get("image_std") is not None:
+        out["std"] = tuple(processor["image_std"])
+    return out

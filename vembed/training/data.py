@@ -211,7 +211,19 @@ class AugmentedImages(Dataset):
 
 
 def train_transform(spec: ModelSpec, settings: TrainSettings):
-    return TrainTransform(spec) if settings.augment else EvalTransform(spec)
+    """The training images' transform from ``train.augment`` (the eval transform when it is off)."""
+    aug = settings.augment
+    if not aug.enabled:
+        return EvalTransform(spec)
+    return TrainTransform(
+        spec,
+        scale=aug.scale,
+        ratio=aug.ratio,
+        hflip=aug.hflip,
+        vflip=aug.vflip,
+        color_jitter=aug.color_jitter,
+        grayscale=aug.grayscale,
+    )
 
 
 def epoch_loader(
