@@ -31,14 +31,17 @@ NOT_CASES = {"common", "__main__"}
 
 
 def case_names() -> list[str]:
-    """Every module of the bench package with a ``run`` function, in ``ORDER``."""
+    """Every module of the bench package with ``ORDER`` and a ``run`` function, in ``ORDER``.
+
+    Other modules (stand-alone scripts such as ``bench/quality.py``) are not cases.
+    """
     found = []
     for info in pkgutil.iter_modules([str(HERE)]):
         if info.name in NOT_CASES or info.name.startswith("_"):
             continue
         module = importlib.import_module(f"bench.{info.name}")
-        if callable(getattr(module, "run", None)):
-            found.append((getattr(module, "ORDER", 100), info.name))
+        if isinstance(getattr(module, "ORDER", None), int) and callable(getattr(module, "run", None)):
+            found.append((module.ORDER, info.name))
     return [name for _, name in sorted(found)]
 
 

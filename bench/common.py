@@ -1,6 +1,7 @@
 """What every bench case shares: the profile (sizes), figures (ratios), the machine, timers, test data.
 
-A case is a module ``bench/<name>.py`` with ``ORDER`` (an int: where it runs in ``python -m bench``),
+A case is a module ``bench/<name>.py`` with ``ORDER`` (an int: where it runs in ``python -m bench``;
+modules without it, such as stand-alone scripts, are not cases),
 a one-line docstring and ``run(profile: Profile) -> list[Figure]``. ``python -m bench`` finds the
 modules itself, runs each in a fresh interpreter (own memory peak, own torch state), collects the
 figures as JSON and appends a table to ``bench/RESULTS.md``.

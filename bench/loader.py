@@ -5,7 +5,7 @@ Data: product-photo-like JPEGs (quality 90) with sides drawn from 400–1,000 px
 runs on every image:
 
 - JPEG draft decoding (``load_image(min_size=224)``, what vembed does) vs a full-size decode;
-- the ``vembed prepare --resize-to 256`` cache vs the originals: the time saved per epoch;
+- the ``vembed prepare --resize-to 320`` cache vs the originals: the time saved per epoch;
 - the DataLoader at ``data.num_workers`` (its default here) against the rate the GPU needs: on the GPU
   profile a dinov2-base bf16 LoRA step is timed; on the CPU the SOP recipe's ~2,500 img/s on one
   H100 (from the issue) is used, and the workers it takes are reported.
@@ -22,7 +22,7 @@ from bench.common import Figure, Profile, cuda_sync, log, make_records
 
 ORDER = 30
 SOP_GPU_RATE = 2500.0  # img/s one H100 trains DINOv2-B at 224 px (bf16, LoRA): the SOP recipe's need
-CACHE_SIDE = 256
+CACHE_SIDE = 320  # >= TrainTransform.min_decode_size (290 px for 224 px at the default crops)
 
 
 def per_worker_rate(records, transform, *, draft: bool, resized: bool = False) -> float:

@@ -332,3 +332,16 @@ def test_recall_counted_beyond_the_shortlist_equals_brute_force(monkeypatch, sho
     expected = brute_force_metrics(queries, query_labels, embeddings, labels, ks=ks)
     metrics = retrieval_metrics(queries, query_labels, embeddings, labels, ks=ks, chunk_size=16)
     assert {key: metrics[key] for key in expected} == pytest.approx(expected)
+
+
+def test_ranking_device_is_the_models_gpu_only():
+    from types import SimpleNamespace
+
+    from vembed.evaluation.retrieval import ranking_device
+
+    assert ranking_device(SimpleNamespace(device=torch.device("cpu"))) is None
+    assert ranking_device(SimpleNamespace(device=torch.device("cuda", 1))) == torch.device("cuda", 1)
+    embeddings = random_integer_data(40, 5, seed=2)
+    labels = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(3))
+    on_cpu = retrieval_metrics(embeddings, labels, ks=(1, 5), device="cpu")
+    assert on_cpu == retrieval_metrics(embeddings, labels, ks=(1, 5))

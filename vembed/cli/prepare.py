@@ -47,7 +47,8 @@ RESIZE = typer.Option(
     "--resize-to",
     min=32,
     help="Also write copies whose shorter side is N px to OUT/resized-N/ (records gain 'resized', keep "
-    "'image' as the original): less decoding every epoch. N: the model's resize size (256 for 224 px) or more.",
+    "'image' as the original): less decoding every epoch. N: at least the training decode size (320 for "
+    "224 px models at the default crops).",
 )
 HOLDOUT = typer.Option(
     0.0, "--holdout-classes", help="Share of the classes held out entirely (unseen.jsonl)."

@@ -10,7 +10,7 @@ from pathlib import Path
 from vembed.console import log
 from vembed.data.records import RecordSet, read_records
 from vembed.errors import VembedError
-from vembed.evaluation.retrieval import retrieval_metrics
+from vembed.evaluation.retrieval import ranking_device, retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder, truncate_embeddings
 from vembed.models.factory import create_embedder
@@ -107,6 +107,7 @@ def evaluate_retrieval(
             ks=settings.eval.k,
             chunk_size=settings.eval.chunk_size,
             progress=show_progress and dim is None,
+            device=ranking_device(embedder),
         )
 
     metrics = score(None)

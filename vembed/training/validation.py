@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 import torch
 
-from vembed.evaluation.retrieval import retrieval_metrics
+from vembed.evaluation.retrieval import ranking_device, retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder
 from vembed.models.heads import ClassifierHead
@@ -65,7 +65,9 @@ class Validator:
             embeddings, indices, problems = self._embed(embedder, show_progress)
         labels = [self.data.labels[i] for i in indices]
         ev = self.settings.eval
-        metrics = retrieval_metrics(embeddings, labels, ks=tuple(ev.k), chunk_size=ev.chunk_size)
+        metrics = retrieval_metrics(
+            embeddings, labels, ks=tuple(ev.k), chunk_size=ev.chunk_size, device=ranking_device(embedder)
+        )
         if self.classifier is not None:
             names = [self.data.class_names[code] for code in labels]
             metrics.update(classifier_accuracy(self.classifier(), embeddings, names))
