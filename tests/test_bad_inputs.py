@@ -546,12 +546,12 @@ def test_interrupted_embed_keeps_the_previous_store(world, tmp_path, sig, ctrl_c
         ctrl_c_at(vembed.io, "make_readable")  # the store is complete, not yet published
         result = runner.invoke(app, [str(a) for a in args])
         assert result.exit_code == 130 and "interrupted" in result.stderr, result.stderr
-        assert "Traceback" not in result.stderr and leftovers(tmp_path) == []
+        # embed keeps its finished shards in .store.embedding/ for the next run (docs/scale.md)
+        assert "Traceback" not in result.stderr and leftovers(tmp_path) in ([], [".store.embedding"])
     assert _snapshot(out) == before
-    if sig == "SIGKILL":
-        result = runner.invoke(app, [str(a) for a in args])
-        assert result.exit_code == 0, result.stderr
-        assert leftovers(tmp_path) == [] and _snapshot(out) != before
+    result = runner.invoke(app, [str(a) for a in args])
+    assert result.exit_code == 0, result.stderr
+    assert leftovers(tmp_path) == [] and _snapshot(out) != before
 
 
 @pytest.mark.parametrize("sig", ["SIGINT", "SIGKILL"])

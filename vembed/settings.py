@@ -325,9 +325,10 @@ class ExportSettings(Section):
 
 
 class IndexSettings(Section):
-    kind: Literal["auto", "exact", "flat", "hnsw", "ivf"] = Field(
+    kind: Literal["auto", "exact", "flat", "hnsw", "ivf", "ivfpq"] = Field(
         "auto", description="auto: exact below index.faiss_threshold vectors, faiss HNSW above."
     )
+    shard_size: int = Field(10_000, ge=1, description="Images per store shard (`vembed embed --out`).")
     faiss_threshold: int = Field(200_000, ge=0)
     batch_size: int = Field(64, ge=1, description="Images per forward pass when embedding.")
     k: int = Field(10, ge=1, description="Results per query for `vembed search`.")
@@ -337,6 +338,20 @@ class IndexSettings(Section):
     ef_search: int = Field(128, ge=1, description="HNSW: candidate list size while searching (>= k).")
     nlist: int | None = Field(None, ge=1, description="IVF: number of clusters; default ~4·sqrt(N).")
     nprobe: int = Field(16, ge=1, description="IVF: clusters visited per query.")
+    pq_m: int | None = Field(
+        None, ge=1, description="IVF-PQ: sub-quantizers per vector (must divide dim); default dim/4 bytes."
+    )
+    pq_nbits: int = Field(8, ge=1, le=16, description="IVF-PQ: bits per sub-quantizer code.")
+    opq: bool = Field(False, description="IVF-PQ: learn a rotation (OPQ) before quantizing.")
+    rerank: int = Field(
+        4, ge=0, description="IVF-PQ: re-score k·rerank candidates exactly from the store's vectors (0: off)."
+    )
+    train_size: int | None = Field(
+        None, ge=1, description="IVF/IVF-PQ: vectors sampled to train the clusters; default 64 per cluster."
+    )
+    mmap: bool = Field(
+        False, description="Map IVF/IVF-PQ indexes from disk instead of reading them into RAM."
+    )
 
 
 class Settings(Section):

@@ -42,7 +42,7 @@ def embed_command(
         False, "--jsonl", help='Stream {"path": ..., "embedding": [...]} lines on stdout instead of a store.'
     ),
     index: str = typer.Option(
-        None, "--index", help="Also build a faiss index in the store: flat, hnsw or ivf."
+        None, "--index", help="Also build a faiss index in the store: flat, hnsw, ivf or ivfpq."
     ),
     batch_size: int = typer.Option(
         None, "--batch-size", "-b", help="Images per forward pass (index.batch_size)."
@@ -55,11 +55,19 @@ def embed_command(
         None, "--image-root", help="Resolve relative paths of a .jsonl source here."
     ),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, mps (model.device)."),
+    append: bool = typer.Option(
+        False, "--append", help="Add the source's new images to the existing store --out (same model)."
+    ),
+    shard_size: int = typer.Option(None, "--shard-size", help="Images per store shard (index.shard_size)."),
     config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Embed images into a store folder (--out), or stream JSON lines on stdout (--jsonl)."""
-    from vembed.index.embed import embed_to_store, stream_jsonl
+    """Embed images into a store folder (--out), or stream JSON lines on stdout (--jsonl).
+
+    Under `torchrun` or `accelerate launch` the processes share the work, one shard each at a time;
+    rerunning a killed job embeds only the missing shards (see docs/scale.md).
+    """
+    from vembed.index.embed import stream_jsonl
     from vembed.index.sources import records_from_source
     from vembed.models.factory import create_embedder
 
@@ -69,52 +77,91 @@ def embed_command(
         _check_index_kind(index)
         if out is None:
             raise VembedError("--index builds a faiss index inside a store; it needs --out STORE")
+    if append and out is None:
+        raise VembedError("--append adds to a store; it needs --out STORE")
     settings = settings_from(
         config,
         overrides,
         model__name=model,
         model__device=device,
         index__batch_size=batch_size,
+        index__shard_size=shard_size,
         data__num_workers=num_workers,
         data__skip_bad=skip_bad,
         data__image_root=image_root,
     )
     data = settings.data
-    records, problems = records_from_source(source, image_root=data.image_root, skip_bad=data.skip_bad)
     quiet_transformers()
     name = settings.model.name
+    if out is not None:
+        _embed_into_store(source, out, settings, append=append, index=index, quiet=quiet)
+        return
+    records, problems = records_from_source(source, image_root=data.image_root, skip_bad=data.skip_bad)
     log(f"embedding {len(records)} images from {source} with [bold]{name}[/]")
     embedder = create_embedder(name, settings.model)
-    options = dict(
-        batch_size=settings.index.batch_size,
-        num_workers=data.num_workers,
-        skip_bad=data.skip_bad,
-        problems=problems,
-        show_progress=not quiet,
-    )
-    if jsonl:
-        with _stdout_pipe():
-            summary = stream_jsonl(embedder, records, sys.stdout, **options)
-        _report_problems(summary.problems)
-        log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
-        return
-    store, summary = embed_to_store(
-        embedder,
-        records,
-        out,
-        model=name,
-        revision=settings.model.revision,
-        source=str(source),
-        settings_yaml=settings_to_yaml(settings),
-        **options,
-    )
+    with _stdout_pipe():
+        summary = stream_jsonl(
+            embedder,
+            records,
+            sys.stdout,
+            batch_size=settings.index.batch_size,
+            num_workers=data.num_workers,
+            skip_bad=data.skip_bad,
+            problems=problems,
+            show_progress=not quiet,
+        )
     _report_problems(summary.problems)
-    log(
-        f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s) → {out} "
-        f"({store.dim}-d, {embedder.pooling} pooling)"
-    )
-    if index is not None:
-        _build_index(out, index, settings)
+    log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
+
+
+def _embed_into_store(
+    source: str, out: Path, settings, *, append: bool, index: str | None, quiet: bool
+) -> None:
+    """Sharded, restartable embedding; several processes when started by torchrun/accelerate launch."""
+    from vembed.index.processes import device_for, launched_processes
+    from vembed.index.shards import embed_shards
+    from vembed.models.factory import create_embedder
+
+    name = settings.model.name
+    with launched_processes() as procs:
+        if procs.world_size > 1 and source == "-":
+            raise VembedError("several processes cannot share stdin; pass a .jsonl file or a folder")
+        model_settings = settings.model.model_copy(
+            update={"device": device_for(settings.model.device, procs.local_rank, procs.world_size)}
+        )
+        main = procs.rank == 0
+        if main:
+            where = f" on {procs.world_size} processes" if procs.world_size > 1 else ""
+            log(f"embedding {source} with [bold]{name}[/]{where} → {out}")
+        embedder = create_embedder(name, model_settings)
+        run = embed_shards(
+            embedder,
+            source,
+            out,
+            model=name,
+            revision=settings.model.revision,
+            shard_size=settings.index.shard_size,
+            append=append,
+            rank=procs.rank,
+            world_size=procs.world_size,
+            barrier=procs.barrier,
+            batch_size=settings.index.batch_size,
+            num_workers=settings.data.num_workers,
+            skip_bad=settings.data.skip_bad,
+            image_root=settings.data.image_root,
+            settings_yaml=settings_to_yaml(settings),
+            show_progress=not quiet and main,
+        )
+        embedded, skipped = procs.total(run.embedded, run.skipped)
+        if not main:
+            return
+        _report_problems(run.problems, total=skipped)
+        log(
+            f"embedded {embedded} images in {run.seconds:.1f} s ({embedded / max(run.seconds, 1e-9):.1f} img/s) "
+            f"→ {out} ({run.num_blocks} shard(s), {embedder.embed_dim}-d, {embedder.pooling} pooling)"
+        )
+        if index is not None:
+            _build_index(out, index, settings)
 
 
 @app.command("search")
@@ -140,7 +187,9 @@ def search_command(
         help="Leave out hits that are the query image itself (searching a store's own images).",
     ),
     kind: str = typer.Option(
-        None, "--kind", help="auto (default), exact, flat, hnsw or ivf (index.kind); see docs/search.md."
+        None,
+        "--kind",
+        help="auto (default), exact, flat, hnsw, ivf or ivfpq (index.kind); see docs/search.md.",
     ),
     batch_size: int = typer.Option(None, "--batch-size", "-b", help="Query images per forward pass."),
     num_workers: int = typer.Option(None, "--num-workers", help="Image-decoding workers (data.num_workers)."),
@@ -199,60 +248,103 @@ def search_command(
 def index_build_command(
     store: Path = typer.Argument(..., help="A store written by `vembed embed --out`."),
     overrides: list[str] = typer.Argument(
-        None, help="key=value overrides, e.g. index.hnsw_m=48 index.nlist=1024."
+        None, help="key=value overrides, e.g. index.hnsw_m=48 index.nlist=1024 index.train_size=100000."
     ),
-    kind: str = typer.Option("hnsw", "--kind", help="flat (exact), hnsw (graph) or ivf (clusters)."),
+    kind: str = typer.Option(
+        "hnsw",
+        "--kind",
+        help="flat (exact), hnsw (graph), ivf (clusters) or ivfpq (clusters + compressed codes).",
+    ),
+    nlist: int = typer.Option(
+        None, "--nlist", help="IVF kinds: number of clusters (index.nlist; default ~4·sqrt(N))."
+    ),
+    m: int = typer.Option(
+        None, "--m", help="ivfpq: sub-quantizers per vector, dividing the dim (index.pq_m)."
+    ),
+    nbits: int = typer.Option(
+        None, "--nbits", help="ivfpq: bits per sub-quantizer code (index.pq_nbits, 8)."
+    ),
+    opq: bool = typer.Option(None, "--opq", help="ivfpq: learn an OPQ rotation first (index.opq)."),
     config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
 ) -> None:
-    """Build a faiss index and save it in the store; `vembed search` then uses it."""
-    settings = settings_from(config, overrides)
+    """Build a faiss index and save it in the store (shard by shard); `vembed search` then uses it."""
+    settings = settings_from(
+        config, overrides, index__nlist=nlist, index__pq_m=m, index__pq_nbits=nbits, index__opq=opq
+    )
     _build_index(store, kind, settings)
 
 
 @index_app.command("info")
 @user_errors
-def index_info_command(store: Path = typer.Argument(..., help="A store folder.")) -> None:
-    """Show what a store holds: count, dim, model, preprocessing, and its faiss index if any."""
-    from vembed.index.faiss_index import load_index
-    from vembed.index.store import open_store
+def index_info_command(
+    store: Path = typer.Argument(..., help="A store folder."),
+    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. index.nprobe=32."),
+    sample: int = typer.Option(
+        1000,
+        "--sample",
+        help="Store vectors used as queries to measure the index's recall and QPS (0: skip).",
+    ),
+    k: int = typer.Option(10, "--k", "-k", help="Recall@k against exact search."),
+    config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
+) -> None:
+    """Show what a store holds (count, dim, model, shards) and its faiss index: size, recall@k against
+    exact search on a sample, queries per second."""
+    from vembed.index.faiss_index import INDEX_FILE, load_index, measure_index
+    from vembed.index.store import store_summary
 
-    emb_store = open_store(store)
-    meta = emb_store.meta
+    settings = settings_from(config, overrides)
+    summary = store_summary(store)
+    meta = summary["meta"]
     table = Table(title=str(store), show_header=False)
     table.add_column("key", style="bold")
     table.add_column("value", overflow="fold")
     rows = {
-        "images": len(emb_store),
-        "dim": emb_store.dim,
+        "images": summary["count"],
+        "dim": summary["dim"],
+        "shards": summary["shards"],
         "normalized": meta.get("normalize"),
         "model": meta.get("model", {}).get("source"),
         "pooling": meta.get("model", {}).get("pooling"),
         "image size": meta.get("preprocessing", {}).get("image_size"),
-        "labelled": sum(label is not None for label in emb_store.labels),
+        "labelled": summary["labelled"],
         "skipped when embedded": meta.get("num_skipped"),
         "created": meta.get("created"),
         "vembed": meta.get("vembed_version"),
     }
-    index = load_index(store, count=len(emb_store), dim=emb_store.dim)
-    rows["faiss index"] = (
-        "none (exact search)"
-        if index is None
-        else json.dumps({k: v for k, v in index.info.items() if k != "dim"})
-    )
+    index = load_index(store, count=summary["count"], dim=summary["dim"], mmap=settings.index.mmap)
+    if index is None:
+        rows["faiss index"] = "none (exact search)"
+    else:
+        rows["faiss index"] = json.dumps({key: v for key, v in index.info.items() if key != "dim"})
+        size = (store / INDEX_FILE).stat().st_size
+        rows["index size"] = (
+            f"{size / 2**20:.1f} MiB ({size / max(summary['count'], 1):.1f} bytes per vector)"
+        )
+        if sample > 0:
+            measured = measure_index(store, index, settings.index, sample=sample, k=k)
+            rows[f"recall@{k} vs exact"] = (
+                f"{measured[f'recall@{k}']:.4f} on {measured['queries']} store vectors"
+            )
+            rows["queries per second"] = (
+                f"{measured['qps']:.0f} (exact: {measured['exact_qps']:.0f}; {measured['speedup']:.1f}x)"
+            )
     for key, value in rows.items():
         table.add_row(key, str(value))
     Console().print(table)
 
 
 def _build_index(store: Path, kind: str, settings) -> None:
-    from vembed.index.faiss_index import build_index, save_index
-    from vembed.index.store import open_store
+    import time
+
+    from vembed.index.faiss_index import build_store_index, save_index
 
     kind = _check_index_kind(kind)
-    emb_store = open_store(store)
-    index = build_index(emb_store.embeddings, kind, settings.index)
+    start = time.perf_counter()
+    index = build_store_index(store, kind, settings.index)
     save_index(index, store)
-    log(f"built the {kind} index over {len(emb_store)} vectors → {store}")
+    log(
+        f"built the {kind} index over {index.info['count']} vectors in {time.perf_counter() - start:.1f} s → {store}"
+    )
 
 
 def _check_index_kind(kind: str) -> str:
@@ -299,14 +391,15 @@ def _results_table(report, store: Path) -> Table:
     return table
 
 
-def _report_problems(problems: list[str]) -> None:
-    if not problems:
+def _report_problems(problems: list[str], total: int | None = None) -> None:
+    total = len(problems) if total is None else total
+    if not total:
         return
-    log(f"[yellow]skipped {len(problems)} bad record(s)/image(s):[/]")
+    log(f"[yellow]skipped {total} bad record(s)/image(s):[/]")
     for message in problems[:5]:
         log(f"  {message}")
-    if len(problems) > 5:
-        log(f"  ... and {len(problems) - 5} more")
+    if total > 5:
+        log(f"  ... and {total - 5} more")
 
 
 @contextlib.contextmanager

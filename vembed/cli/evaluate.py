@@ -40,6 +40,12 @@ def retrieval_command(
     ),
     config: Path = typer.Option(None, "--config", "-c", help="YAML recipe."),
     skip_bad: bool = typer.Option(None, "--skip-bad", help="Skip and count bad records/images."),
+    index: str = typer.Option(
+        None,
+        "--index",
+        help="Neighbours from a faiss index (hnsw, ivf, ivfpq, flat) instead of exact search; reports the "
+        "recall loss against exact on a sample (no MAP@R).",
+    ),
     overrides: list[str] = typer.Argument(None, help="key=value settings overrides."),
 ) -> None:
     """Recall@K and MAP@R: all-vs-all (SOP protocol), or query/gallery with --gallery."""
@@ -50,14 +56,19 @@ def retrieval_command(
     data = data or settings.data.test
     if data is None:
         raise VembedError("no evaluation data: pass --data FILE.jsonl (or set data.test)")
+    from vembed.index.faiss_index import KINDS
+
+    if index is not None and index not in KINDS:
+        raise VembedError(f"--index {index}: choose one of {', '.join(KINDS)}")
     _evaluate(
         settings,
         [settings.model.name, *(compare or [])],
         data,
         gallery,
         json_out,
-        title=f"retrieval on {data}",
+        title=f"retrieval on {data}" + (f" ({index} index)" if index else ""),
         dims=widths,
+        index=index,
     )
 
 
@@ -101,6 +112,7 @@ def _evaluate(
     *,
     title: str,
     dims: list[int] | None = None,
+    index: str | None = None,
 ) -> None:
     from vembed.evaluation.report import comparison_json, comparison_table  # torch: imported on use
     from vembed.evaluation.run import evaluate_retrieval
@@ -111,7 +123,9 @@ def _evaluate(
     reports = []
     for name in models:
         log(f"evaluating [bold]{name}[/] on {data}")
-        reports.append(evaluate_retrieval(name, data, gallery=gallery, settings=settings, dims=dims or ()))
+        reports.append(
+            evaluate_retrieval(name, data, gallery=gallery, settings=settings, dims=dims or (), index=index)
+        )
     rows = [row for report in reports for row in report.by_width()]
     Console().print(comparison_table(rows, title=title))
     if json_out is not None:

@@ -61,12 +61,14 @@ def evaluate_retrieval(
     settings: Settings | None = None,
     show_progress: bool = True,
     dims: Sequence[int] = (),
+    index: str | None = None,
 ) -> RetrievalReport:
     """Recall@K (``settings.eval.k``) and MAP@R of ``model`` on labelled records.
 
     Without ``gallery`` every image queries all the others, itself excluded (the SOP protocol);
     with it, ``query`` images search the ``gallery`` images. ``dims`` also scores each of these
-    truncated widths (first N dims, re-normalised) of the same embeddings.
+    truncated widths (first N dims, re-normalised) of the same embeddings. ``index`` (a faiss kind:
+    hnsw, ivf, ivfpq, flat) takes the neighbours from that index instead, see :mod:`vembed.index.ann_eval`.
     """
     settings = settings or Settings()
     start = time.perf_counter()
@@ -100,6 +102,17 @@ def evaluate_retrieval(
         kwargs = {}
         if r_emb is not None:
             kwargs = {"reference_embeddings": _width(r_emb, dim, embedder), "reference_labels": r_labels}
+        if index is not None:
+            from vembed.index.ann_eval import ann_retrieval_metrics
+
+            return ann_retrieval_metrics(
+                _width(q_emb, dim, embedder),
+                q_labels,
+                **kwargs,
+                kind=index,
+                settings=settings.index,
+                ks=settings.eval.k,
+            )
         return retrieval_metrics(
             _width(q_emb, dim, embedder),
             q_labels,

@@ -3,7 +3,7 @@
 Exact search calls :func:`vembed.evaluation.retrieval.topk`, the one place vembed ranks neighbours.
 ``index.kind`` picks the method: ``auto`` uses the index saved in the store if there is one, builds an
 HNSW index (and saves it) when the store holds more than ``index.faiss_threshold`` vectors, and
-searches exactly otherwise; ``exact``/``flat``/``hnsw``/``ivf`` force one.
+searches exactly otherwise; ``exact``/``flat``/``hnsw``/``ivf``/``ivfpq`` force one.
 """
 
 from __future__ import annotations
@@ -58,7 +58,7 @@ class QueryResult:
 @dataclass
 class SearchReport:
     results: list[QueryResult]
-    method: str  # exact, flat, hnsw or ivf
+    method: str  # exact, flat, hnsw, ivf or ivfpq
     problems: list[str] = field(default_factory=list)  # query images skipped (skip_bad)
 
 
@@ -88,7 +88,7 @@ def search(
             queries, store.embeddings, k, chunk_size=settings.chunk_size, progress=show_progress
         )
         return scores, indices, "exact"
-    scores, indices = index.search(queries.numpy(), k, settings)
+    scores, indices = index.search(queries.numpy(), k, settings, vectors=store.embeddings)
     return torch.from_numpy(scores), torch.from_numpy(indices).long(), index.kind
 
 
@@ -97,7 +97,11 @@ def choose_index(store: EmbeddingStore, settings: IndexSettings) -> FaissIndex |
     kind = settings.kind
     if kind == "exact":
         return None
-    saved = load_index(store.path, count=len(store), dim=store.dim) if store.path is not None else None
+    saved = (
+        load_index(store.path, count=len(store), dim=store.dim, mmap=settings.mmap)
+        if store.path is not None
+        else None
+    )
     if kind == "auto":
         if saved is not None:
             return saved

@@ -8,6 +8,11 @@
       meta.json                model, pooling, dim, normalisation, preprocessing, vembed version, ...
       index.faiss, index.json  optional faiss index (``vembed index build``)
 
+A sharded store (``vembed embed``, :mod:`vembed.index.shards`) keeps the same rows in parts instead:
+``shards/p000-000000.safetensors`` + ``.jsonl`` ..., listed in order by ``meta.json["shards"]``, with
+the probe in ``probe.safetensors``; its rows are the shards' rows, concatenated in that order. Files
+not listed in ``meta.json`` are not part of the store (``meta.json`` is written last).
+
 The folder is written as a whole (temp folder, then rename), so a reader sees the old store or the
 new one, never a mix. ``meta.json`` records how to rebuild the model that made the embeddings; the
 ``probe`` is that model's embedding of a fixed synthetic input, so a model folder that changed since
@@ -17,13 +22,14 @@ new one, never a mix. ``meta.json`` records how to rebuild the model that made t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load_file, save_file
 
 from vembed import __version__
@@ -34,11 +40,12 @@ from vembed.models.embedder import Embedder
 from vembed.models.registry import REGISTRY
 
 STORE_FORMAT = "vembed-store"
-STORE_VERSION = 1
+STORE_VERSION = 2  # 2: sharded stores ("shards" in meta.json); version 1 stores read as one shard
 EMBEDDINGS_FILE = "embeddings.safetensors"
 MANIFEST_FILE = "manifest.jsonl"
 META_FILE = "meta.json"
 SETTINGS_FILE = "settings.yaml"
+PROBE_FILE = "probe.safetensors"
 # The model rebuilt from meta.json must embed the probe input this close to the stored probe.
 PROBE_MIN_COSINE = 0.99
 
@@ -91,6 +98,35 @@ def probe_embedding(embedder: Embedder) -> torch.Tensor:
     return embedder.encode(probe_input(embedder))
 
 
+def store_meta(
+    embedder: Embedder, *, model: str | Path, revision: str | None, count: int, source: str
+) -> dict[str, Any]:
+    """``meta.json`` of a store of ``count`` embeddings made by ``embedder`` (how to rebuild it)."""
+    spec = embedder.spec
+    return {
+        "format": STORE_FORMAT,
+        "format_version": STORE_VERSION,
+        "vembed_version": __version__,
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "count": count,
+        "dim": embedder.embed_dim,
+        "dtype": "float32",
+        "normalize": embedder.normalize,
+        "model": {
+            "source": model_source(model),
+            "revision": revision,
+            "family": spec.family,
+            "pooling": embedder.pooling,
+            "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
+            "normalize": embedder.normalize,
+            "truncate_dim": embedder.truncate_dim,
+        },
+        "preprocessing": spec.preprocessing(),
+        "source": source,
+        "num_skipped": 0,
+    }
+
+
 def build_store(
     embedder: Embedder,
     embeddings: torch.Tensor,
@@ -106,29 +142,9 @@ def build_store(
         raise VembedError(f"{len(embeddings)} embeddings but {len(records)} records")
     if len(records) == 0:
         raise VembedError(f"{source or 'source'}: no image could be embedded; the store would be empty")
-    spec = embedder.spec
-    meta = {
-        "format": STORE_FORMAT,
-        "format_version": STORE_VERSION,
-        "vembed_version": __version__,
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "count": len(records),
-        "dim": int(embeddings.shape[1]),
-        "dtype": "float32",
-        "normalize": embedder.normalize,
-        "model": {
-            "source": model_source(model),
-            "revision": revision,
-            "family": spec.family,
-            "pooling": embedder.pooling,
-            "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
-            "normalize": embedder.normalize,
-            "truncate_dim": embedder.truncate_dim,
-        },
-        "preprocessing": spec.preprocessing(),
-        "source": source,
-        "num_skipped": len(problems or []),
-    }
+    meta = store_meta(embedder, model=model, revision=revision, count=len(records), source=source)
+    meta["dim"] = int(embeddings.shape[1])
+    meta["num_skipped"] = len(problems or [])
     manifest = [
         {"path": str(Path(rec.image).expanduser().resolve()), "label": rec.label, "category": rec.category}
         for rec in records
@@ -182,31 +198,117 @@ def is_store(path: str | Path) -> bool:
 
 
 def open_store(path: str | Path) -> EmbeddingStore:
-    """Read and check a store folder; every problem names the file that is wrong."""
+    """Read and check a store folder (all shards, in order); every problem names the file that is wrong."""
     path = Path(path)
-    if not path.is_dir():
-        raise VembedError(f"store not found: {path} (create one with `vembed embed SOURCE --out {path}`)")
-    meta = _read_meta(path / META_FILE)
-    emb_file = path / EMBEDDINGS_FILE
-    if not emb_file.is_file():
-        raise VembedError(f"{emb_file}: missing (the store is incomplete)")
-    try:
-        tensors = load_file(str(emb_file))
-    except (SafetensorError, OSError) as exc:
-        raise VembedError(f"{emb_file}: cannot read ({exc})") from None
-    embeddings = tensors.get("embeddings")
-    if embeddings is None or embeddings.ndim != 2:
-        raise VembedError(f"{emb_file}: no 2-D 'embeddings' tensor")
-    manifest = _read_manifest(path / MANIFEST_FILE)
-    if len(manifest) != len(embeddings):
-        raise VembedError(
-            f"{path / MANIFEST_FILE}: {len(manifest)} rows but {emb_file.name} holds {len(embeddings)} embeddings"
-        )
+    meta = read_store_meta(path)
+    chunks, manifest = [], []
+    for shard in store_shards(path, meta):
+        embeddings = read_shard_embeddings(shard)
+        rows = _read_manifest(shard.manifest)
+        if len(rows) != len(embeddings):
+            raise VembedError(
+                f"{shard.manifest}: {len(rows)} rows but {shard.embeddings.name} holds {len(embeddings)} embeddings"
+            )
+        if chunks and embeddings.shape[1] != chunks[0].shape[1]:
+            raise VembedError(
+                f"{shard.embeddings}: {embeddings.shape[1]}-d, the first shard {chunks[0].shape[1]}-d"
+            )
+        chunks.append(embeddings)
+        manifest += rows
+    embeddings = torch.cat(chunks) if len(chunks) != 1 else chunks[0]
     if meta.get("dim") not in (None, embeddings.shape[1]):
         raise VembedError(
             f"{path / META_FILE}: dim {meta['dim']} but the embeddings are {embeddings.shape[1]}-d"
         )
-    return EmbeddingStore(path, embeddings.float(), manifest, meta, tensors.get("probe"))
+    return EmbeddingStore(path, embeddings.float(), manifest, meta, read_probe(path, meta))
+
+
+@dataclass(frozen=True)
+class Shard:
+    """One part of a store: embeddings file, its manifest part, and the row count meta.json records."""
+
+    embeddings: Path
+    manifest: Path
+    count: int | None = None
+
+
+def read_store_meta(path: str | Path) -> dict[str, Any]:
+    """A store's ``meta.json``, checked (without reading any embeddings)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise VembedError(f"store not found: {path} (create one with `vembed embed SOURCE --out {path}`)")
+    return _read_meta(path / META_FILE)
+
+
+def store_shards(path: str | Path, meta: dict[str, Any] | None = None) -> list[Shard]:
+    """The store's shards in row order (a version-1 store is one shard)."""
+    path = Path(path)
+    meta = read_store_meta(path) if meta is None else meta
+    if "shards" not in meta:
+        return [Shard(path / EMBEDDINGS_FILE, path / MANIFEST_FILE)]
+    shards = []
+    for i, entry in enumerate(meta["shards"]):
+        if not isinstance(entry, dict) or not {"embeddings", "manifest"} <= set(entry):
+            raise VembedError(f"{path / META_FILE}: shards[{i}] needs 'embeddings' and 'manifest' file names")
+        shards.append(Shard(path / entry["embeddings"], path / entry["manifest"], entry.get("count")))
+    return shards
+
+
+def read_shard_embeddings(shard: Shard) -> torch.Tensor:
+    """The ``[n, D]`` float32 embeddings of one shard."""
+    if not shard.embeddings.is_file():
+        raise VembedError(f"{shard.embeddings}: missing (the store is incomplete)")
+    try:
+        tensors = load_file(str(shard.embeddings))
+    except (SafetensorError, OSError) as exc:
+        raise VembedError(f"{shard.embeddings}: cannot read ({exc})") from None
+    embeddings = tensors.get("embeddings")
+    if embeddings is None or embeddings.ndim != 2:
+        raise VembedError(f"{shard.embeddings}: no 2-D 'embeddings' tensor")
+    if shard.count is not None and len(embeddings) != shard.count:
+        raise VembedError(f"{shard.embeddings}: {len(embeddings)} rows, meta.json says {shard.count}")
+    return embeddings.float()
+
+
+def iter_store_rows(path: str | Path) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, embeddings)`` shard by shard: one shard in memory at a time."""
+    start = 0
+    for shard in store_shards(path):
+        embeddings = read_shard_embeddings(shard)
+        yield start, embeddings
+        start += len(embeddings)
+
+
+def store_summary(path: str | Path) -> dict[str, Any]:
+    """Count, dim, shards and labelled rows of a store, read without loading its embeddings."""
+    path = Path(path)
+    meta = read_store_meta(path)
+    shards = store_shards(path, meta)
+    labelled = count = 0
+    for shard in shards:
+        rows = _read_manifest(shard.manifest)
+        count += len(rows)
+        labelled += sum(row.get("label") is not None for row in rows)
+    if meta.get("count") not in (None, count):
+        raise VembedError(f"{path / META_FILE}: count {meta['count']} but the manifest has {count} rows")
+    return {
+        "meta": meta,
+        "count": count,
+        "dim": int(meta["dim"]),
+        "shards": len(shards),
+        "labelled": labelled,
+    }
+
+
+def read_probe(path: Path, meta: dict[str, Any]) -> torch.Tensor | None:
+    file = path / (PROBE_FILE if "shards" in meta else EMBEDDINGS_FILE)
+    if not file.is_file():
+        return None
+    try:
+        with safe_open(str(file), framework="pt") as fh:
+            return fh.get_tensor("probe") if "probe" in fh.keys() else None  # noqa: SIM118 (no __contains__)
+    except (SafetensorError, OSError) as exc:
+        raise VembedError(f"{file}: cannot read ({exc})") from None
 
 
 def model_arguments(store: EmbeddingStore) -> dict[str, Any]:

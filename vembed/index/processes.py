@@ -1,0 +1,64 @@
+"""This process' place among several started by ``torchrun`` or ``accelerate launch`` (or alone).
+
+Embedding needs no gradients to share, only a place in the job and a barrier: the processes meet over
+gloo (CPU or GPU machines alike), using the ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` the launcher sets.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+
+# Processes wait for the slowest one at the end of a job: a large corpus can take hours.
+BARRIER_TIMEOUT = timedelta(hours=12)
+
+
+@dataclass(frozen=True)
+class Processes:
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    barrier: Callable[[], None] = lambda: None
+
+    def total(self, *values: int) -> list[int]:
+        """The sums of ``values`` over every process."""
+        if self.world_size == 1:
+            return list(values)
+        import torch
+        import torch.distributed as dist
+
+        tensor = torch.tensor(values, dtype=torch.long)
+        dist.all_reduce(tensor)
+        return tensor.tolist()
+
+
+@contextlib.contextmanager
+def launched_processes() -> Iterator[Processes]:
+    """Join the process group the launcher set up (``WORLD_SIZE`` > 1), or run alone."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        yield Processes()
+        return
+    import torch.distributed as dist
+
+    created = not dist.is_initialized()
+    if created:
+        dist.init_process_group("gloo", timeout=BARRIER_TIMEOUT)
+    try:
+        yield Processes(
+            dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), dist.barrier
+        )
+    finally:
+        if created:
+            dist.destroy_process_group()
+
+
+def device_for(device: str, local_rank: int, world_size: int) -> str:
+    """``auto`` on a machine with several GPUs: this process' own GPU."""
+    if device != "auto" or world_size == 1:
+        return device
+    import torch
+
+    return f"cuda:{local_rank % torch.cuda.device_count()}" if torch.cuda.is_available() else device
