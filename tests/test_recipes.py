@@ -18,6 +18,8 @@ def test_the_promised_recipes_exist():
         "linear_probe_dinov2_small.yaml",
         "tiny_cpu.yaml",
         "factory_example.yaml",
+        "cotton_dinov2s_linear_probe.yaml",
+        "cotton_dinov2s_full_ft.yaml",
     } <= names
 
 
@@ -133,3 +135,14 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
         return
     model = create_embedder(str(result.final_dir))
     assert model.embed_dim == (settings.model.projection_dim or 32)
+
+
+def test_cotton_recipes_say_what_the_study_did():
+    folder = RECIPES[0].parent
+    linear = load_settings(folder / "cotton_dinov2s_linear_probe.yaml")
+    full = load_settings(folder / "cotton_dinov2s_full_ft.yaml")
+    assert linear.model.name == full.model.name == "dinov2-small"
+    assert (linear.train.method, linear.train.loss, linear.train.lr) == ("frozen", "ce", 5e-4)
+    assert (linear.train.batch_size, linear.train.epochs) == (32, 20)
+    assert linear.train.cache_features and not linear.model.normalize  # the head sees raw CLS features
+    assert (full.train.method, full.train.loss, full.train.lr, full.train.epochs) == ("full", "ce", 1e-4, 20)

@@ -401,7 +401,9 @@ def _model_card(config: dict) -> str:
             "feats = (t - m[:, None]).pow(p).mean(1).pow(1 / p) + m"
         ),
     }[pooling]
-    needs_head = pooling == "gem" or config.get("projection_dim")
+    task = config.get("task_head") or {}
+    classifier = task.get("kind") == "classifier"
+    needs_head = pooling == "gem" or config.get("projection_dim") or classifier
     head_lines = (
         'from safetensors.torch import load_file\nhead = load_file(f"{path}/vembed_head.safetensors")\n'
         if needs_head
@@ -420,6 +422,7 @@ def _model_card(config: dict) -> str:
             if config["normalize"]
             else f"emb = feats[:, :{width}]  # the first {width} dims"
         )
+    class_lines, class_text = _classifier_card(task) if classifier else ("", "")
     export = config.get("export", {})
     onnx = export.get("onnx")
     onnx_text = (
@@ -453,5 +456,39 @@ with torch.no_grad():
     out = model(**processor(images, return_tensors="pt"))
 {pool_line}
 {proj_line}{norm_line}
+{class_lines}```
+{class_text}{onnx_text}{segmentation_card(config) if is_segmentation_head(config.get("task_head")) else ""}"""
+
+
+def _classifier_card(task: dict) -> tuple[str, str]:
+    """The model card's lines for a classifier head: code (appended to the snippet) and usage text."""
+    if task.get("normalized"):
+        logits = (
+            f"w = torch.nn.functional.normalize(head['task_head.classifier.weight'], dim=-1)\n"
+            f"logits = {task.get('scale', 20.0)} * torch.nn.functional.normalize(emb, dim=-1) @ w.T\n"
+        )
+    else:
+        logits = "logits = emb @ head['task_head.classifier.weight'].T + head['task_head.classifier.bias']\n"
+    code = (
+        "# the classifier head: class probabilities and names\n"
+        "import json\n"
+        'labels = json.load(open(f"{path}/vembed.json"))["task_head"]["labels"]\n'
+        f"{logits}"
+        "probs = logits.softmax(dim=-1)\n"
+        "predicted = [labels[i] for i in probs.argmax(dim=-1)]\n"
+    )
+    names = [str(label) for label in task.get("labels", [])]
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    text = f"""
+## Classifier head
+
+{len(names)} classes ({shown}), a {task.get("type", "linear")} layer on the embedding trained with
+cross-entropy; `vembed.json: task_head` holds the class names, `vembed_head.safetensors` the weights
+(`task_head.classifier.*`). With vembed:
+
+```bash
+vembed classify PATH photos/ --top 3              # a table; --jsonl for JSON lines, --grid preds.png
+vembed eval classify --model PATH --data test.jsonl --plot confusion.png
 ```
-{onnx_text}{segmentation_card(config) if is_segmentation_head(config.get("task_head")) else ""}"""
+"""
+    return code, text

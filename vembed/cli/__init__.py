@@ -7,6 +7,7 @@ Python user of the library would also need lives here.
 from __future__ import annotations
 
 from vembed.cli import (  # noqa: F401  (registers commands)
+    classify,
     embed,
     eval_classes,
     evaluate,

@@ -74,3 +74,30 @@ def plot_fewshot(reports: Sequence, out: str | Path) -> Path:
 
 def _short(name: str, limit: int = 28) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+
+def plot_confusion(
+    labels: Sequence[str], matrix: Sequence[Sequence[int]], out: str | Path, *, title: str = ""
+) -> Path:
+    """The confusion matrix (rows: true class, columns: predicted), counts and row-normalised colour."""
+    import numpy as np
+
+    plt = _pyplot()
+    counts = np.asarray(matrix, dtype=float)
+    rows = counts / np.maximum(counts.sum(axis=1, keepdims=True), 1)
+    n = len(labels)
+    size = min(4 + 0.35 * n, 24)
+    fig, ax = plt.subplots(figsize=(size + 1.2, size), constrained_layout=True)
+    image = ax.imshow(rows, vmin=0, vmax=1, cmap="Blues")
+    ticks = [_short(str(label), 18) for label in labels]
+    ax.set_xticks(range(n), ticks, rotation=90, fontsize="small")
+    ax.set_yticks(range(n), ticks, fontsize="small")
+    ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
+    if n <= 30:
+        for r in range(n):
+            for c in range(n):
+                if counts[r, c]:
+                    colour = "white" if rows[r, c] > 0.5 else "black"
+                    ax.text(c, r, f"{int(counts[r, c])}", ha="center", va="center", fontsize=7, color=colour)
+    fig.colorbar(image, ax=ax, shrink=0.8, label="share of the true class")
+    return save_figure(fig, out)

@@ -140,3 +140,47 @@ def _font(size: int):
 def _text_height(font) -> int:
     left, top, right, bottom = font.getbbox("Ag#1")
     return int(bottom - min(top, 0))
+
+
+def draw_captioned(
+    items: Sequence[tuple[Path, tuple[str, ...], tuple[int, int, int]]],
+    out: str | Path,
+    *,
+    columns: int = 6,
+    thumb: int = 160,
+    max_items: int = 96,
+) -> Path:
+    """Images in rows of ``columns``, each with a coloured border and caption lines (e.g. predictions)."""
+    if not items:
+        raise VembedError("no images to draw")
+    if len(items) > max_items:
+        log(f"grid: drawing the first {max_items} of {len(items)} images")
+        items = items[:max_items]
+    font = _font(max(10, thumb // 12))
+    line = _text_height(font) + 2
+    lines = max(len(caption) for _, caption, _ in items)
+    cell_w, cell_h = thumb + 2 * BORDER, thumb + 2 * BORDER + lines * line + 2
+    columns = max(1, min(columns, len(items)))
+    rows = (len(items) + columns - 1) // columns
+    canvas = Image.new("RGB", (GAP + columns * (cell_w + GAP), GAP + rows * (cell_h + GAP)), BACKGROUND)
+    draw = ImageDraw.Draw(canvas)
+    unreadable: list[str] = []
+    for i, (path, caption, colour) in enumerate(items):
+        origin = (GAP + (i % columns) * (cell_w + GAP), GAP + (i // columns) * (cell_h + GAP))
+        _cell(
+            canvas,
+            draw,
+            origin,
+            _thumbnail(Path(path), thumb, unreadable),
+            colour,
+            caption,
+            thumb,
+            font,
+            line,
+        )
+    if unreadable:
+        log(f"[yellow]warning:[/] grid: {len(unreadable)} image(s) could not be read and are crossed out")
+    out = Path(out)
+    with atomic_path(out) as tmp:
+        canvas.save(tmp, format="PNG")
+    return out

@@ -14,8 +14,8 @@ from vembed.losses._common import (
     check_dims,
     check_positive,
     float32_forward,
-    normalize,
 )
+from vembed.models.heads import classifier_logits
 
 __all__ = ["CrossEntropyLoss"]
 
@@ -62,9 +62,7 @@ class CrossEntropyLoss(nn.Module):
         self.classifier = nn.Linear(embed_dim, num_classes, bias=not self.normalized)
 
     def logits(self, embeddings: Tensor) -> Tensor:
-        if self.normalized:
-            return self.scale * normalize(embeddings) @ normalize(self.classifier.weight).T
-        return self.classifier(embeddings)
+        return classifier_logits(embeddings, self.classifier, normalized=self.normalized, scale=self.scale)
 
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:

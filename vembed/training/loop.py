@@ -26,6 +26,7 @@ from accelerate.utils import set_seed
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.io import write_text
+from vembed.models.heads import classifier_of_loss
 from vembed.settings import Settings, settings_to_yaml
 from vembed.training import checkpoint as ckpt
 from vembed.training.callbacks import ProgressBar, StopSignal, Trackers, TrainRows
@@ -163,7 +164,13 @@ class _Trainer:
         self.validator = None
         if val is not None:
             features_, indices = val_features if val_features is not None else (None, None)
-            self.validator = Validator(val, settings, features=features_, feature_indices=indices)
+            self.validator = Validator(
+                val,
+                settings,
+                features=features_,
+                feature_indices=indices,
+                classifier=self._classifier if self._classifier() is not None else None,
+            )
         self.runner = step_runner(acc, self.embedder, self.loss, data, settings, features)
         self._setup_optimisation()
 
@@ -453,7 +460,7 @@ class _Trainer:
             if self.task is not None:
                 self.task.save(final, self.embedder, training)
             else:
-                save_model(final, self.embedder, training)
+                save_model(final, self.embedder, training, task_head=self._task_head())
             self.best_store.remove()
             which = self.selection.describe() if row is not None else "last step"
             self._say(f"final model ({which}, step {training['step']}): {final}")
@@ -462,6 +469,14 @@ class _Trainer:
                 self._say(f"curves: {plot}")
         acc.wait_for_everyone()
         return final, selected
+
+    def _classifier(self):
+        """The classifier the loss trains (``ce``), with the training class names; None otherwise."""
+        return classifier_of_loss(self.loss, self.data.class_names)
+
+    def _task_head(self) -> tuple[dict, dict] | None:
+        head = self._classifier() if self.task is None else None
+        return head.task_head() if head is not None else None
 
     # -- small helpers ----------------------------------------------------------------------------
 

@@ -86,10 +86,11 @@ def checkpoint_selections(run_dir: Path) -> set[int]:
     return steps
 
 
-def save_model(out: Path, embedder, training: dict) -> None:
-    """A merged, self-contained model folder (LoRA folded into the backbone weights)."""
+def save_model(out: Path, embedder, training: dict, *, task_head: tuple[dict, dict] | None = None) -> None:
+    """A merged, self-contained model folder (LoRA folded into the backbone weights), with the
+    task head (a ``ce`` run's classifier and its class names) when there is one."""
     with atomic_dir(out) as tmp:
-        save_embedder(merge_lora(embedder), tmp, extra={"training": training})
+        save_embedder(merge_lora(embedder), tmp, extra={"training": training}, task_head=task_head)
 
 
 def saved_training(model_dir: Path) -> dict:

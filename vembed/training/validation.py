@@ -1,15 +1,21 @@
-"""Validation during training: Recall@K / MAP@R on the validation split, all-vs-all."""
+"""Validation during training: Recall@K / MAP@R on the validation split, all-vs-all.
+
+A run whose loss trains a classifier (``ce``) also reports its top-1 / top-5 accuracy on the same
+embeddings (``top1``, ``top5``), so ``train.select_metric=top1`` can choose the model.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import functools
+from collections.abc import Callable
 
 import torch
 
 from vembed.evaluation.retrieval import ranking_device, retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder
+from vembed.models.heads import ClassifierHead
 from vembed.settings import Settings
 from vembed.training.data import LabelledImages
 
@@ -41,11 +47,13 @@ class Validator:
         *,
         features: torch.Tensor | None = None,
         feature_indices: list[int] | None = None,
+        classifier: Callable[[], ClassifierHead] | None = None,
     ):
         self.data = data
         self.settings = settings
         self.features = features
         self.feature_indices = feature_indices
+        self.classifier = classifier  # the head as it is now (a ce run's loss), called at each validation
 
     def __call__(
         self, embedder: Embedder, *, autocast=contextlib.nullcontext, show_progress: bool = True
@@ -60,6 +68,9 @@ class Validator:
         metrics = retrieval_metrics(
             embeddings, labels, ks=tuple(ev.k), chunk_size=ev.chunk_size, device=ranking_device(embedder)
         )
+        if self.classifier is not None:
+            names = [self.data.class_names[code] for code in labels]
+            metrics.update(classifier_accuracy(self.classifier(), embeddings, names))
         if problems:
             metrics["num_bad_images"] = len(problems)
         return metrics
@@ -87,3 +98,17 @@ class Validator:
             description="validating",
         )
         return result.embeddings, result.indices, result.problems
+
+
+def classifier_accuracy(head: ClassifierHead, embeddings: torch.Tensor, labels: list) -> dict[str, float]:
+    """``{"top1", "top5"}`` of ``head`` on the records whose class it knows ({} when it knows none)."""
+    from vembed.evaluation.classify import classification_scores, label_columns
+
+    columns = label_columns(head.labels, labels, source="validation", warn=False, strict=False)
+    keep = [i for i, c in enumerate(columns) if c is not None]
+    if not keep:
+        return {}
+    with torch.inference_mode():
+        probs = head.probabilities(embeddings[torch.tensor(keep, dtype=torch.long)])
+    scores = classification_scores(probs, [columns[i] for i in keep], head.labels)
+    return {"top1": scores["top1"], "top5": scores["top5"]}

@@ -1,0 +1,142 @@
+"""Task heads on top of the embedding: the linear (or cosine) classifier a ``ce`` run trains.
+
+A model folder with a classifier keeps it as its task head (see :mod:`vembed.models.loader`): the
+weights (``classifier.weight`` and, for a linear head, ``classifier.bias``) in
+``vembed_head.safetensors`` under the ``task_head.`` prefix, and in ``vembed.json``::
+
+    "task_head": {"kind": "classifier", "type": "linear", "embed_dim": 64, "num_classes": 8,
+                  "labels": ["healthy", ...], "normalized": false, "scale": 20.0}
+
+``labels[i]`` is the class name of logit ``i``. ``logits = W e + b`` on the model's embedding ``e``
+(``normalized``: ``scale * cos(e, w_i)``), exactly what :class:`vembed.losses.classification.CrossEntropyLoss`
+computed during training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vembed.errors import VembedError
+from vembed.models.loader import VEMBED_CONFIG, LoadedModel, load_model
+
+KIND = "classifier"
+
+
+def classifier_logits(
+    embeddings: torch.Tensor, linear: nn.Linear, *, normalized: bool, scale: float
+) -> torch.Tensor:
+    """The logits of a linear classifier, or of a cosine one (``scale * cos``, no bias)."""
+    if normalized:
+        return scale * F.normalize(embeddings, dim=-1) @ F.normalize(linear.weight, dim=-1).T
+    return linear(embeddings)
+
+
+class ClassifierHead(nn.Module):
+    """Class logits (and probabilities) from embeddings, with the class names of the logits."""
+
+    def __init__(self, embed_dim: int, labels: Sequence, *, normalized: bool = False, scale: float = 20.0):
+        super().__init__()
+        if len(labels) < 2:
+            raise VembedError(f"a classifier needs at least 2 classes, got {len(labels)}")
+        self.labels = list(labels)
+        self.normalized = bool(normalized)
+        self.scale = float(scale)
+        self.classifier = nn.Linear(embed_dim, len(labels), bias=not normalized)
+
+    @property
+    def embed_dim(self) -> int:
+        return self.classifier.in_features
+
+    @property
+    def num_classes(self) -> int:
+        return self.classifier.out_features
+
+    @classmethod
+    def from_loss(cls, loss: nn.Module, labels: Sequence) -> ClassifierHead:
+        """A copy of the classifier a ``ce`` loss trained (its ``classifier``, ``normalized``, ``scale``)."""
+        linear = getattr(loss, "classifier", None)
+        if not isinstance(linear, nn.Linear):
+            raise VembedError(f"loss {type(loss).__name__} has no classifier to keep")
+        if linear.out_features != len(labels):
+            raise VembedError(
+                f"the classifier has {linear.out_features} outputs but {len(labels)} class names"
+            )
+        head = cls(linear.in_features, labels, normalized=loss.normalized, scale=loss.scale)
+        head.classifier.load_state_dict({k: v.detach().float().cpu() for k, v in linear.state_dict().items()})
+        return head
+
+    def forward(self, embeddings: torch.Tensor) -> torch.Tensor:
+        weight = self.classifier.weight
+        return classifier_logits(
+            embeddings.to(weight.device, weight.dtype),
+            self.classifier,
+            normalized=self.normalized,
+            scale=self.scale,
+        )
+
+    @torch.inference_mode()
+    def probabilities(self, embeddings: torch.Tensor) -> torch.Tensor:
+        """Softmax over the classes: ``[N, num_classes]`` float32 on the CPU."""
+        if embeddings.shape[-1] != self.embed_dim:
+            raise VembedError(
+                f"the classifier takes {self.embed_dim}-d embeddings, the model gives {embeddings.shape[-1]}-d "
+                "(was model.truncate_dim or model.projection_dim changed after training?)"
+            )
+        return self(embeddings).float().softmax(dim=-1).cpu()
+
+    def task_head(self) -> tuple[dict, dict[str, torch.Tensor]]:
+        """``(vembed.json entry, weights)``: what ``save_embedder(task_head=...)`` stores."""
+        config = {
+            "kind": KIND,
+            "type": "cosine" if self.normalized else "linear",
+            "embed_dim": self.embed_dim,
+            "num_classes": self.num_classes,
+            "labels": self.labels,
+            "normalized": self.normalized,
+            "scale": self.scale,
+        }
+        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+        return config, state
+
+
+def classifier_of_loss(loss: nn.Module, labels: Sequence) -> ClassifierHead | None:
+    """The classifier a loss trains (``ce``), as a head with these class names; None for other losses."""
+    if not isinstance(getattr(loss, "classifier", None), nn.Linear):
+        return None
+    return ClassifierHead.from_loss(loss, labels)
+
+
+def classifier_from(loaded: LoadedModel) -> ClassifierHead | None:
+    """The classifier saved with a model (``vembed.json: task_head``), or None when it has none."""
+    entry = loaded.task_head
+    if not entry or entry.get("kind") != KIND:
+        return None
+    where = f"{loaded.ref.name}/{VEMBED_CONFIG}"
+    try:
+        head = ClassifierHead(
+            int(entry["embed_dim"]),
+            entry["labels"],
+            normalized=bool(entry.get("normalized", False)),
+            scale=float(entry.get("scale", 20.0)),
+        )
+        head.load_state_dict(loaded.task_head_state)
+    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+        raise VembedError(f"{where}: the classifier head does not match its weights ({exc})") from None
+    return head.eval()
+
+
+def require_classifier(model: str | Path, *, revision: str | None = None) -> ClassifierHead:
+    """The classifier of ``model`` (read without loading the backbone), or a one-line error."""
+    head = classifier_from(load_model(model, revision=revision, weights=False))
+    if head is None:
+        raise VembedError(
+            f"{model}: the model has no classifier head (train one with train.loss=ce, e.g. "
+            "recipes/cotton_dinov2s_linear_probe.yaml, and pass its RUN/final); for an embedding model "
+            "use `vembed eval knn` or `vembed eval linear-probe`"
+        )
+    return head
