@@ -5,7 +5,8 @@ from pathlib import Path
 import pytest
 
 from vembed.compat import is_factory_config
-from vembed.settings import _read_yaml, load_settings
+from vembed.recipe_files import read_recipe
+from vembed.settings import load_settings
 
 RECIPES = sorted((Path(__file__).resolve().parents[1] / "recipes").glob("*.yaml"))
 
@@ -85,7 +86,7 @@ def _read_yaml_raw(path: Path) -> dict:
 def test_read_yaml_maps_factory_configs(tmp_path):
     path = tmp_path / "f.yaml"
     path.write_text("model_name: facebook/dinov2-small\nretrieval_mode: i2i\n")
-    assert _read_yaml(path)["model"]["name"] == "dinov2-small"
+    assert read_recipe(path)["model"]["name"] == "dinov2-small"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)

@@ -23,6 +23,7 @@ from pydantic import (
 )
 
 from vembed.errors import VembedError
+from vembed.recipe_files import parse_override, read_recipe, set_dotted
 
 Pooling = Literal["cls", "mean", "cls+mean", "gem", "pooler"]
 
@@ -424,12 +425,12 @@ def load_settings(
     source = "settings"
     if recipe is not None:
         source = str(recipe)
-        data = _read_yaml(Path(recipe))
+        data = read_recipe(Path(recipe))
     for item in overrides or []:
         key, value = parse_override(item)
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     for key, value in (values or {}).items():
-        _set_dotted(data, key, value)
+        set_dotted(data, key, value)
     return validate_settings(data, source=source)
 
 
@@ -441,56 +442,9 @@ def validate_settings(data: dict[str, Any], *, source: str = "settings") -> Sett
         raise VembedError(f"{source}: " + "; ".join(_describe(err) for err in exc.errors())) from None
 
 
-def parse_override(item: str) -> tuple[str, Any]:
-    """``"train.lr=3e-4"`` → ``("train.lr", "3e-4")``; values are parsed as YAML scalars/lists."""
-    if "=" not in item:
-        raise VembedError(f"override {item!r} is not key=value (e.g. train.lr=3e-4)")
-    key, raw = item.split("=", 1)
-    key = key.strip()
-    if not key:
-        raise VembedError(f"override {item!r} has an empty key")
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError:
-        value = raw
-    return key, value
-
-
 def settings_to_yaml(settings: Settings) -> str:
     """The fully resolved settings as YAML (written next to every output)."""
     return yaml.safe_dump(settings.model_dump(mode="json"), sort_keys=False)
-
-
-def _read_yaml(path: Path) -> dict[str, Any]:
-    if path.is_dir():
-        raise VembedError(f"{path}: is a folder; --config takes a YAML recipe file")
-    if not path.is_file():
-        raise VembedError(f"recipe not found: {path}")
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise VembedError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
-    if not isinstance(data, dict):
-        raise VembedError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
-    from vembed.compat import is_factory_config, map_factory_config
-
-    if is_factory_config(data):
-        data = map_factory_config(data, source=path)
-    return data
-
-
-def _set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    node = data
-    parts = key.split(".")
-    for part in parts[:-1]:
-        child = node.get(part)
-        if not isinstance(child, dict):
-            child = {}
-            node[part] = child
-        node = child
-    node[parts[-1]] = value
 
 
 def _model_at(loc: tuple) -> type[BaseModel] | None:
