@@ -304,10 +304,6 @@ class SegmentationTask:
         validator = SegmentationValidator(val, settings) if val is not None else None
         return model, data, loss, sampler, validator, SegmentationSteps(acc, model, loss, data, settings)
 
-    def rank_key(self, metrics: dict) -> tuple[float]:
-        """How validations are ranked: ``train.select_metric`` if it is miou or pixel_accuracy, else mIoU."""
-        return (float(metrics[select_metric(self.settings)]),)
-
     def save(self, out: Path, model: Segmenter, training: dict) -> None:
         training = {
             "select_metric": select_metric(self.settings),
