@@ -89,19 +89,7 @@ def prepare_ade20k(
 
 def locate_ade(root: str | Path | None, out: Path, *, kaggle: str | None = None) -> Path:
     """The ``ADEChallengeData2016`` folder (with images/ and annotations/), downloading as needed."""
-    if root is not None and kaggle is not None:
-        raise VembedError("give either --root or --kaggle, not both")
-    if root is not None:
-        base = Path(root)
-    elif kaggle is not None:
-        base = download.kaggle_download(kaggle)
-    else:
-        archive = download.download_url(URL, out / "downloads" / URL.rsplit("/", 1)[-1])
-        base = out / "downloads" / "ADEChallengeData2016"
-        if not base.is_dir():
-            download.extract_zip(archive, base)
-    if not base.is_dir():
-        raise VembedError(f"ADE20K root not found: {base}")
+    base = download.dataset_root(root, kaggle, url=URL, out=out, folder="ADEChallengeData2016", name="ADE20K")
     folder = download.find_dir_containing(base, "images/training", "annotations/training")
     if folder is None:
         raise VembedError(

@@ -129,3 +129,24 @@ def extract_archive(archive: str | Path, dest: str | Path) -> Path:
     if str(archive).lower().endswith(".zip"):
         return extract_zip(archive, dest)
     return extract_tar(archive, dest)
+
+
+def dataset_root(
+    root: str | Path | None, kaggle: str | None, *, url: str, out: Path, folder: str, name: str
+) -> Path:
+    """Where a public data set lies: ``--root``, a ``--kaggle`` copy, or ``url``'s archive downloaded
+    and extracted (zip or tar) once into ``out/downloads/folder``."""
+    if root is not None and kaggle is not None:
+        raise VembedError("give either --root or --kaggle, not both")
+    if root is not None:
+        base = Path(root)
+    elif kaggle is not None:
+        base = kaggle_download(kaggle)
+    else:
+        archive = download_url(url, out / "downloads" / url.rsplit("/", 1)[-1])
+        base = out / "downloads" / folder
+        if not base.is_dir():
+            (extract_zip if archive.name.endswith(".zip") else extract_tar)(archive, base)
+    if not base.is_dir():
+        raise VembedError(f"{name} root not found: {base}")
+    return base

@@ -87,19 +87,7 @@ def prepare_voc(
 
 def locate_voc(root: str | Path | None, out: Path, *, kaggle: str | None = None) -> Path:
     """The ``VOC2012`` folder (with JPEGImages/ and SegmentationClass/), downloading as needed."""
-    if root is not None and kaggle is not None:
-        raise VembedError("give either --root or --kaggle, not both")
-    if root is not None:
-        base = Path(root)
-    elif kaggle is not None:
-        base = download.kaggle_download(kaggle)
-    else:
-        archive = download.download_url(URL, out / "downloads" / URL.rsplit("/", 1)[-1])
-        base = out / "downloads" / "VOCtrainval"
-        if not base.is_dir():
-            download.extract_tar(archive, base)
-    if not base.is_dir():
-        raise VembedError(f"VOC root not found: {base}")
+    base = download.dataset_root(root, kaggle, url=URL, out=out, folder="VOCtrainval", name="VOC")
     folder = download.find_dir_containing(base, "JPEGImages", "SegmentationClass", LISTS)
     if folder is None:
         raise VembedError(
