@@ -50,15 +50,6 @@ app = typer.Typer(
 )
 
 
-def user_errors(fn):
-    """Kept for commands written before the app reported failures itself: returns ``fn`` unchanged.
-
-    Every command registered on ``app`` (or on a group added to it) already runs inside
-    :mod:`vembed.cli.failures`: a :class:`~vembed.errors.VembedError` is one red line and exit 2.
-    """
-    return fn
-
-
 def settings_from(config: Path | None, overrides: list[str] | None, **explicit) -> Settings:
     """Recipe + ``key=value`` overrides + options given as flags (flags win; ``None`` = not given).
 

@@ -10,7 +10,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vembed.cli.app import app, quiet_transformers, settings_from, user_errors
+from vembed.cli.app import app, quiet_transformers, settings_from
 from vembed.cli.eval_classes import CONFIG_HELP, OVERRIDES_HELP, _write
 from vembed.cli.evaluate import eval_app
 from vembed.console import log
@@ -19,7 +19,6 @@ CLASSIFIER_HELP = "A model with a classifier head: a `train.loss=ce` run's final
 
 
 @eval_app.command("classify")
-@user_errors
 def eval_classify_command(
     model: str = typer.Option(..., "--model", "-m", help=CLASSIFIER_HELP),
     data: Path = typer.Option(None, "--data", "-d", help="Labelled records (JSONL). Default: data.test."),
@@ -56,7 +55,6 @@ def eval_classify_command(
 
 
 @app.command("classify")
-@user_errors
 def classify_command(
     model: str = typer.Argument(..., help=CLASSIFIER_HELP),
     images: str = typer.Argument(

@@ -13,7 +13,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vembed.cli.app import app, quiet_transformers, settings_from, user_errors
+from vembed.cli.app import app, quiet_transformers, settings_from
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.settings import settings_to_yaml
@@ -28,7 +28,6 @@ _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 
 
 @app.command("embed")
-@user_errors
 def embed_command(
     source: str = typer.Argument(
         ...,
@@ -165,7 +164,6 @@ def _embed_into_store(
 
 
 @app.command("search")
-@user_errors
 def search_command(
     store: Path = typer.Argument(..., help="A store written by `vembed embed --out`."),
     items: list[str] = typer.Argument(
@@ -244,7 +242,6 @@ def search_command(
 
 
 @index_app.command("build")
-@user_errors
 def index_build_command(
     store: Path = typer.Argument(..., help="A store written by `vembed embed --out`."),
     overrides: list[str] = typer.Argument(
@@ -275,7 +272,6 @@ def index_build_command(
 
 
 @index_app.command("info")
-@user_errors
 def index_info_command(
     store: Path = typer.Argument(..., help="A store folder."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. index.nprobe=32."),

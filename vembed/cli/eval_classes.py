@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from vembed.cli.app import quiet_transformers, settings_from, user_errors
+from vembed.cli.app import quiet_transformers, settings_from
 from vembed.cli.evaluate import MODEL_HELP, eval_app
 from vembed.console import log
 from vembed.errors import VembedError
@@ -20,7 +20,6 @@ OVERRIDES_HELP = "key=value settings overrides."
 
 
 @eval_app.command("fewshot")
-@user_errors
 def fewshot_command(
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: model.name."),
     data: Path = typer.Option(
@@ -81,7 +80,6 @@ def fewshot_command(
 
 
 @eval_app.command("knn")
-@user_errors
 def knn_command(
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: model.name."),
     train: Path = typer.Option(None, "--train", help="Labelled reference records. Default: data.train."),
@@ -108,7 +106,6 @@ def knn_command(
 
 
 @eval_app.command("linear-probe")
-@user_errors
 def linear_probe_command(
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: model.name."),
     train: Path = typer.Option(None, "--train", help="Records to fit on. Default: data.train."),

@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from vembed.cli.app import app, quiet_transformers, settings_from, user_errors
+from vembed.cli.app import app, quiet_transformers, settings_from
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.io import write_json, write_text
@@ -21,7 +21,6 @@ MODEL_HELP = "Registry name, hub id or local model folder (e.g. a run's final/).
 
 
 @eval_app.command("retrieval")
-@user_errors
 def retrieval_command(
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: model.name."),
     data: Path = typer.Option(None, "--data", "-d", help="Labelled records (JSONL). Default: data.test."),
@@ -73,7 +72,6 @@ def retrieval_command(
 
 
 @eval_app.command("sop")
-@user_errors
 def sop_command(
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP + " Default: model.name."),
     data: Path = typer.Option(

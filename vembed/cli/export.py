@@ -8,13 +8,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vembed.cli.app import app, quiet_transformers, user_errors
+from vembed.cli.app import app, quiet_transformers
 from vembed.console import log
 from vembed.io import write_json
 
 
 @app.command("export")
-@user_errors
 def export_command(
     source: str = typer.Argument(
         ..., help="Run directory (its final/ is exported), model folder, registry name or hub id."
@@ -61,7 +60,6 @@ def export_command(
 
 
 @app.command("quickstart")
-@user_errors
 def quickstart_command(
     out: Path = typer.Option(Path("runs/quickstart"), "--out", "-o", help="Folder for data, model and run."),
     epochs: int = typer.Option(None, "--epochs", help="Training epochs (default: the quickstart's)."),

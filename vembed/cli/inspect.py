@@ -9,7 +9,7 @@ from rich.console import Console
 from rich.syntax import Syntax
 from rich.table import Table
 
-from vembed.cli.app import app, user_errors
+from vembed.cli.app import app
 from vembed.models.registry import list_models
 from vembed.settings import load_settings, settings_to_yaml
 
@@ -18,7 +18,6 @@ app.add_typer(config_app, name="config")
 
 
 @app.command("models")
-@user_errors
 def models_command() -> None:
     """List the model registry (any other hub id or local folder works too)."""
     table = Table(title="vembed model registry")
@@ -41,7 +40,6 @@ def models_command() -> None:
 
 
 @config_app.command("show")
-@user_errors
 def config_show(
     recipe: Path = typer.Argument(..., help="YAML recipe (vembed or vembed-factory format)."),
     overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. train.lr=3e-4."),

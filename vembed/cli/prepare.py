@@ -6,7 +6,7 @@ from pathlib import Path
 
 import typer
 
-from vembed.cli.app import app, user_errors
+from vembed.cli.app import app
 from vembed.console import console, log
 from vembed.data.prepare import (
     PrepareResult,
@@ -56,7 +56,6 @@ HOLDOUT = typer.Option(
 
 
 @prepare_app.command("sop")
-@user_errors
 def sop_command(
     root: Path = typer.Option(
         None, "--root", help="Extracted Stanford_Online_Products (with Ebay_train.txt). Default: kagglehub."
@@ -85,7 +84,6 @@ def sop_command(
 
 
 @prepare_app.command("flowers102")
-@user_errors
 def flowers_command(
     root: Path = typer.Option(
         None, "--root", help="Local copy with imagelabels.mat, setid.mat and jpg/ (or 102flowers.tgz)."
@@ -130,7 +128,6 @@ def flowers_command(
 
 
 @prepare_app.command("imagefolder")
-@user_errors
 def imagefolder_command(
     folder: Path = typer.Argument(
         None, help="A class_name/image tree (with --kaggle: a folder inside the download, optional)."
@@ -216,7 +213,7 @@ def _table_command(fmt: str):
     command.__doc__ = (
         f"Your own {fmt.upper()} records: validate each line, map field names, split as imagefolder does."
     )
-    return user_errors(command)
+    return command
 
 
 prepare_app.command("jsonl")(_table_command("jsonl"))
@@ -224,7 +221,6 @@ prepare_app.command("csv")(_table_command("csv"))
 
 
 @prepare_app.command("segfolder")
-@user_errors
 def segfolder_command(
     root: Path = typer.Argument(..., help="ROOT with images/NAME.{jpg,png} and masks/NAME.png."),
     out: Path = typer.Option(None, "--out", "-o", help="Output folder (default: data/<root name>)."),
@@ -272,7 +268,7 @@ def _segset_command(name: str, title: str, prepare):
         render(result)
 
     command.__doc__ = title
-    return user_errors(command)
+    return command
 
 
 prepare_app.command("voc")(

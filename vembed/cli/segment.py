@@ -7,7 +7,7 @@ from pathlib import Path
 import typer
 from rich.console import Console
 
-from vembed.cli.app import app, quiet_transformers, settings_from, user_errors
+from vembed.cli.app import app, quiet_transformers, settings_from
 from vembed.cli.evaluate import eval_app
 from vembed.console import log
 from vembed.errors import VembedError
@@ -18,7 +18,6 @@ PLOTTED_IMAGES = 4
 
 
 @eval_app.command("segmentation")
-@user_errors
 def segmentation_command(
     model: str = typer.Option(
         None, "--model", "-m", help="A segmentation model: a run's final/ or a `vembed export` folder."
@@ -119,7 +118,6 @@ def _class_count(data: Path) -> int | None:
 
 
 @app.command("predict-masks")
-@user_errors
 def predict_masks_command(
     model: str = typer.Argument(
         ..., help="A segmentation model: a run's final/ or a `vembed export` folder."

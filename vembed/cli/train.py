@@ -8,12 +8,11 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vembed.cli.app import app, quiet_transformers, settings_from, user_errors
+from vembed.cli.app import app, quiet_transformers, settings_from
 from vembed.console import console
 
 
 @app.command("train")
-@user_errors
 def train_command(
     config: Path = typer.Option(
         None, "--config", "-c", help="YAML recipe (vembed or vembed-factory format)."
