@@ -11,7 +11,8 @@ file's folder. Every problem names the file and line.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Sequence
+import os
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -229,14 +230,59 @@ IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".webp", ".tif", ".
 def records_from_folder(folder: str | Path, *, labels_from_dirs: bool = True) -> RecordSet:
     """Every image below ``folder`` (recursive, sorted); the parent folder name is the label."""
     folder = Path(folder)
-    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
-    if not paths:
-        raise VembedError(f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})")
-    records = [
-        ImageRecord(p, p.parent.name if labels_from_dirs and p.parent != folder else None, None, str(p))
-        for p in paths
-    ]
+    records = [folder_record(folder, parent, name, labels_from_dirs) for parent, name in walk_images(folder)]
+    if not records:
+        raise VembedError(no_images_message(folder))
     return RecordSet(None, records)
+
+
+def walk_images(folder: Path) -> Iterator[tuple[Path, str]]:
+    """``(directory, file name)`` of every image below ``folder``, lazily, sorted as full paths.
+
+    One directory is listed (and sorted) at a time, depth first: visiting each directory's entries in
+    name order gives the order of ``sorted(folder.rglob("*"))``, which compares paths part by part.
+    Like ``rglob``, symlinked directories are not entered and unreadable ones are passed over.
+    """
+    names, dirs = [], set()
+    try:
+        with os.scandir(folder) as entries:
+            for entry in entries:
+                if _is_real_dir(entry):
+                    dirs.add(entry.name)
+                    names.append(entry.name)
+                elif _suffix(entry.name) in IMAGE_EXTENSIONS and entry.is_file():
+                    names.append(entry.name)
+    except (PermissionError, FileNotFoundError, NotADirectoryError):
+        return
+    names.sort()
+    for name in names:
+        if name in dirs:
+            yield from walk_images(folder / name)
+        else:
+            yield folder, name
+
+
+def folder_record(folder: Path, parent: Path, name: str, labels_from_dirs: bool = True) -> ImageRecord:
+    """The record of image ``parent/name`` found below ``folder``: the sub-folder's name is its label."""
+    path = parent / name
+    return ImageRecord(path, parent.name if labels_from_dirs and parent != folder else None, None, str(path))
+
+
+def no_images_message(folder: Path) -> str:
+    return f"{folder}: no images found (looked for {', '.join(IMAGE_EXTENSIONS)})"
+
+
+def _suffix(name: str) -> str:
+    """``PurePath(name).suffix.lower()``, without building a path."""
+    i = name.rfind(".")
+    return name[i:].lower() if 0 < i < len(name) - 1 else ""
+
+
+def _is_real_dir(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_dir() and not entry.is_symlink()
+    except OSError:
+        return False
 
 
 def label_codes(labels: Sequence[Label | None]) -> tuple[list[int], list[Label]]:

@@ -1,20 +1,41 @@
 """A source cut into blocks of consecutive records, read as a stream (``vembed embed`` into shards).
 
-A JSONL records file is read line by line: only the blocks a process owns are parsed, and only one
-block's records are in memory at a time, so a 10⁷-line file embeds in bounded RAM. Other sources
-(a folder, one image, paths on stdin) are listed first, then cut the same way.
+Every source is read lazily, one block at a time: a JSONL records file line by line, a folder one
+directory at a time (in the order and with the labels of :func:`vembed.data.records.records_from_folder`),
+image paths on stdin line by line. Only the blocks a process owns are parsed and checked (images
+exist); the others are only counted. So only one block's records are in memory at a time, and a
+10⁷-line file or a folder of 10⁷ images embeds in bounded RAM (a folder's largest directory listing
+aside: each directory is listed and sorted whole).
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
+from functools import partial
 from itertools import islice
 from pathlib import Path
+from typing import TextIO
 
-from vembed.data.records import ImageRecord, RecordSet, _paths, parse_record
+from vembed.data.records import (
+    ImageRecord,
+    RecordSet,
+    _paths,
+    folder_record,
+    no_images_message,
+    parse_record,
+    walk_images,
+)
 from vembed.errors import VembedError
-from vembed.index.sources import RECORD_SUFFIXES, STDIN, records_from_source
+from vembed.index.sources import (
+    NO_STDIN_PATHS,
+    RECORD_SUFFIXES,
+    STDIN,
+    nonblank_lines,
+    path_records,
+    records_from_source,
+)
 
 
 @dataclass
@@ -26,6 +47,9 @@ class Block:
     problems: list[str] = field(default_factory=list)
 
 
+Parse = Callable[[list], tuple[list[ImageRecord], list[str]]]
+
+
 def iter_blocks(
     source: str | Path,
     block_size: int,
@@ -34,6 +58,7 @@ def iter_blocks(
     image_root: str | Path | None = None,
     skip_bad: bool = False,
     exclude: set[str] | None = None,
+    stdin: TextIO | None = None,
 ) -> Iterator[Block]:
     """Every block of ``source`` in order; owned blocks are parsed and checked (images exist).
 
@@ -41,40 +66,62 @@ def iter_blocks(
     """
     if block_size < 1:
         raise VembedError(f"shard size must be at least 1, got {block_size}")
-    path = Path(str(source)).expanduser()
-    if str(source) != STDIN and path.is_file() and path.suffix.lower() in RECORD_SUFFIXES:
-        yield from _jsonl_blocks(path, block_size, owned, image_root, skip_bad, exclude)
-        return
-    records, problems = records_from_source(source, image_root=image_root, skip_bad=skip_bad)
-    for number, start in enumerate(range(0, len(records), block_size)):
-        chunk = records[start : start + block_size] if owned(number) else None
-        yield Block(number, _without(chunk, exclude), problems if number == 0 else [])
+    text = str(source)
+    path = Path(text).expanduser()
+    if text == STDIN:
+        lines = nonblank_lines(stdin or sys.stdin)
+        blocks = _cut(lines, block_size, owned, partial(path_records, skip_bad=skip_bad))
+        yield from _checked(blocks, exclude, empty=NO_STDIN_PATHS, need_records=True)
+    elif path.is_dir():
+        items = walk_images(path)
+        blocks = _cut(items, block_size, owned, lambda chunk: ([folder_record(path, *i) for i in chunk], []))
+        yield from _checked(blocks, exclude, empty=no_images_message(path))
+    elif path.is_file() and path.suffix.lower() in RECORD_SUFFIXES:
+        root = Path(image_root) if image_root is not None else path.parent
+        with open(path, encoding="utf-8-sig") as fh:  # a BOM (Excel, Notepad) is not part of line 1
+            lines = ((lineno, line) for lineno, line in enumerate(fh, start=1) if line.strip())
+            blocks = _cut(lines, block_size, owned, lambda chunk: _parse(path, chunk, root, skip_bad))
+            yield from _checked(blocks, exclude, empty=f"{path}: no records (the file is empty)")
+    else:  # one image (or an error naming what the source is not)
+        records, problems = records_from_source(source, image_root=image_root, skip_bad=skip_bad)
+        for number, start in enumerate(range(0, len(records), block_size)):
+            chunk = records[start : start + block_size] if owned(number) else None
+            yield Block(number, _without(chunk, exclude), problems if number == 0 else [])
 
 
-def _jsonl_blocks(path, block_size, owned, image_root, skip_bad, exclude) -> Iterator[Block]:
-    root = Path(image_root) if image_root is not None else path.parent
-    with open(path, encoding="utf-8-sig") as fh:  # a BOM (Excel, Notepad) is not part of line 1
-        lines = ((lineno, line) for lineno, line in enumerate(fh, start=1) if line.strip())
-        number = 0
-        any_line = False
-        while True:
-            chunk = list(islice(lines, block_size)) if owned(number) else _count(lines, block_size)
+def _cut(items: Iterator, block_size: int, owned: Callable[[int], bool], parse: Parse) -> Iterator[Block]:
+    """``items`` in blocks of ``block_size``: owned ones parsed, the others only counted."""
+    number = 0
+    while True:
+        if owned(number):
+            chunk = list(islice(items, block_size))
             if not chunk:
-                break
-            any_line = True
-            if isinstance(chunk, int):
-                yield Block(number, None)
-            else:
-                records, problems = _parse(path, chunk, root, skip_bad)
-                yield Block(number, _without(records, exclude), problems)
-            number += 1
-    if not any_line:
-        raise VembedError(f"{path}: no records (the file is empty)")
+                return
+            yield Block(number, *parse(chunk))
+        elif not _count(items, block_size):
+            return
+        else:
+            yield Block(number, None)
+        number += 1
 
 
-def _count(lines: Iterator, n: int) -> int:
-    """Skip up to ``n`` lines without parsing them; how many there were."""
-    return sum(1 for _ in islice(lines, n))
+def _checked(
+    blocks: Iterable[Block], exclude: set[str] | None, *, empty: str, need_records: bool = False
+) -> Iterator[Block]:
+    """``blocks`` without the ``exclude``d images; ``empty`` is the error when there was nothing in the
+    source (with ``need_records``, also when every item of the owned blocks was bad)."""
+    seen = False
+    for block in blocks:
+        seen = seen or not need_records or block.records is None or bool(block.records)
+        block.records = _without(block.records, exclude)
+        yield block
+    if not seen:
+        raise VembedError(empty)
+
+
+def _count(items: Iterator, n: int) -> int:
+    """Skip up to ``n`` items without parsing them; how many there were."""
+    return sum(1 for _ in islice(items, n))
 
 
 def _parse(path: Path, chunk, root: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[str]]:

@@ -136,8 +136,8 @@ def embed_shards(
     try:
         run = _embed_blocks(embedder, source, job, part, rank, world_size, exclude, **options)
     except Exception:
-        if world_size == 1 and not any((job / SHARD_DIR).glob("*.done.json")):
-            shutil.rmtree(job, ignore_errors=True)  # nothing to resume: leave no trace
+        if world_size == 1 and not any((job / SHARD_DIR).glob("*.safetensors")):
+            shutil.rmtree(job, ignore_errors=True)  # nothing embedded to resume: leave no trace
         raise
     if rank == 0 and run.blocks_reused:
         log(f"resumed: {run.blocks_reused} shard(s) were already embedded")

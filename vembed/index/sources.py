@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import TextIO
 
@@ -22,6 +22,7 @@ from vembed.index.search import Query
 
 STDIN = "-"
 RECORD_SUFFIXES = (".jsonl", ".json", ".ndjson")
+NO_STDIN_PATHS = "no image paths on stdin (one path per line)"
 
 
 def records_from_source(
@@ -90,31 +91,39 @@ def queries_from_args(
     return queries, problems
 
 
-def _lines(stream: TextIO) -> Iterable[tuple[int, str]]:
+def nonblank_lines(stream: TextIO) -> Iterator[tuple[int, str]]:
+    """``(line number, stripped line)`` of every non-blank line, read lazily."""
     for lineno, line in enumerate(stream, start=1):
         line = line.strip()
         if line:
             yield lineno, line
 
 
-def _records_from_lines(stream: TextIO, *, skip_bad: bool) -> tuple[list[ImageRecord], list[str]]:
-    paths, problems = [], []
-    for lineno, line in _lines(stream):
+def path_records(lines: Iterable[tuple[int, str]], *, skip_bad: bool) -> tuple[list[ImageRecord], list[str]]:
+    """Unlabelled records of image paths read from stdin as ``(line number, path)``, and the problems
+    skipped with ``skip_bad`` (a path that is not a file)."""
+    records, problems = [], []
+    for lineno, line in lines:
         path = Path(line).expanduser()
         if path.is_file():
-            paths.append(path)
+            records.append(ImageRecord(path, None, None, str(path)))
         elif skip_bad:
             problems.append(f"<stdin>:{lineno}: image not found: {line}")
         else:
             raise VembedError(f"<stdin>:{lineno}: image not found: {line}")
-    if not paths:
-        raise VembedError("no image paths on stdin (one path per line)")
-    return records_from_paths(paths).images(), problems
+    return records, problems
+
+
+def _records_from_lines(stream: TextIO, *, skip_bad: bool) -> tuple[list[ImageRecord], list[str]]:
+    records, problems = path_records(nonblank_lines(stream), skip_bad=skip_bad)
+    if not records:
+        raise VembedError(NO_STDIN_PATHS)
+    return records, problems
 
 
 def _queries_from_lines(stream: TextIO, *, skip_bad: bool) -> tuple[list[Query], list[str]]:
     queries, problems = [], []
-    for lineno, line in _lines(stream):
+    for lineno, line in nonblank_lines(stream):
         where = f"<stdin>:{lineno}"
         try:
             queries.append(
