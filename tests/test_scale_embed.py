@@ -3,9 +3,11 @@ and a long JSONL read in bounded memory."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import textwrap
@@ -65,20 +67,46 @@ def test_one_process_store_is_sharded_in_source_order(data):
     assert not job_dir(store.path).exists()
 
 
-@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
-def test_two_processes_write_the_same_store_as_one(data, tmp_path):
-    out = tmp_path / "two"
+def embed_on_two_processes(launcher: list[str], data, out) -> None:
+    """``LAUNCHER -m vembed embed`` of the records into ``out``; checks both processes took part."""
     done = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "vembed", "embed"]
+        [sys.executable, "-m", *launcher, "-m", "vembed", "embed"]
         + [str(data["records"]), "--model", str(data["model"]), "--out", str(out), "--shard-size", "4", "-q"]
         + ["data.num_workers=0"],
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HOME": str(out.parent / "hf")},  # no accelerate config
         capture_output=True,
         text=True,
         timeout=300,
     )
     assert done.returncode == 0, done.stderr[-3000:]
     assert "on 2 processes" in done.stderr and done.stderr.count("embedded 14 images") == 1
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_two_processes_write_the_same_store_as_one(data, tmp_path):
+    out = tmp_path / "two"
+    embed_on_two_processes(
+        ["torch.distributed.run", "--nproc_per_node=2", f"--master_port={free_port()}"], data, out
+    )
+    same_store(open_store(out), data["one"])
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("accelerate") is None, reason="accelerate (its launcher) is not installed"
+)
+def test_accelerate_launch_on_two_cpu_processes_writes_the_same_store_as_one(data, tmp_path):
+    """--multi_gpu starts the processes through torch.distributed.run, with or without GPUs (--cpu with
+    --num_processes 2 would start one: accelerate's multi-CPU mode needs MPI)."""
+    out = tmp_path / "two"
+    launcher = ["accelerate.commands.launch", "--multi_gpu", "--num_processes", "2", "--num_machines", "1"]
+    launcher += ["--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+    embed_on_two_processes(launcher, data, out)
     same_store(open_store(out), data["one"])
 
 

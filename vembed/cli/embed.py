@@ -63,8 +63,9 @@ def embed_command(
 ) -> None:
     """Embed images into a store folder (--out), or stream JSON lines on stdout (--jsonl).
 
-    Under `torchrun` or `accelerate launch` the processes share the work, one shard each at a time;
-    rerunning a killed job embeds only the missing shards (see docs/scale.md).
+    Under `torchrun` or `accelerate launch --multi_gpu` the processes share the work, one shard each
+    at a time, also without GPUs (`accelerate launch --cpu` starts only one process).
+    Rerunning a killed job embeds only the missing shards (see docs/scale.md).
     """
     from vembed.index.embed import stream_jsonl
     from vembed.index.sources import records_from_source
