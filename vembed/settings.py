@@ -169,7 +169,10 @@ class AugmentSettings(Section):
     @model_validator(mode="before")
     @classmethod
     def _from_bool(cls, value: Any) -> Any:
-        """``train.augment: true|false`` (the old switch) still works."""
+        """``train.augment: true|false`` (the old switch) still works, as ``enabled``.
+
+        A dotted key under the boolean keeps it (``recipe_files.set_dotted``).
+        """
         return {"enabled": value} if isinstance(value, bool) else value
 
     @field_validator("scale")
@@ -284,7 +287,8 @@ class TrainSettings(Section):
     )
     augment: AugmentSettings = Field(
         default_factory=lambda: AugmentSettings(),
-        description="Training-image augmentation (true: the mild default, false: none; or its keys).",
+        description="Training-image augmentation (true: the mild default, false: none; or its keys). "
+        "A boolean sets train.augment.enabled: keys given beside it keep it.",
     )
     cache_features: bool = Field(
         True, description="method=frozen: compute backbone features once and train the head on them."
