@@ -306,7 +306,7 @@ class TrainSettings(Section):
         "result without data.val).",
     )
     select_metric: str = Field(
-        "map@r", description="Validation metric that ranks models (map@r, recall@1, recall@10, ...)."
+        "map@r", description="Validation metric that ranks models (map@r, recall@K of eval.k, top1...)."
     )
     select_smoothing: int = Field(
         3,
