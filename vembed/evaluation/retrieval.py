@@ -1,7 +1,8 @@
 """Exact nearest-neighbour ranking and the retrieval metrics built on it (Recall@K, MAP@R).
 
 This is the one place in vembed that ranks neighbours: train-time validation, evaluation and search
-all call :func:`topk` or :func:`retrieval_metrics`.
+all call :func:`topk` or :func:`retrieval_metrics`, whose pieces
+:mod:`vembed.evaluation.sharded_retrieval` reuses to split the same ranking across processes.
 
 Scores are inner products computed in float32 (cosine similarity for L2-normalised embeddings).
 Queries are ranked ``chunk_size`` rows at a time, so memory grows with ``chunk_size × N_references``
