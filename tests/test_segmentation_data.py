@@ -39,7 +39,7 @@ def decode(pixels: torch.Tensor) -> torch.Tensor:
 
 def test_augmentation_keeps_image_and_mask_aligned():
     img, mask = pattern(45, 70)
-    transform = SegTrainTransform(28, MEAN, STD, "bilinear", scale=(0.5, 2.0))
+    transform = SegTrainTransform(28, MEAN, STD, "bilinear", zoom=(0.5, 2.0))
     rng = random.Random(0)
     for _ in range(20):
         pixels, target = transform(img, mask, rng)
@@ -50,7 +50,7 @@ def test_augmentation_keeps_image_and_mask_aligned():
         assert agree > 0.9  # only the bilinear edges of the image may differ
     a, b = transform(img, mask, random.Random(5)), transform(img, mask, random.Random(5))
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1])  # seeded: the same crop
-    padded = SegTrainTransform(28, MEAN, STD, scale=(0.3, 0.3))(img, mask)[1]
+    padded = SegTrainTransform(28, MEAN, STD, zoom=(0.3, 0.3))(img, mask)[1]
     assert (padded == 255).any()  # a crop beyond the scaled image is ignored, not labelled background
 
 
@@ -110,3 +110,47 @@ def test_fpn_layers_and_bad_decoder():
     )
     with pytest.raises(VembedError, match="model.decoder: unknown decoder 'unet'"):
         Segmenter(torch.nn.Identity(), None, num_classes=3, decoder="unet")
+
+
+def test_segmentation_training_applies_every_train_augment_key(tmp_path):
+    from types import SimpleNamespace
+
+    from vembed.settings import load_settings
+    from vembed.training.segmentation import MaskRecords, seg_epoch_loader
+
+    img, mask = pattern(40, 40)
+    img.save(tmp_path / "a.png")
+    Image.fromarray(mask).save(tmp_path / "a_mask.png")
+    data = MaskRecords([SegRecord(tmp_path / "a.png", tmp_path / "a_mask.png")], ["0", "1", "2", "3"])
+    segmenter = SimpleNamespace(
+        spec=SimpleNamespace(image_size=28, mean=MEAN, std=STD, interpolation="bilinear")
+    )
+    plain = SegEvalTransform(28, MEAN, STD, "bilinear")(img, mask)
+
+    def batch(*keys):
+        whole = ["train.augment.scale=1,1", "train.augment.ratio=1,1", "train.augment.hflip=0"]
+        settings = load_settings(None, ["train.task=segmentation", "data.num_workers=0", *whole, *keys])
+        return next(iter(seg_epoch_loader(data, [[0] * 6], segmenter=segmenter, settings=settings, epoch=0)))
+
+    pixels, masks = batch("train.augment.hflip=1")  # geometry: image and mask flipped together
+    assert all(torch.equal(m, plain[1].flip(-1)) for m in masks)
+    assert torch.allclose(pixels, plain[0].flip(-1).expand_as(pixels), atol=1e-5)
+    pixels, masks = batch("train.augment.vflip=1")
+    assert all(torch.equal(m, plain[1].flip(-2)) for m in masks)
+    assert torch.allclose(pixels, plain[0].flip(-2).expand_as(pixels), atol=1e-5)
+    pixels, masks = batch("train.augment.grayscale=1")  # colour: the image only
+    assert all(torch.equal(m, plain[1]) for m in masks)
+    assert torch.allclose(pixels[:, 0], pixels[:, 1]) and not torch.allclose(
+        pixels, plain[0].expand_as(pixels)
+    )
+    pixels, masks = batch("train.augment.color_jitter=0.5")
+    assert all(torch.equal(m, plain[1]) for m in masks) and not torch.allclose(pixels[0], pixels[1])
+    pixels, masks = batch("train.augment.scale=0.2,0.5", "train.augment.ratio=0.75,1.33")  # crops of the area
+    assert set(masks.unique().tolist()) <= {0, 1, 2, 3} and not torch.equal(masks[0], plain[1])
+    for p, m in zip(pixels, masks, strict=True):
+        assert (decode(p) == m).float().mean() > 0.9  # nearest masks stay on the image's blocks
+
+    seg = load_settings(None, ["train.task=segmentation"]).train.augment  # segmentation's own defaults
+    assert (seg.scale, seg.hflip) == (None, 0.5)
+    assert (load_settings().train.augment.scale, load_settings().train.augment.hflip) == ((0.8, 1.0), 0.0)
+    assert load_settings(None, ["train.augment.scale=null"]).train.augment.scale == (0.8, 1.0)

@@ -90,3 +90,24 @@ def test_train_augment_is_settings_and_still_takes_the_old_switch():
         load_settings(None, ["train.augment.scale=0,1"])
     with pytest.raises(VembedError, match=r"unknown setting 'train.augment.flip'.*hflip"):
         load_settings(None, ["train.augment.flip=0"])
+
+
+def test_a_dotted_augment_key_under_the_boolean_switch_keeps_the_switch(tmp_path):
+    from vembed.models.registry import resolve_spec
+    from vembed.training.data import train_transform
+
+    off_then_key = load_settings(None, ["train.augment=false", "train.augment.hflip=0.5"]).train
+    assert (off_then_key.augment.enabled, off_then_key.augment.hflip) == (False, 0.5)
+    assert type(train_transform(resolve_spec("dinov2-small"), off_then_key)).__name__ == "EvalTransform"
+    key_then_off = load_settings(None, ["train.augment.hflip=0.5", "train.augment=false"]).train
+    assert key_then_off.augment == off_then_key.augment
+    on = load_settings(None, ["train.augment=true", "train.augment.hflip=0.5"]).train.augment
+    assert (on.enabled, on.hflip) == (True, 0.5)
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  augment: false\n")
+    from_file = load_settings(recipe, ["train.augment.hflip=0"]).train.augment
+    assert (from_file.enabled, from_file.hflip) == (False, 0.0)
+    recipe.write_text("train:\n  augment: {scale: [0.5, 1], hflip: 0.5}\n")
+    switched = load_settings(recipe, ["train.augment=false"]).train.augment
+    assert (switched.enabled, switched.scale, switched.hflip) == (False, (0.5, 1.0), 0.5)

@@ -249,3 +249,33 @@ def test_the_start_says_what_epochs_and_max_steps_mean():
     steps = load_settings(None, ["train.max_steps=40", "train.batch_size=64"]).train
     message = plan(steps, TrainState(total_steps=40, steps_per_epoch=16), 2, 1078)
     assert message.startswith("train.max_steps=40: 40 steps of 128 images = 5,120 images (2.5 epochs;")
+
+
+def test_a_select_metric_typo_fails_before_training_naming_the_reported_metrics(tmp_path):
+    from typer.testing import CliRunner
+
+    from vembed.cli import app
+    from vembed.training.preflight import check_settings
+
+    records = tmp_path / "train.jsonl"
+    records.write_text('{"image": "a.jpg", "label": "x"}\n')
+    run = tmp_path / "run"
+    args = ["train", "--data", str(records), "--val", str(records), "-o", str(run), "eval.k=1,5"]
+    result = CliRunner().invoke(app, [*args, "train.select_metric=recal@1"])
+    assert result.exit_code == 2, result.output
+    out = " ".join(result.output.split())
+    assert "train.select_metric='recal@1'" in out and "did you mean 'recall@1'?" in out
+    assert out.endswith("it reports: recall@1, recall@5, map@r") and not run.exists()
+
+    def check(*overrides):
+        base = [f"data.train={records}", f"train.output_dir={run}"]
+        check_settings(load_settings(None, [*base, *overrides]))
+
+    check("train.loss=ce", "train.select_metric=top5")  # a classifier's accuracy is reported too
+    with pytest.raises(VembedError, match=r"'top1' .* reports: recall@1, recall@10, recall@100, map@r$"):
+        check("train.select_metric=top1")
+    check("train.task=segmentation", "train.select_metric=pixel_accuracy")
+    with pytest.raises(
+        VembedError, match=r"'map@r' .*train.task=segmentation it reports: miou, pixel_accuracy"
+    ):
+        check("train.task=segmentation", "train.select_metric=map@r")

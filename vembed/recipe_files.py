@@ -47,13 +47,26 @@ def read_recipe(path: Path) -> dict[str, Any]:
 
 
 def set_dotted(data: dict[str, Any], key: str, value: Any) -> None:
-    """``set_dotted(d, "train.lr", 1e-4)`` sets ``d["train"]["lr"]``, creating sections as needed."""
+    """``set_dotted(d, "train.lr", 1e-4)`` sets ``d["train"]["lr"]``, creating sections as needed.
+
+    A section given as a boolean (``train.augment: false``, the old on/off switch) means
+    ``{enabled: false}``: a dotted key under it keeps that meaning (``train.augment=false
+    train.augment.hflip=0`` stays off), and a boolean set on a section given as a mapping sets its
+    ``enabled`` and keeps its other keys, so the order of the two does not matter.
+    """
     node = data
     parts = key.split(".")
     for part in parts[:-1]:
         child = node.get(part)
-        if not isinstance(child, dict):
+        if isinstance(child, bool):
+            child = {"enabled": child}
+            node[part] = child
+        elif not isinstance(child, dict):
             child = {}
             node[part] = child
         node = child
-    node[parts[-1]] = value
+    current = node.get(parts[-1])
+    if isinstance(value, bool) and isinstance(current, dict):
+        current["enabled"] = value
+    else:
+        node[parts[-1]] = value

@@ -146,18 +146,24 @@ class AugmentSettings(Section):
     80-100 % of the image, no flips — the mildest setting measured, which does no harm where a mirror
     image or a cut-off edge changes the class (digits, text, logos). Photos of objects and scenes can
     take stronger crops and flips (``scale: [0.35, 1]``, ``hflip: 0.5``, as the SOP recipe does).
+    Segmentation applies every key (geometry to image and mask, colour to the image) with its own
+    defaults: ``scale: null`` (0.5-2x zoom, padded square crop) and ``hflip: 0.5``.
     """
 
     enabled: bool = Field(
         True, description="false: no augmentation (resize + centre crop, as at evaluation)."
     )
-    scale: tuple[float, float] = Field(
-        (0.8, 1.0), description="Random resized crop: share of the image's area, [min, max] (1,1: no crop)."
+    scale: tuple[float, float] | None = Field(
+        (0.8, 1.0),
+        description="Random resized crop: share of the image's area, [min, max] (1,1: no crop); null: "
+        "the task's default (segmentation's: 0.5-2x zoom and a square crop, padding ignored).",
     )
     ratio: tuple[float, float] = Field(
         (3 / 4, 4 / 3), description="Random resized crop: aspect ratio range of the crop, [min, max]."
     )
-    hflip: float = Field(0.0, ge=0, le=1, description="Probability of a horizontal flip (photos: 0.5).")
+    hflip: float = Field(
+        0.0, ge=0, le=1, description="Horizontal flip probability (photos, segmentation: 0.5)."
+    )
     vflip: float = Field(0.0, ge=0, le=1, description="Probability of a vertical flip (aerial, microscopy).")
     color_jitter: float = Field(
         0.0, ge=0, le=1, description="Brightness, contrast and saturation each scaled by 1 ± this (0: off)."
@@ -169,13 +175,16 @@ class AugmentSettings(Section):
     @model_validator(mode="before")
     @classmethod
     def _from_bool(cls, value: Any) -> Any:
-        """``train.augment: true|false`` (the old switch) still works."""
+        """``train.augment: true|false`` (the old switch) still works, as ``enabled``.
+
+        A dotted key under the boolean keeps it (``recipe_files.set_dotted``).
+        """
         return {"enabled": value} if isinstance(value, bool) else value
 
     @field_validator("scale")
     @classmethod
-    def _scale_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] <= value[1] <= 1:
+    def _scale_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 < value[0] <= value[1] <= 1:
             raise ValueError("scale must be [min, max] with 0 < min <= max <= 1")
         return value
 
@@ -284,7 +293,8 @@ class TrainSettings(Section):
     )
     augment: AugmentSettings = Field(
         default_factory=lambda: AugmentSettings(),
-        description="Training-image augmentation (true: the mild default, false: none; or its keys).",
+        description="Training-image augmentation (true: the mild default, false: none; or its keys). "
+        "A boolean sets train.augment.enabled: keys given beside it keep it.",
     )
     cache_features: bool = Field(
         True, description="method=frozen: compute backbone features once and train the head on them."
@@ -296,7 +306,7 @@ class TrainSettings(Section):
         "result without data.val).",
     )
     select_metric: str = Field(
-        "map@r", description="Validation metric that ranks models (map@r, recall@1, recall@10, ...)."
+        "map@r", description="Validation metric that ranks models (map@r, recall@K of eval.k, top1...)."
     )
     select_smoothing: int = Field(
         3,
@@ -316,6 +326,20 @@ class TrainSettings(Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
     _split_dims = field_validator("matryoshka_dims", mode="before")(_split_ints)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _segmentation_augment(cls, data: Any) -> Any:
+        """The task's augmentation defaults for the keys not given (``scale: null`` is not given)."""
+        aug = data.get("augment", True) if isinstance(data, dict) else None
+        aug = {"enabled": aug} if isinstance(aug, bool) else aug
+        if isinstance(aug, dict):
+            if data.get("task") == "segmentation":
+                aug = {"scale": None, "hflip": 0.5, **aug}
+            elif "scale" in aug and aug["scale"] is None:
+                aug = {k: v for k, v in aug.items() if k != "scale"}
+            data = {**data, "augment": aug}
+        return data
 
     @field_validator("step_epochs", mode="before")
     @classmethod

@@ -213,28 +213,40 @@ class TrainTransform:
         return self.normalize(img)
 
     def _crop(self, img: Image.Image, rng) -> Image.Image:
-        w, h = img.size
-        area = w * h
-        for _ in range(10):
-            target = area * rng.uniform(*self.scale)
-            ratio = math.exp(rng.uniform(*self.log_ratio))
-            cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
-            if 0 < cw <= w and 0 < ch <= h:
-                left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
-                break
-        else:
-            cw = ch = min(w, h)
-            left, top = (w - cw) // 2, (h - ch) // 2
-        return img.resize((self.size, self.size), self.resample, box=(left, top, left + cw, top + ch))
+        box = random_crop_box(img.size, self.scale, self.log_ratio, rng)
+        return img.resize((self.size, self.size), self.resample, box=box)
 
     def _jitter(self, img: Image.Image, rng) -> Image.Image:
-        """Brightness, contrast and saturation, each by a factor in [1 - j, 1 + j], in random order."""
-        j = self.color_jitter
-        enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
-        rng.shuffle(enhancers)
-        for enhancer in enhancers:
-            img = enhancer(img).enhance(rng.uniform(max(0.0, 1 - j), 1 + j))
-        return img
+        return jitter_colours(img, self.color_jitter, rng)
+
+
+def random_crop_box(
+    size: tuple[int, int], scale: tuple[float, float], log_ratio: tuple[float, float], rng
+) -> tuple[int, int, int, int]:
+    """A random resized crop's box ``(left, top, right, bottom)`` in an image of ``size`` (w, h):
+    ``scale`` of its area, aspect ratio ``exp(log_ratio)``; ten tries, then the centre square."""
+    w, h = size
+    area = w * h
+    for _ in range(10):
+        target = area * rng.uniform(*scale)
+        ratio = math.exp(rng.uniform(*log_ratio))
+        cw, ch = round(math.sqrt(target * ratio)), round(math.sqrt(target / ratio))
+        if 0 < cw <= w and 0 < ch <= h:
+            left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
+            break
+    else:
+        cw = ch = min(w, h)
+        left, top = (w - cw) // 2, (h - ch) // 2
+    return left, top, left + cw, top + ch
+
+
+def jitter_colours(img: Image.Image, amount: float, rng) -> Image.Image:
+    """Brightness, contrast and saturation, each by a factor in [1 - amount, 1 + amount], in random order."""
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
+    rng.shuffle(enhancers)
+    for enhancer in enhancers:
+        img = enhancer(img).enhance(rng.uniform(max(0.0, 1 - amount), 1 + amount))
+    return img
 
 
 IGNORE_INDEX = 255

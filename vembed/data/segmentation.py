@@ -6,6 +6,7 @@ is always one of the classes or 255). The input size is any multiple of the patc
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 
@@ -14,7 +15,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from vembed.data.images import IGNORE_INDEX, Normalize, load_image, load_mask
+from vembed.data.images import (
+    IGNORE_INDEX,
+    Normalize,
+    jitter_colours,
+    load_image,
+    load_mask,
+    random_crop_box,
+)
 from vembed.data.records import SegRecord
 from vembed.errors import VembedError
 
@@ -51,11 +59,16 @@ class SegEvalTransform:
 
 
 class SegTrainTransform:
-    """Random scale (shorter side ``size x s``, ``s`` in ``scale``), random ``size x size`` crop, flip.
+    """Geometric augmentation applied to image and mask alike, colour to the image only.
 
-    A crop larger than the scaled image is padded: the image with its mean colour (0 after
-    normalisation), the mask with 255 (ignored by the loss). ``generator`` (a ``random.Random``,
-    seeded per image by training) draws the scale, crop and flip; default: a fresh one.
+    Geometry, one of two: by default (``crop_scale=None``) a random zoom (shorter side ``size x z``,
+    ``z`` in ``zoom``) and a random ``size x size`` crop, a crop larger than the zoomed image padded:
+    the image with its mean colour (0 after normalisation), the mask with 255 (ignored by the loss);
+    with ``crop_scale`` a random resized crop as for retrieval (share of the area in ``crop_scale``,
+    aspect ratio in ``crop_ratio``, always inside the image). Then flips (probabilities ``hflip``,
+    ``vflip``); masks are only resized with nearest neighbour. Colour jitter and grey scale change the
+    image only. ``generator`` (a ``random.Random``, seeded per image by training) draws every choice;
+    default: a fresh one.
     """
 
     takes_generator = True
@@ -67,12 +80,18 @@ class SegTrainTransform:
         std,
         interpolation: str = "bicubic",
         *,
-        scale: tuple[float, float] = (0.5, 2.0),
-        flip: bool = True,
+        zoom: tuple[float, float] = (0.5, 2.0),
+        crop_scale: tuple[float, float] | None = None,
+        crop_ratio: tuple[float, float] = (3 / 4, 4 / 3),
+        hflip: float = 0.5,
+        vflip: float = 0.0,
+        color_jitter: float = 0.0,
+        grayscale: float = 0.0,
     ):
-        self.size = size
-        self.scale = scale
-        self.flip = flip
+        self.size, self.zoom, self.crop_scale = size, zoom, crop_scale
+        self.log_ratio = (math.log(crop_ratio[0]), math.log(crop_ratio[1]))
+        self.hflip, self.vflip = hflip, vflip
+        self.color_jitter, self.grayscale = color_jitter, grayscale
         self.normalize = Normalize(mean, std)
         self.resample = _RESAMPLE.get(interpolation, Image.Resampling.BICUBIC)
 
@@ -80,25 +99,46 @@ class SegTrainTransform:
         self, img: Image.Image, mask: np.ndarray, generator: random.Random | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         rng = generator if generator is not None else random.Random()
-        w, h = img.size
-        s = rng.uniform(*self.scale) * self.size / min(w, h)
-        nw, nh = max(1, round(w * s)), max(1, round(h * s))
-        img = img.resize((nw, nh), self.resample)
-        lab = Image.fromarray(mask).resize((nw, nh), Image.Resampling.NEAREST)
-        left = rng.randint(0, max(0, nw - self.size))
-        top = rng.randint(0, max(0, nh - self.size))
-        box = (left, top, left + self.size, top + self.size)
-        pixels = self.normalize(img.crop(box))  # Pillow pads a crop beyond the image with 0 (black)
-        target = torch.from_numpy(np.asarray(lab.crop(box), dtype=np.int64).copy())
-        cw, ch = min(self.size, nw - left), min(self.size, nh - top)
-        if cw < self.size or ch < self.size:
+        if self.crop_scale is None:
+            img, lab, valid = self._zoom_crop(img, Image.fromarray(mask), rng)
+        else:
+            box = random_crop_box(img.size, self.crop_scale, self.log_ratio, rng)
+            size = (self.size, self.size)
+            img = img.resize(size, self.resample, box=box)
+            lab = Image.fromarray(mask).resize(size, Image.Resampling.NEAREST, box=box)
+            valid = size
+        flip_h = bool(self.hflip) and rng.random() < self.hflip
+        flip_v = bool(self.vflip) and rng.random() < self.vflip
+        if self.color_jitter:
+            img = jitter_colours(img, self.color_jitter, rng)
+        if self.grayscale and rng.random() < self.grayscale:
+            img = img.convert("L").convert("RGB")
+        pixels = self.normalize(img)
+        target = torch.from_numpy(np.asarray(lab, dtype=np.int64).copy())
+        cw, ch = valid
+        if cw < self.size or ch < self.size:  # the padding beyond the zoomed image
             pixels[:, ch:, :] = 0.0
             pixels[:, :, cw:] = 0.0
             target[ch:, :] = IGNORE_INDEX
             target[:, cw:] = IGNORE_INDEX
-        if self.flip and rng.random() < 0.5:
+        if flip_h:
             pixels, target = pixels.flip(-1), target.flip(-1)
+        if flip_v:
+            pixels, target = pixels.flip(-2), target.flip(-2)
         return pixels, target
+
+    def _zoom_crop(self, img: Image.Image, lab: Image.Image, rng):
+        """Zoomed image and mask cropped to ``size x size`` (Pillow pads beyond the image with 0),
+        and the width/height of the crop that lies inside the zoomed image."""
+        w, h = img.size
+        s = rng.uniform(*self.zoom) * self.size / min(w, h)
+        nw, nh = max(1, round(w * s)), max(1, round(h * s))
+        img = img.resize((nw, nh), self.resample)
+        lab = lab.resize((nw, nh), Image.Resampling.NEAREST)
+        left = rng.randint(0, max(0, nw - self.size))
+        top = rng.randint(0, max(0, nh - self.size))
+        box = (left, top, left + self.size, top + self.size)
+        return img.crop(box), lab.crop(box), (min(self.size, nw - left), min(self.size, nh - top))
 
 
 class SegmentationImages(Dataset):

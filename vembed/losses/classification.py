@@ -38,6 +38,7 @@ class CrossEntropyLoss(nn.Module):
     batches: ClassVar[str] = "any"  # class labels: any shuffled batch works
     name: ClassVar[str] = "ce"
     summary: ClassVar[str] = "classifier + softmax cross-entropy (needs class labels)"
+    trains_classifier: ClassVar[bool] = True  # validation also reports its top1 / top5
 
     def __init__(
         self,

@@ -3,11 +3,12 @@ settings that fail only with several processes, and settings a resumed run may n
 
 from __future__ import annotations
 
+import difflib
 from pathlib import Path
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.losses import LOSSES
+from vembed.losses import LOSSES, loss_class
 from vembed.settings import Settings
 from vembed.training import checkpoint as ckpt
 from vembed.training.metrics import METRICS_FILE
@@ -51,6 +52,7 @@ def check_settings(settings: Settings) -> None:
             except VembedError as exc:
                 raise VembedError(f"train.loss={s.loss!r}: {exc}") from None
         loss_kwargs(s)
+    check_select_metric(settings)
     if s.scheduler == "step" and s.step_epochs is None:
         raise VembedError(
             "train.scheduler=step needs train.step_epochs (lr x train.step_gamma every N epochs)"
@@ -62,6 +64,39 @@ def check_settings(settings: Settings) -> None:
         raise VembedError(
             f"train.output_dir={run_dir} already holds a run; continue it with --resume "
             "(train.resume=true) or choose another train.output_dir"
+        )
+
+
+def validation_metrics(settings: Settings) -> list[str]:
+    """The metrics this run's validation reports, each of which ``train.select_metric`` may name."""
+    s = settings.train
+    if s.task == "segmentation":
+        from vembed.training.segmentation import METRICS
+
+        return list(METRICS)
+    metrics = [f"recall@{k}" for k in settings.eval.k] + ["map@r"]
+    if getattr(loss_class(s.loss), "trains_classifier", False):
+        metrics += ["top1", "top5"]
+    return metrics
+
+
+def check_select_metric(settings: Settings) -> None:
+    """``train.select_metric`` must be a metric validation reports (segmentation: only when given)."""
+    s = settings.train
+    if s.task == "segmentation" and "select_metric" not in s.model_fields_set:
+        return  # segmentation ranks by miou unless told otherwise
+    reported = validation_metrics(settings)
+    if s.select_metric not in reported:
+        close = difflib.get_close_matches(s.select_metric, reported, n=1)
+        hint = f" (did you mean '{close[0]}'?)" if close else ""
+        run = (
+            "train.task=segmentation"
+            if s.task == "segmentation"
+            else (f"train.loss={s.loss}, eval.k={','.join(map(str, settings.eval.k))}")
+        )
+        raise VembedError(
+            f"train.select_metric={s.select_metric!r} is not a metric this run's validation reports{hint}; "
+            f"with {run} it reports: {', '.join(reported)}"
         )
 
 

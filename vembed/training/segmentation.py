@@ -29,10 +29,11 @@ from vembed.io import atomic_dir
 from vembed.models.lora import apply_lora, merge_lora
 from vembed.models.segfactory import create_segmenter, save_segmenter
 from vembed.models.segmenter import Segmenter
-from vembed.settings import Settings
+from vembed.settings import AugmentSettings, Settings
 from vembed.training.data import ShuffledBatchSampler
 
 SELECT_METRIC = "miou"
+METRICS = ("miou", "pixel_accuracy")  # what SegmentationValidator reports, each can rank models
 LOSS_NAME = "pixel_ce"
 # train.* keys that only mean something for retrieval: setting one for segmentation is an error
 RETRIEVAL_KEYS = (
@@ -68,11 +69,6 @@ def check_segmentation_settings(settings: Settings) -> None:
             )
     if s.sampler == "pk":
         raise VembedError("train.sampler=pk needs class labels per image; segmentation batches are shuffled")
-    select = getattr(s, "select_metric", SELECT_METRIC)
-    if "select_metric" in given and select not in (SELECT_METRIC, "pixel_accuracy"):
-        raise VembedError(
-            f"train.select_metric={select!r}: segmentation validation reports miou and pixel_accuracy"
-        )
 
 
 def select_metric(settings: Settings) -> str:
@@ -178,10 +174,7 @@ def seg_epoch_loader(
     """A DataLoader over ``batches[first:]`` of an epoch; each pair's augmentation is seeded by
     ``(seed, epoch, position in the epoch)``, so a resumed run sees the same crops."""
     spec, seed = segmenter.spec, settings.train.seed
-    if settings.train.augment.enabled:  # its other keys (crop share, flips, jitter) are retrieval's
-        transform = SegTrainTransform(spec.image_size, spec.mean, spec.std, spec.interpolation)
-    else:
-        transform = _Fixed(SegEvalTransform(spec.image_size, spec.mean, spec.std, spec.interpolation))
+    transform = seg_train_transform(spec, settings.train.augment)
     tagged, drawn = [], 0
     for batch in batches:
         tagged.append([(index, f"{seed}/{epoch}/{drawn + slot}") for slot, index in enumerate(batch)])
@@ -196,6 +189,24 @@ def seg_epoch_loader(
         pin_memory=torch.cuda.is_available(),
         generator=torch.Generator().manual_seed(seed * 1000 + epoch),
         **({"prefetch_factor": 4} if workers > 0 else {}),
+    )
+
+
+def seg_train_transform(spec, aug: AugmentSettings):
+    """Image+mask training transform from ``train.augment`` (the eval transform when it is off)."""
+    if not aug.enabled:
+        return _Fixed(SegEvalTransform(spec.image_size, spec.mean, spec.std, spec.interpolation))
+    return SegTrainTransform(
+        spec.image_size,
+        spec.mean,
+        spec.std,
+        spec.interpolation,
+        crop_scale=aug.scale,
+        crop_ratio=aug.ratio,
+        hflip=aug.hflip,
+        vflip=aug.vflip,
+        color_jitter=aug.color_jitter,
+        grayscale=aug.grayscale,
     )
 
 
