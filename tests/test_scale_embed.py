@@ -203,7 +203,7 @@ def test_a_long_jsonl_is_read_in_bounded_memory(tmp_path):
 
 def test_several_processes_refuse_stdin(data, tmp_path, monkeypatch):
     monkeypatch.setenv("WORLD_SIZE", "2")
-    monkeypatch.setattr("vembed.index.processes.launched_processes", _two_fake_processes)
+    monkeypatch.setattr("vembed.processes.launched_processes", _two_fake_processes)
     result = run("embed", "-", "--model", data["model"], "--out", tmp_path / "s", code=2)
     assert "cannot share stdin" in result.stderr
 
@@ -211,7 +211,7 @@ def test_several_processes_refuse_stdin(data, tmp_path, monkeypatch):
 def _two_fake_processes():
     import contextlib
 
-    from vembed.index.processes import Processes
+    from vembed.processes import Processes
 
     return contextlib.nullcontext(Processes(0, 2))
 

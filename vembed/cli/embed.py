@@ -117,9 +117,9 @@ def _embed_into_store(
     source: str, out: Path, settings, *, append: bool, index: str | None, quiet: bool
 ) -> None:
     """Sharded, restartable embedding; several processes when started by torchrun/accelerate launch."""
-    from vembed.index.processes import device_for, launched_processes
     from vembed.index.shards import embed_shards
     from vembed.models.factory import create_embedder
+    from vembed.processes import device_for, launched_processes
 
     name = settings.model.name
     with launched_processes() as procs:

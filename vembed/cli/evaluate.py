@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from vembed.cli.app import app, quiet_transformers, settings_from
-from vembed.console import log
+from vembed.console import console, log
 from vembed.errors import VembedError
 from vembed.io import write_json, write_text
 from vembed.models.registry import resolve_spec
@@ -114,16 +114,31 @@ def _evaluate(
 ) -> None:
     from vembed.evaluation.report import comparison_json, comparison_table  # torch: imported on use
     from vembed.evaluation.run import evaluate_retrieval
+    from vembed.processes import launched_processes
 
     quiet_transformers()
     for name in models:
         resolve_spec(name)  # every model name checked before the first evaluation starts
     reports = []
-    for name in models:
-        log(f"evaluating [bold]{name}[/] on {data}")
-        reports.append(
-            evaluate_retrieval(name, data, gallery=gallery, settings=settings, dims=dims or (), index=index)
-        )
+    with launched_processes() as procs:  # torchrun / accelerate launch: ranking split across processes
+        if procs.rank > 0:
+            console.quiet = True  # one process reports
+        where = f" on {procs.world_size} processes" if procs.world_size > 1 else ""
+        for name in models:
+            log(f"evaluating [bold]{name}[/] on {data}{where}")
+            reports.append(
+                evaluate_retrieval(
+                    name,
+                    data,
+                    gallery=gallery,
+                    settings=settings,
+                    dims=dims or (),
+                    index=index,
+                    processes=procs,
+                )
+            )
+    if procs.rank > 0:
+        return
     rows = [row for report in reports for row in report.by_width()]
     Console().print(comparison_table(rows, title=title))
     if json_out is not None:

@@ -1,7 +1,8 @@
 """Exact nearest-neighbour ranking and the retrieval metrics built on it (Recall@K, MAP@R).
 
 This is the one place in vembed that ranks neighbours: train-time validation, evaluation and search
-all call :func:`topk` or :func:`retrieval_metrics`.
+all call :func:`topk` or :func:`retrieval_metrics`, whose pieces
+:mod:`vembed.evaluation.sharded_retrieval` reuses to split the same ranking across processes.
 
 Scores are inner products computed in float32 (cosine similarity for L2-normalised embeddings).
 Queries are ranked ``chunk_size`` rows at a time, so memory grows with ``chunk_size × N_references``
@@ -165,22 +166,37 @@ def retrieval_metrics(
         k = min(max(int(r.max()), _SHORTLIST), available)
         _, neighbours = _select(scores, k, exclude is not None)
         relevant = reference_codes[neighbours] == query_codes[rows, None]  # [c, k] bool
-        first = relevant.to(torch.uint8).argmax(dim=1) + 1
-        missed = torch.nonzero(~relevant.any(dim=1)).squeeze(1)
+        first = first_relevant(relevant)
+        missed = torch.nonzero(first == 0).squeeze(1)
         if len(missed):
             first[missed] = members.first_relevant_rank(scores[missed], query_codes[rows[missed]])
         for kk in ks:
             hits[kk] += int((first <= kk).sum())
-        ranks = torch.arange(1, k + 1, device=relevant.device)
-        precision = relevant.cumsum(dim=1) / ranks
-        counted = relevant & (ranks <= r[:, None])
-        average_precision[start:stop] = ((precision * counted).sum(dim=1, dtype=torch.float64) / r).cpu()
+        average_precision[start:stop] = average_precision_at_r(relevant, r).cpu()
 
     metrics: dict[str, float] = {f"recall@{kk}": hits[kk] / len(used) for kk in ks}
     metrics["map@r"] = float(average_precision.mean())
     metrics["num_queries"] = len(used)
     metrics["num_skipped"] = num_skipped
     return metrics
+
+
+def first_relevant(relevant: torch.Tensor) -> torch.Tensor:
+    """1-based rank of each row's first relevant neighbour in a ``[c, k]`` bool shortlist; 0 if none.
+
+    Recall@K needs only this rank: a row that misses the shortlist gets it from
+    :meth:`_ClassMembers.first_relevant_rank` (cheaper than selecting ``max(ks)`` for every row).
+    """
+    first = relevant.to(torch.uint8).argmax(dim=1) + 1
+    return first.masked_fill_(~relevant.any(dim=1), 0)
+
+
+def average_precision_at_r(relevant: torch.Tensor, r: torch.Tensor) -> torch.Tensor:
+    """AP@R of each row of a ``[c, k]`` bool ranking (``k`` ≥ the row's ``R``), in float64."""
+    ranks = torch.arange(1, relevant.shape[1] + 1, device=relevant.device)
+    precision = relevant.cumsum(dim=1) / ranks
+    counted = relevant & (ranks <= r[:, None])
+    return (precision * counted).sum(dim=1, dtype=torch.float64) / r
 
 
 def ranking_device(model) -> torch.device | None:
@@ -277,8 +293,20 @@ class _ClassMembers:
         the best relevant one (ties rank by index), the query itself excluded (its score is -inf).
         Every row must have a relevant reference besides itself.
         """
+        best, first = self.best_relevant(scores, query_codes)
+        return 1 + ranked_before(scores, best, first)
+
+    def best_relevant(
+        self, scores: torch.Tensor, query_codes: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each row's best same-class score and the lowest reference index with it, as ``[c, 1]``
+        columns; ``-inf`` and ``len(codes)`` for a row whose class has no reference here."""
         size = self.sizes[query_codes]
-        offsets = torch.arange(int(size.max()), device=scores.device)
+        width = int(size.max()) if len(size) else 0
+        if width == 0:
+            best = torch.full((len(scores), 1), float("-inf"), device=scores.device)
+            return best, torch.full_like(best, len(self.codes), dtype=torch.int64)
+        offsets = torch.arange(width, device=scores.device)
         valid = offsets < size[:, None]
         slots = (self.starts[query_codes, None] + offsets).clamp_(max=len(self.order) - 1)
         members = self.order[slots]  # [c, largest class] reference indices
@@ -286,14 +314,19 @@ class _ClassMembers:
         best = member_scores.max(dim=1, keepdim=True).values
         at_best = valid & (member_scores == best)
         first = torch.where(at_best, members, len(self.codes)).min(dim=1, keepdim=True).values
-        rank = 1 + (scores > best).sum(dim=1, dtype=torch.int64)
-        tied = (scores == best).sum(dim=1) > 1  # another reference has exactly the best score
-        if tied.any():
-            rows = torch.nonzero(tied).squeeze(1)
-            columns = torch.arange(scores.shape[1], device=scores.device)
-            before = (scores[rows] == best[rows]) & (columns < first[rows])
-            rank[rows] += before.sum(dim=1)
-        return rank
+        return best, first
+
+
+def ranked_before(scores: torch.Tensor, best: torch.Tensor, first: torch.Tensor) -> torch.Tensor:
+    """How many columns of each row rank before reference ``first`` scoring ``best`` (``[c, 1]``
+    each): a higher score, or the same score and a lower index."""
+    before = (scores > best).sum(dim=1, dtype=torch.int64)
+    tied = (scores == best).any(dim=1)  # rows with a column at exactly the best score
+    if tied.any():
+        rows = torch.nonzero(tied).squeeze(1)
+        columns = torch.arange(scores.shape[1], device=scores.device)
+        before[rows] += ((scores[rows] == best[rows]) & (columns < first[rows])).sum(dim=1)
+    return before
 
 
 def _scores_buffer(num_queries: int, references: torch.Tensor, chunk_size: int) -> torch.Tensor:

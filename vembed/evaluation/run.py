@@ -11,10 +11,12 @@ from vembed.console import log
 from vembed.data.records import RecordSet, read_records
 from vembed.errors import VembedError
 from vembed.evaluation.retrieval import ranking_device, retrieval_metrics
+from vembed.evaluation.sharded_retrieval import sharded_retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder, truncate_embeddings
 from vembed.models.factory import create_embedder
 from vembed.models.registry import resolve_spec
+from vembed.processes import Processes, device_for
 from vembed.settings import Settings
 
 
@@ -62,6 +64,7 @@ def evaluate_retrieval(
     show_progress: bool = True,
     dims: Sequence[int] = (),
     index: str | None = None,
+    processes: Processes | None = None,
 ) -> RetrievalReport:
     """Recall@K (``settings.eval.k``) and MAP@R of ``model`` on labelled records.
 
@@ -69,26 +72,39 @@ def evaluate_retrieval(
     with it, ``query`` images search the ``gallery`` images. ``dims`` also scores each of these
     truncated widths (first N dims, re-normalised) of the same embeddings. ``index`` (a faiss kind:
     hnsw, ivf, ivfpq, flat) takes the neighbours from that index instead, see :mod:`vembed.index.ann_eval`.
+
+    ``processes`` (started by torchrun / accelerate launch, see :mod:`vembed.processes`): each
+    process embeds a contiguous share of the images on its own device and holds only those embeddings;
+    ranking is split across the processes (:mod:`vembed.evaluation.sharded_retrieval`) and every
+    process returns the report of the whole set.
     """
     settings = settings or Settings()
+    procs = processes or Processes()
     start = time.perf_counter()
+    if procs.world_size > 1 and index is not None:
+        raise VembedError("--index ranks in one process; run it without torchrun / accelerate launch")
     if not isinstance(model, Embedder):
         resolve_spec(model)  # an unknown model name fails before any data is read
     queries = _records(query, settings)
     references = _records(gallery, settings) if gallery is not None else None
-    embedder = model if isinstance(model, Embedder) else create_embedder(model, settings.model)
+    if isinstance(model, Embedder):
+        embedder = model
+    else:
+        device = device_for(settings.model.device, procs.local_rank, procs.world_size)
+        embedder = create_embedder(model, settings.model.model_copy(update={"device": device}))
     name = embedder.spec.name if isinstance(model, Embedder) else str(model)
 
     def embed(records: RecordSet, what: str):
-        images = records.images()
+        images = _share(records.images(), procs)
         out = embed_records(
             embedder,
             images,
             batch_size=settings.eval.batch_size,
             num_workers=settings.data.num_workers,
             skip_bad=settings.data.skip_bad,
-            show_progress=show_progress,
-            description=f"embedding {what}",
+            show_progress=show_progress and procs.rank == 0,
+            description=f"embedding {what}"
+            + (f" ({procs.world_size} processes)" if procs.world_size > 1 else ""),
         )
         return out.embeddings, [images[i].label for i in out.indices], out.problems
 
@@ -113,18 +129,21 @@ def evaluate_retrieval(
                 settings=settings.index,
                 ks=settings.eval.k,
             )
-        return retrieval_metrics(
+        rank = retrieval_metrics if procs.world_size == 1 else sharded_retrieval_metrics
+        return rank(
             _width(q_emb, dim, embedder),
             q_labels,
             **kwargs,
             ks=settings.eval.k,
             chunk_size=settings.eval.chunk_size,
-            progress=show_progress and dim is None,
+            progress=show_progress and dim is None and procs.rank == 0,
             device=ranking_device(embedder),
         )
 
     metrics = score(None)
     by_dim = {dim: score(dim) for dim in dims}
+    if procs.world_size > 1:  # every process reports the problems of the whole set
+        problems = [p for part in procs.gather(problems) for p in part]
     if problems:
         log(f"[yellow]skipped {len(problems)} bad image(s)[/]; first: {problems[0]}")
     return RetrievalReport(
@@ -137,6 +156,13 @@ def evaluate_retrieval(
         problems=problems,
         dims=by_dim,
     )
+
+
+def _share(images: list, procs: Processes) -> list:
+    """This process' contiguous share of ``images`` (all of them when alone)."""
+    size, extra = divmod(len(images), procs.world_size)
+    start = procs.rank * size + min(procs.rank, extra)
+    return images[start : start + size + (procs.rank < extra)]
 
 
 def _width(embeddings, dim: int | None, embedder: Embedder):

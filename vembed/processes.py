@@ -1,7 +1,8 @@
 """This process' place among several started by ``torchrun`` or ``accelerate launch`` (or alone).
 
-Embedding needs no gradients to share, only a place in the job and a barrier: the processes meet over
-gloo (CPU or GPU machines alike), using the ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` the launcher sets.
+Embedding (``vembed embed``) and evaluation (``vembed eval retrieval``) share no gradients, only a
+place in the job, a barrier and a few small exchanges: the processes meet over gloo (CPU or GPU
+machines alike), using the ``RANK``/``WORLD_SIZE``/``MASTER_ADDR`` the launcher sets.
 """
 
 from __future__ import annotations
@@ -33,6 +34,16 @@ class Processes:
         tensor = torch.tensor(values, dtype=torch.long)
         dist.all_reduce(tensor)
         return tensor.tolist()
+
+    def gather(self, value) -> list:
+        """``value`` of every process (picklable), in rank order."""
+        if self.world_size == 1:
+            return [value]
+        import torch.distributed as dist
+
+        out = [None] * self.world_size
+        dist.all_gather_object(out, value)
+        return out
 
 
 @contextlib.contextmanager
