@@ -143,9 +143,16 @@ def main() -> None:
         help="seconds for the whole run (default: 570 with --gpu, else none)",
     )
     parser.add_argument(
-        "--json", type=Path, default=None, help="results file (default bench/results-PROFILE.json)"
+        "--json",
+        type=Path,
+        default=None,
+        help="results file (default bench/results-PROFILE.json; with --no-record in the temp folder)",
     )
-    parser.add_argument("--no-record", action="store_true", help="do not append to bench/RESULTS.md")
+    parser.add_argument(
+        "--no-record",
+        action="store_true",
+        help="do not append to bench/RESULTS.md nor write bench/results-*.json",
+    )
     parser.add_argument("--list", action="store_true", help="list the cases and exit")
     parser.add_argument(
         "--set",
@@ -202,7 +209,9 @@ def main() -> None:
             if "error" in result:
                 print(f"[bench]   {name} failed: {result['error']}", file=sys.stderr)
     run["seconds"] = time.perf_counter() - start
-    out = args.json or HERE / f"results-{profile}.json"
+    # --no-record leaves the tracked files alone: the figures go to the temp folder unless --json says
+    default = Path(tempfile.gettempdir()) if args.no_record else HERE
+    out = args.json or default / f"results-{profile}.json"
     write_json(out, run)
     text = markdown(run)
     print(text)

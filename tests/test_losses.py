@@ -4,6 +4,7 @@ and the multi-process gather (simulated, and for real on two gloo processes)."""
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -472,11 +473,14 @@ def _distributed_worker(rank: int, world_size: int, init_file: str, out_dir: str
         full = F.normalize(torch.randn(8, 5, generator=g), dim=1)
         labels = torch.tensor([0, 1, 2, 3, 1, 0, 3, 2])
         results = {}
-        for name in ("infonce", "supcon", "triplet"):
-            emb = full[4 * rank : 4 * rank + 4].clone().requires_grad_()
-            value = build_loss(name, embed_dim=5)(emb, labels[4 * rank : 4 * rank + 4])
-            value.backward()
-            results[name] = (value.detach(), emb.grad)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for name in ("infonce", "supcon", "triplet"):
+                emb = full[4 * rank : 4 * rank + 4].clone().requires_grad_()
+                value = build_loss(name, embed_dim=5)(emb, labels[4 * rank : 4 * rank + 4])
+                value.backward()
+                results[name] = (value.detach(), emb.grad)
+        results["warnings"] = [str(w.message) for w in caught]
         torch.save(results, f"{out_dir}/rank{rank}.pt")
         dist.barrier()  # no rank tears gloo down while the other still has a collective in flight
     finally:
@@ -491,6 +495,8 @@ def test_real_two_process_gather_matches_one_big_batch(tmp_path):
         pytest.skip("torch.distributed unavailable")
     mp.spawn(_distributed_worker, args=(2, str(tmp_path / "store"), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(2)]
+    for rank in ranks:  # the gather is torch's supported path, not the deprecated nn.functional one
+        assert not [w for w in rank["warnings"] if "deprecat" in w.lower()], rank["warnings"]
 
     g = torch.Generator().manual_seed(0)
     full = F.normalize(torch.randn(8, 5, generator=g), dim=1).requires_grad_()

@@ -116,7 +116,7 @@ def test_segmentation_training_applies_every_train_augment_key(tmp_path):
     from types import SimpleNamespace
 
     from vembed.settings import load_settings
-    from vembed.training.segmentation import MaskRecords, seg_epoch_loader
+    from vembed.training.segmentation import MaskRecords, seg_loaders
 
     img, mask = pattern(40, 40)
     img.save(tmp_path / "a.png")
@@ -130,7 +130,7 @@ def test_segmentation_training_applies_every_train_augment_key(tmp_path):
     def batch(*keys):
         whole = ["train.augment.scale=1,1", "train.augment.ratio=1,1", "train.augment.hflip=0"]
         settings = load_settings(None, ["train.task=segmentation", "data.num_workers=0", *whole, *keys])
-        return next(iter(seg_epoch_loader(data, [[0] * 6], segmenter=segmenter, settings=settings, epoch=0)))
+        return next(iter(seg_loaders(data, segmenter=segmenter, settings=settings).epoch([[0] * 6], 0)))
 
     pixels, masks = batch("train.augment.hflip=1")  # geometry: image and mask flipped together
     assert all(torch.equal(m, plain[1].flip(-1)) for m in masks)

@@ -336,3 +336,47 @@ def test_unlabelled_image_records_are_refused(tiny_model, tmp_path):
     records.write_text("\n".join(lines) + "\n")
     with pytest.raises(VembedError, match=r"records\.jsonl:4: missing field 'label'"):
         train(tiny_settings(tiny_model, records, tmp_path / "run"), show_progress=False)
+
+
+class _PidAndDraw:
+    """A training transform that returns the worker's pid and one draw of the item's seeded generator."""
+
+    takes_generator = True
+
+    def __call__(self, image, generator):
+        import os
+
+        return torch.tensor([float(os.getpid()), generator.random()], dtype=torch.float64)
+
+
+def test_training_workers_live_from_epoch_to_epoch_and_read_what_new_ones_would(tmp_path, monkeypatch):
+    import os
+
+    from vembed.settings import load_settings
+    from vembed.training import data as data_module
+
+    monkeypatch.setattr(data_module, "train_transform", lambda spec, settings: _PidAndDraw())
+    root = make_nuisance_dataset(tmp_path / "d", num_classes=2, per_class=4)
+    settings = load_settings(None, [f"data.train={root}", "data.num_workers=2", "train.seed=3"])
+    data = read_labelled(root, settings, what="training")
+    batches = [[0, 1], [2, 3], [4, 5], [6, 7]]
+
+    def read(loader):
+        rows = torch.cat([batch.pixel_values for batch in loader])
+        return {int(pid) for pid in rows[:, 0]}, rows[:, 1].tolist()
+
+    loaders = data_module.train_loaders(data, spec=None, settings=settings)
+    pids0, draws0 = read(loaders.epoch(batches, 0))
+    pids1, draws1 = read(loaders.epoch(batches, 1))
+    assert len(pids0) == 2 and pids1 == pids0 and os.getpid() not in pids0  # the same two workers
+    assert draws1 != draws0  # each epoch draws its own augmentations...
+    _, resumed = read(loaders.epoch(batches, 1, first=2))
+    assert resumed == draws1[4:]  # ...and a resume from batch 2 continues them exactly
+    loaders.close()
+    for pid in pids0:  # close() stops the workers
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)
+
+    in_process = load_settings(None, [f"data.train={root}", "data.num_workers=0", "train.seed=3"])
+    fresh = data_module.train_loaders(data, spec=None, settings=in_process)
+    assert read(fresh.epoch(batches, 0))[1] == draws0 and read(fresh.epoch(batches, 1))[1] == draws1

@@ -66,19 +66,22 @@ def iter_embedding_batches(
             yield emb, batch.indices.tolist(), problems
 
 
-def _without_worker_tracebacks(loader) -> Iterator:
+def _without_worker_tracebacks(loader, *, keep_workers: bool = False) -> Iterator:
     """Iterate ``loader``; a VembedError raised in a DataLoader worker comes back as its own one line.
 
     (The DataLoader re-raises worker exceptions with the worker's whole traceback in the message.)
     Workers are stopped as soon as iteration ends, errors or is abandoned: left to the garbage
-    collector, a DataLoader that raised waits 5 s per worker before exiting.
+    collector, a DataLoader that raised waits 5 s per worker before exiting. ``keep_workers``: a
+    loader read to its end keeps them (persistent workers, for the next epoch).
     """
     iterator = iter(loader)
+    finished = False
     try:
         while True:
             try:
                 batch = next(iterator)
             except StopIteration:
+                finished = True
                 return
             except VembedError as exc:
                 last = str(exc).rstrip().splitlines()[-1]
@@ -86,7 +89,7 @@ def _without_worker_tracebacks(loader) -> Iterator:
             yield batch
     finally:
         shutdown = getattr(iterator, "_shutdown_workers", None)  # multi-process iterators only
-        if shutdown is not None:
+        if shutdown is not None and not (keep_workers and finished):
             shutdown()
 
 

@@ -77,19 +77,22 @@ def build_loader(
     batch_sampler=None,
     drop_last: bool = False,
     seed: int | None = None,
+    collate_fn: Callable = collate,
+    persistent: bool = False,
 ) -> DataLoader:
     """A DataLoader with vembed's collate; on CUDA pinned memory (copies overlap with compute).
 
-    Each worker keeps 4 batches decoded ahead. Loaders are made per epoch and per pass, so workers
-    are not kept between them (``persistent_workers`` would keep idle decoders alive for nothing).
+    Each worker keeps 4 batches decoded ahead. ``persistent`` keeps the workers alive from one
+    iteration to the next (training epochs, see :class:`vembed.training.data.EpochLoaders`); a
+    one-pass loader (embedding, validation) lets them go when the pass ends.
     """
     kwargs: dict = {
         "num_workers": num_workers,
-        "collate_fn": collate,
+        "collate_fn": collate_fn,
         "pin_memory": torch.cuda.is_available(),
     }
     if num_workers > 0:
-        kwargs.update(persistent_workers=False, prefetch_factor=4)
+        kwargs.update(persistent_workers=persistent, prefetch_factor=4)
     if seed is not None:
         kwargs["generator"] = torch.Generator().manual_seed(seed)
     if batch_sampler is not None:

@@ -1,8 +1,10 @@
 """Gathering embeddings across processes so contrastive losses see every device's batch.
 
 Anchors stay local; the candidates (positives and negatives) come from all ranks. The gather keeps the
-autograd graph: the backward of ``torch.distributed.nn.functional.all_gather`` sums, into each rank's
-local embeddings, the gradients that every rank's loss sends to them. With DDP averaging parameter
+autograd graph: torch's functional collective ``all_gather_single`` (``torch.distributed.
+_functional_collectives``, differentiable; it replaces the deprecated ``torch.distributed.nn.functional.
+all_gather``) has a reduce-scatter (sum) backward, which sums into each rank's local embeddings the
+gradients that every rank's loss sends to them. With DDP averaging parameter
 gradients over ranks, each rank computing ``loss(local anchors, all candidates)`` then optimises the mean
 of the per-rank losses -- the same objective as one big batch.
 
@@ -34,9 +36,9 @@ def gather_with_grad(tensor: Tensor) -> Tensor:
     _, world_size = rank_and_world_size()
     if world_size == 1:
         return tensor
-    from torch.distributed.nn.functional import all_gather
+    from torch.distributed._functional_collectives import all_gather_single
 
-    return torch.cat(all_gather(tensor.contiguous()), dim=0)
+    return all_gather_single(tensor.contiguous(), 0, dist.group.WORLD)
 
 
 def gather_no_grad(tensor: Tensor) -> Tensor:

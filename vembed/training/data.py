@@ -224,25 +224,66 @@ def train_transform(spec: ModelSpec, settings: TrainSettings):
     )
 
 
-def epoch_loader(
-    data: LabelledImages,
-    batches: list[list[int]],
-    *,
-    spec: ModelSpec,
-    settings: Settings,
-    epoch: int,
-    first: int = 0,
-) -> DataLoader:
-    """A DataLoader over ``batches[first:]`` of an epoch, decoding and augmenting in workers."""
-    seed = settings.train.seed
+def tag_batches(batches: list[list[int]], seed: int, epoch: int) -> list[list[tuple[int, str]]]:
+    """Each index with its augmentation seed ``seed/epoch/position in the epoch`` (whatever the batch size)."""
     tagged, drawn = [], 0
-    for batch in batches:  # tag = the draw's position in the epoch, whatever the batch size
+    for batch in batches:
         tagged.append([(index, f"{seed}/{epoch}/{drawn + slot}") for slot, index in enumerate(batch)])
         drawn += len(batch)
-    tagged = tagged[first:]
+    return tagged
+
+
+class _CurrentBatches:
+    """The batch sampler of :class:`EpochLoaders`: the tagged batches of the epoch being read."""
+
+    def __init__(self):
+        self.batches: list = []
+
+    def __iter__(self):
+        return iter(self.batches)
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+
+class EpochLoaders:
+    """One DataLoader for every epoch of a run, its workers kept alive from epoch to epoch.
+
+    Each epoch only sets the ``(index, tag)`` batches the workers read; an item's augmentation is drawn
+    from its tag (seed/epoch/position), never from a worker's state, so an epoch's images and crops are
+    the same with persistent workers, with new ones or with none, and after a resume. :meth:`close`
+    stops the workers (the training loop calls it when the run ends).
+    """
+
+    def __init__(self, dataset: Dataset, *, num_workers: int, seed: int, collate_fn=None):
+        self.seed = seed
+        self.current = _CurrentBatches()
+        extra = {"collate_fn": collate_fn} if collate_fn is not None else {}
+        self.loader = build_loader(
+            dataset,
+            batch_sampler=self.current,
+            num_workers=num_workers,
+            seed=seed * 1000,
+            persistent=True,
+            **extra,
+        )
+
+    def epoch(self, batches: list[list[int]], epoch: int, first: int = 0) -> DataLoader:
+        """The loader over ``batches[first:]`` of ``epoch`` (the same DataLoader every epoch)."""
+        self.current.batches = tag_batches(batches, self.seed, epoch)[first:]
+        return self.loader
+
+    def close(self) -> None:
+        iterator = getattr(self.loader, "_iterator", None)  # set once persistent workers have started
+        shutdown = getattr(iterator, "_shutdown_workers", None)
+        if shutdown is not None:
+            shutdown()
+        self.loader._iterator = None
+
+
+def train_loaders(data: LabelledImages, *, spec: ModelSpec, settings: Settings) -> EpochLoaders:
+    """The epoch loaders of the training images, decoding and augmenting in ``data.num_workers`` workers."""
     dataset = AugmentedImages(
         ImageDataset(data.records, train_transform(spec, settings.train), skip_bad=settings.data.skip_bad)
     )
-    return build_loader(
-        dataset, batch_sampler=tagged, num_workers=settings.data.num_workers, seed=seed * 1000 + epoch
-    )
+    return EpochLoaders(dataset, num_workers=settings.data.num_workers, seed=settings.train.seed)

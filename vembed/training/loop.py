@@ -115,6 +115,8 @@ class _Trainer:
                     self._fit(stop)
                 final_dir, selected = self._finish()
         finally:
+            if hasattr(self, "runner"):
+                self.runner.close()  # the DataLoader workers kept between epochs
             self.accelerator.end_training()
             release_accelerator()
         state = self.state

@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from vembed.console import log
 from vembed.data.images import IGNORE_INDEX
@@ -30,7 +30,7 @@ from vembed.models.lora import apply_lora, merge_lora
 from vembed.models.segfactory import create_segmenter, save_segmenter
 from vembed.models.segmenter import Segmenter
 from vembed.settings import AugmentSettings, Settings
-from vembed.training.data import ShuffledBatchSampler
+from vembed.training.data import EpochLoaders, ShuffledBatchSampler
 
 SELECT_METRIC = "miou"
 METRICS = ("miou", "pixel_accuracy")  # what SegmentationValidator reports, each can rank models
@@ -168,27 +168,13 @@ def _stack(items):
     return torch.stack([i[0] for i in items]), torch.stack([i[1] for i in items])
 
 
-def seg_epoch_loader(
-    data: MaskRecords, batches, *, segmenter: Segmenter, settings: Settings, epoch: int, first: int = 0
-):
-    """A DataLoader over ``batches[first:]`` of an epoch; each pair's augmentation is seeded by
-    ``(seed, epoch, position in the epoch)``, so a resumed run sees the same crops."""
-    spec, seed = segmenter.spec, settings.train.seed
-    transform = seg_train_transform(spec, settings.train.augment)
-    tagged, drawn = [], 0
-    for batch in batches:
-        tagged.append([(index, f"{seed}/{epoch}/{drawn + slot}") for slot, index in enumerate(batch)])
-        drawn += len(batch)
+def seg_loaders(data: MaskRecords, *, segmenter: Segmenter, settings: Settings) -> EpochLoaders:
+    """The epoch loaders of the image/mask pairs (workers kept between epochs); each pair's augmentation
+    is seeded by ``(seed, epoch, position in the epoch)``, so a resumed run sees the same crops."""
+    transform = seg_train_transform(segmenter.spec, settings.train.augment)
     dataset = _SeededPairs(SegmentationImages(data.records, transform, num_classes=data.num_classes))
-    workers = settings.data.num_workers
-    return DataLoader(
-        dataset,
-        batch_sampler=tagged[first:],
-        num_workers=workers,
-        collate_fn=_stack,
-        pin_memory=torch.cuda.is_available(),
-        generator=torch.Generator().manual_seed(seed * 1000 + epoch),
-        **({"prefetch_factor": 4} if workers > 0 else {}),
+    return EpochLoaders(
+        dataset, num_workers=settings.data.num_workers, seed=settings.train.seed, collate_fn=_stack
     )
 
 
@@ -228,6 +214,7 @@ class SegmentationSteps:
     ):
         self.accelerator, self.segmenter, self.loss = accelerator, segmenter, loss
         self.data, self.settings = data, settings
+        self.loaders: EpochLoaders | None = None
 
     def prepare(self, optimizer):
         self.model, optimizer = self.accelerator.prepare(self.segmenter, optimizer)
@@ -237,12 +224,16 @@ class SegmentationSteps:
         return list(self.loss.parameters())
 
     def micro_batches(self, epoch: int, batches: list[list[int]], first: int):
-        loader = seg_epoch_loader(
-            self.data, batches, segmenter=self.segmenter, settings=self.settings, epoch=epoch, first=first
-        )
+        if self.loaders is None:
+            self.loaders = seg_loaders(self.data, segmenter=self.segmenter, settings=self.settings)
         device = self.accelerator.device
-        for pixels, masks in _without_worker_tracebacks(loader):
+        loader = self.loaders.epoch(batches, epoch, first)
+        for pixels, masks in _without_worker_tracebacks(loader, keep_workers=True):
             yield pixels.to(device, non_blocking=True), masks.to(device, non_blocking=True)
+
+    def close(self) -> None:
+        if self.loaders is not None:
+            self.loaders.close()
 
     def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         loss = self.loss(self.model(inputs), labels)

@@ -19,7 +19,7 @@ from vembed.console import log
 from vembed.errors import VembedError
 from vembed.inference import embed_records
 from vembed.settings import Settings
-from vembed.training.data import LabelledImages, epoch_loader
+from vembed.training.data import EpochLoaders, LabelledImages, train_loaders
 from vembed.training.gradcache import grad_cache_backward
 
 
@@ -29,6 +29,7 @@ class PixelSteps:
     def __init__(self, accelerator, embedder, loss, data: LabelledImages, settings: Settings):
         self.accelerator, self.embedder, self.loss = accelerator, embedder, loss
         self.data, self.settings = data, settings
+        self.loaders: EpochLoaders | None = None  # made at the first epoch, its workers kept until close()
 
     def prepare(self, optimizer):
         """``(model, optimizer)`` wrapped by accelerate; the model is what ``forward_backward`` calls."""
@@ -41,11 +42,10 @@ class PixelSteps:
 
     def micro_batches(self, epoch: int, batches: list[list[int]], first: int) -> Iterator[tuple]:
         """``(inputs, labels)`` on the device for ``batches[first:]`` of ``epoch``."""
-        loader = epoch_loader(
-            self.data, batches, spec=self.embedder.spec, settings=self.settings, epoch=epoch, first=first
-        )
+        if self.loaders is None:
+            self.loaders = train_loaders(self.data, spec=self.embedder.spec, settings=self.settings)
         device = self.accelerator.device
-        for batch in loader:
+        for batch in self.loaders.epoch(batches, epoch, first):
             for bad in batch.bad:
                 log(f"[yellow]skipped:[/] {bad.message}")
             if not len(batch.indices):
@@ -57,6 +57,11 @@ class PixelSteps:
         loss = self.loss(self.model(inputs), labels)
         self.accelerator.backward(loss)
         return loss.detach()
+
+    def close(self) -> None:
+        """Stop the DataLoader workers (kept alive between epochs)."""
+        if self.loaders is not None:
+            self.loaders.close()
 
 
 class GradCacheSteps(PixelSteps):
@@ -103,6 +108,9 @@ class CachedFeatureSteps:
             loss = self.loss(self.embedder.head(inputs), labels)
         self.accelerator.backward(loss)
         return loss.detach()
+
+    def close(self) -> None:
+        """Nothing to stop: the features are in memory."""
 
 
 def uses_feature_cache(settings: Settings) -> bool:
