@@ -154,6 +154,33 @@ def test_a_killed_process_resumes_only_its_missing_shards(data, tmp_path, monkey
     assert after == {name: t for name, t in before.items() if name in after}  # nothing written twice
 
 
+def test_a_killed_job_refuses_a_source_that_changed_under_its_finished_shards(data, tmp_path, monkeypatch):
+    embedder = create_embedder(str(data["model"]))
+    out = tmp_path / "store"
+    common = dict(model=data["model"], shard_size=4, batch_size=4, num_workers=0, show_progress=False)
+    source = tmp_path / "records.jsonl"
+    lines = data["records"].read_text().splitlines()
+    source.write_text("\n".join(lines) + "\n")
+    monkeypatch.setattr(embedder, "encode", KilledAfter(embedder, batches=1))
+    with pytest.raises(Killed):  # block 0 finished, then killed
+        embed_shards(embedder, source, out, image_root=data["records"].parent, **common)
+    monkeypatch.undo()
+    source.write_text("\n".join([lines[1], lines[0], *lines[2:]]) + "\n")  # block 0 reordered
+    with pytest.raises(VembedError, match=r"block 0 .* the source changed since"):
+        embed_shards(embedder, source, out, image_root=data["records"].parent, **common)
+    source.write_text("\n\n".join(lines) + "\n")  # the same records (blank lines do not count)
+    embed_shards(embedder, source, out, image_root=data["records"].parent, **common)
+    same_store(open_store(out), data["one"])
+
+
+def test_processes_started_by_mpi_without_world_size_are_refused(data, tmp_path, monkeypatch):
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    monkeypatch.setenv("OMPI_COMM_WORLD_SIZE", "2")
+    result = run("embed", data["records"], "--model", data["model"], "--out", tmp_path / "s", code=2)
+    assert "OMPI_COMM_WORLD_SIZE" in result.stderr and "WORLD_SIZE is not set" in result.stderr
+    assert not (tmp_path / "s").exists()
+
+
 def test_an_unfinished_job_refuses_another_shard_size(data, tmp_path):
     embedder = create_embedder(str(data["model"]))
     out = tmp_path / "store"

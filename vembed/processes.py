@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import timedelta
 
+from vembed.errors import VembedError
+
 # Processes wait for the slowest one at the end of a job: a large corpus can take hours.
 BARRIER_TIMEOUT = timedelta(hours=12)
 
@@ -50,6 +52,7 @@ class Processes:
 def launched_processes() -> Iterator[Processes]:
     """Join the process group the launcher set up (``WORLD_SIZE`` > 1), or run alone."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        _refuse_mpi_without_world_size()
         yield Processes()
         return
     import torch.distributed as dist
@@ -64,6 +67,23 @@ def launched_processes() -> Iterator[Processes]:
     finally:
         if created:
             dist.destroy_process_group()
+
+
+# What mpirun / Intel MPI / MVAPICH set (``accelerate launch --cpu --mpirun_hostfile`` starts vembed
+# through mpirun): the number of processes started, which torch.distributed does not read.
+MPI_SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+
+
+def _refuse_mpi_without_world_size() -> None:
+    """Processes started by mpirun without ``WORLD_SIZE`` would each do the whole job, alone."""
+    for name in MPI_SIZE_VARIABLES:
+        size = os.environ.get(name, "1")
+        if size.isdigit() and int(size) > 1:
+            raise VembedError(
+                f"started by MPI as one of {size} processes ({name}), but WORLD_SIZE is not set, so each "
+                "would do the whole job alone; start vembed with torchrun, or with accelerate launch "
+                "--multi_gpu --num_processes N (which sets RANK and WORLD_SIZE, also on CPU machines)"
+            )
 
 
 def device_for(device: str, local_rank: int, world_size: int) -> str:

@@ -3,13 +3,15 @@
 Every source is read lazily, one block at a time: a JSONL records file line by line, a folder one
 directory at a time (in the order and with the labels of :func:`vembed.data.records.records_from_folder`),
 image paths on stdin line by line. Only the blocks a process owns are parsed and checked (images
-exist); the others are only counted. So only one block's records are in memory at a time, and a
+exist); the others are only read and digested (a resumed job checks that a finished block's items
+are still the same). So only one block's records are in memory at a time, and a
 10⁷-line file or a folder of 10⁷ images embeds in bounded RAM (a folder's largest directory listing
 aside: each directory is listed and sorted whole).
 """
 
 from __future__ import annotations
 
+import hashlib
 import sys
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -45,6 +47,7 @@ class Block:
     number: int
     records: list[ImageRecord] | None
     problems: list[str] = field(default_factory=list)
+    digest: str = ""  # of the block's raw items (lines, paths), owned or not: a resumed job checks it
 
 
 Parse = Callable[[list], tuple[list[ImageRecord], list[str]]]
@@ -85,24 +88,36 @@ def iter_blocks(
     else:  # one image (or an error naming what the source is not)
         records, problems = records_from_source(source, image_root=image_root, skip_bad=skip_bad)
         for number, start in enumerate(range(0, len(records), block_size)):
-            chunk = records[start : start + block_size] if owned(number) else None
-            yield Block(number, _without(chunk, exclude), problems if number == 0 else [])
+            chunk = records[start : start + block_size]
+            digest = _digest(str(r.image) for r in chunk)
+            kept = _without(chunk, exclude) if owned(number) else None
+            yield Block(number, kept, problems if number == 0 else [], digest)
 
 
 def _cut(items: Iterator, block_size: int, owned: Callable[[int], bool], parse: Parse) -> Iterator[Block]:
-    """``items`` in blocks of ``block_size``: owned ones parsed, the others only counted."""
+    """``items`` in blocks of ``block_size``: owned ones parsed, the others only read and digested."""
     number = 0
     while True:
-        if owned(number):
-            chunk = list(islice(items, block_size))
-            if not chunk:
-                return
-            yield Block(number, *parse(chunk))
-        elif not _count(items, block_size):
+        chunk = list(islice(items, block_size))
+        if not chunk:
             return
-        else:
-            yield Block(number, None)
+        digest = _digest(_item_text(item) for item in chunk)
+        yield Block(number, *parse(chunk), digest) if owned(number) else Block(number, None, [], digest)
         number += 1
+
+
+def _item_text(item: tuple) -> str:
+    """A line's text (``(line number, line)``: not its number, so blank lines may come and go) or a
+    folder image's path (``(directory, name)``)."""
+    first, second = item
+    return second if isinstance(first, int) else str(first / second)
+
+
+def _digest(texts: Iterable[str]) -> str:
+    digest = hashlib.blake2b(digest_size=16)
+    for text in texts:
+        digest.update(text.encode("utf-8", "surrogatepass") + b"\n")
+    return digest.hexdigest()
 
 
 def _checked(
@@ -117,11 +132,6 @@ def _checked(
         yield block
     if not seen:
         raise VembedError(empty)
-
-
-def _count(items: Iterator, n: int) -> int:
-    """Skip up to ``n`` items without parsing them; how many there were."""
-    return sum(1 for _ in islice(items, n))
 
 
 def _parse(path: Path, chunk, root: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[str]]:

@@ -180,7 +180,9 @@ def _embed_blocks(
     for block in blocks:
         run.num_blocks = block.number + 1
         if block.records is None:
-            run.blocks_reused += block.number % world_size == rank
+            if block.number % world_size == rank:
+                _check_unchanged(job, part, block, source)
+                run.blocks_reused += 1
             continue
         chunks, kept = [], []
         problems = list(block.problems)
@@ -198,7 +200,7 @@ def _embed_blocks(
             kept += [block.records[i] for i in indices]
             problems += bad
         embeddings = torch.cat(chunks) if chunks else torch.empty(0, embedder.embed_dim)
-        _write_shard(job, part, block.number, embeddings, kept, problems)
+        _write_shard(job, part, block.number, embeddings, kept, problems, block.digest)
         run.embedded += len(kept)
         run.blocks_embedded += 1
         run.skipped += len(problems)
@@ -256,7 +258,20 @@ def _done_file(job: Path, part: int, number: int) -> Path:
     return _stem(job, part, number).with_suffix(".done.json")
 
 
-def _write_shard(job: Path, part: int, number: int, embeddings, records, problems: list[str]) -> None:
+def _check_unchanged(job: Path, part: int, block, source) -> None:
+    """A block embedded before (by a killed run) must still hold the same items."""
+    found = (read_json(_done_file(job, part, block.number)) or {}).get("digest")
+    if found and found != block.digest:
+        raise VembedError(
+            f"{source}: block {block.number} (shard {_stem(job, part, block.number).name}) is not what the "
+            f"unfinished embed in {job} embedded: the source changed since; rerun with the source as it was, "
+            f"or delete {job} to start over"
+        )
+
+
+def _write_shard(
+    job: Path, part: int, number: int, embeddings, records, problems: list[str], digest: str = ""
+) -> None:
     """The shard's embeddings and manifest part, then its marker (a shard without marker is redone)."""
     stem = _stem(job, part, number)
     if len(records):
@@ -269,7 +284,12 @@ def _write_shard(job: Path, part: int, number: int, embeddings, records, problem
             for r in records
         )
         write_jsonl(stem.with_suffix(".jsonl"), rows)
-    marker = {"count": len(records), "skipped": len(problems), "problems": problems[:MAX_PROBLEMS_KEPT]}
+    marker = {
+        "count": len(records),
+        "skipped": len(problems),
+        "problems": problems[:MAX_PROBLEMS_KEPT],
+        "digest": digest,
+    }
     write_json(_done_file(job, part, number), marker)
 
 
