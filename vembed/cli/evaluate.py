@@ -47,7 +47,10 @@ def retrieval_command(
     ),
     overrides: list[str] = typer.Argument(None, help="key=value settings overrides."),
 ) -> None:
-    """Recall@K and MAP@R: all-vs-all (SOP protocol), or query/gallery with --gallery."""
+    """Recall@K and MAP@R: all-vs-all (SOP protocol), or query/gallery with --gallery.
+
+    Under torchrun / accelerate launch the exact ranking is split across the processes (docs/scale.md).
+    """
     from vembed.evaluation.base import parse_dims
 
     widths = parse_dims(dims)
