@@ -151,6 +151,7 @@ def test_segmentation_training_applies_every_train_augment_key(tmp_path):
         assert (decode(p) == m).float().mean() > 0.9  # nearest masks stay on the image's blocks
 
     seg = load_settings(None, ["train.task=segmentation"]).train.augment  # segmentation's own defaults
-    assert (seg.scale, seg.hflip) == (None, 0.5)
-    assert (load_settings().train.augment.scale, load_settings().train.augment.hflip) == ((0.8, 1.0), 0.0)
-    assert load_settings(None, ["train.augment.scale=null"]).train.augment.scale == (0.8, 1.0)
+    assert (seg.enabled, seg.scale, seg.hflip) == (True, None, 0.5)  # on by default, unlike retrieval
+    assert not load_settings(None, ["train.task=segmentation", "train.augment=false"]).train.augment.enabled
+    assert (load_settings().train.augment.scale, load_settings().train.augment.hflip) == ((0.9, 1.0), 0.0)
+    assert load_settings(None, ["train.augment.scale=null"]).train.augment.scale == (0.9, 1.0)

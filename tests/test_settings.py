@@ -71,21 +71,25 @@ def test_config_show_cli(tmp_path):
     assert "did you mean 'train.epochs'" in bad.output
 
 
-def test_train_augment_is_settings_and_still_takes_the_old_switch():
+def test_train_augment_is_settings_and_still_takes_the_old_switch(tmp_path):
     from vembed.models.registry import resolve_spec
     from vembed.training.data import train_transform
 
     spec = resolve_spec("dinov2-small")
     assert load_settings(None, ["train.augment=false"]).train.augment.enabled is False
-    on = load_settings(None, ["train.augment=true"]).train.augment
-    assert on.enabled and on == load_settings().train.augment
-    custom = load_settings(None, ["train.augment.scale=0.8,1", "train.augment.hflip=0"]).train
-    t = train_transform(spec, custom)
-    assert (t.scale, t.hflip) == ((0.8, 1.0), 0.0)
-    assert (
-        type(train_transform(spec, load_settings(None, ["train.augment=false"]).train)).__name__
-        == "EvalTransform"
-    )
+    default = load_settings().train
+    assert not default.augment.enabled and type(train_transform(spec, default)).__name__ == "EvalTransform"
+    on = load_settings(None, ["train.augment=true"]).train
+    assert on.augment.enabled and (on.augment.scale, on.augment.hflip) == ((0.9, 1.0), 0.0)
+    t = train_transform(spec, on)
+    assert (t.scale, t.hflip) == ((0.9, 1.0), 0.0)
+    custom = load_settings(None, ["train.augment.scale=0.8,1", "train.augment.hflip=0.5"]).train
+    t = train_transform(spec, custom)  # keys given without the switch turn it on
+    assert custom.augment.enabled and (t.scale, t.hflip) == ((0.8, 1.0), 0.5)
+    assert load_settings(None, ["train.augment.scale=null"]).train.augment.enabled
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("train:\n  augment: {scale: [0.35, 1.0], hflip: 0.5}\n")
+    assert load_settings(recipe).train.augment.enabled
     with pytest.raises(VembedError, match=r"train.augment.scale.*0 < min <= max <= 1"):
         load_settings(None, ["train.augment.scale=0,1"])
     with pytest.raises(VembedError, match=r"unknown setting 'train.augment.flip'.*hflip"):

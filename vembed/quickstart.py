@@ -55,7 +55,7 @@ class QuickstartOptions:
     batch_size: int = 80
     samples_per_class: int | None = None  # None: P×K adapts to the 10 digits (10 classes × 8 images)
     # digits: no flips (a mirrored 2 is not a 2) and no crops (the whole image is the digit)
-    augment: bool | dict = False
+    augment: bool | dict | None = None  # None: the default (no augmentation)
     lr: float = 1e-3
     seed: int = 0
     num_workers: int = 0  # tiny PNGs decode faster in-process than through worker processes
@@ -233,7 +233,7 @@ def quickstart_settings(
             "train.samples_per_class": options.samples_per_class,
             "train.lr": options.lr,
             "train.warmup_ratio": 0.1,
-            "train.augment": options.augment,
+            **({} if options.augment is None else {"train.augment": options.augment}),
             "train.seed": options.seed,
             "eval.k": [1, 10],
             "eval.batch_size": 256,

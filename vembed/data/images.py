@@ -175,7 +175,7 @@ class TrainTransform:
         self,
         spec: ModelSpec,
         *,
-        scale: tuple[float, float] = (0.8, 1.0),
+        scale: tuple[float, float] = (0.9, 1.0),
         ratio: tuple[float, float] = (3 / 4, 4 / 3),
         hflip: float = 0.0,
         vflip: float = 0.0,
