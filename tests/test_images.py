@@ -85,7 +85,7 @@ def test_eval_transform_follows_the_spec():
 
 def test_train_transform_shape_and_randomness():
     spec = resolve_spec("dinov2-small").replace(image_size=28)
-    t = TrainTransform(spec)
+    t = TrainTransform(spec, scale=(0.5, 1.0))  # room for crops of a 70x50 image
     img = Image.fromarray(np.random.default_rng(1).integers(0, 255, (50, 70, 3), dtype=np.uint8))
     a, b = t(img), t(img)
     assert a.shape == b.shape == (3, 28, 28)
