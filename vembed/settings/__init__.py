@@ -14,7 +14,6 @@ from typing import Any, Literal
 import yaml
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PositiveInt,
     ValidationError,
@@ -24,14 +23,12 @@ from pydantic import (
 
 from vembed.errors import VembedError
 from vembed.recipe_files import parse_override, read_recipe, set_dotted
+from vembed.settings.augment import AugmentSettings
+from vembed.settings.base import Section
+
+__all__ = ["AugmentSettings", "Section", "Settings", "load_settings", "settings_to_yaml", "validate_settings"]
 
 Pooling = Literal["cls", "mean", "cls+mean", "gem", "pooler"]
-
-
-class Section(BaseModel):
-    """Base for every settings section: unknown keys are errors, assignments are validated."""
-
-    model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
 def default_num_workers() -> int:
@@ -129,79 +126,6 @@ class LoraSettings(Section):
     def _split_targets(cls, value: Any) -> Any:
         if isinstance(value, str):
             return [part.strip() for part in value.split(",") if part.strip()]
-        return value
-
-
-def _float_pair(value: Any) -> Any:
-    """Accept ``"0.5,1"`` (from the command line) as well as a YAML list."""
-    if isinstance(value, str):
-        return [part.strip() for part in value.split(",") if part.strip()]
-    return value
-
-
-class AugmentSettings(Section):
-    """``train.augment``: what a training image may go through (timm ``create_transform`` style).
-
-    Off by default for retrieval and classification (the evaluation transform): on both real small sets
-    measured (docs/training.md) no augmentation was the best default — crops cost the digits 6-13 points
-    of Recall@1 and gained the photos at most 2.5. ``true`` (``enabled``) turns on the keys below:
-    crops of 90-100 % of the image, no flips, the better augmentation on both sets. Photos of objects
-    and scenes can take stronger crops and flips (``scale: [0.35, 1]``, ``hflip: 0.5``, as the SOP
-    recipe does). Segmentation is on by default and applies every key (geometry to image and mask,
-    colour to the image) with its own defaults: ``scale: null`` (0.5-2x zoom, padded square crop) and
-    ``hflip: 0.5``.
-    """
-
-    enabled: bool = Field(
-        False,
-        description="true: augment with the keys below; false: the evaluation resize + centre crop "
-        "(the default, but for train.task=segmentation).",
-    )
-    scale: tuple[float, float] | None = Field(
-        (0.9, 1.0),
-        description="Random resized crop: share of the image's area, [min, max] (1,1: no crop); null: "
-        "the task's default (segmentation's: 0.5-2x zoom and a square crop, padding ignored).",
-    )
-    ratio: tuple[float, float] = Field(
-        (3 / 4, 4 / 3), description="Random resized crop: aspect ratio range of the crop, [min, max]."
-    )
-    hflip: float = Field(
-        0.0, ge=0, le=1, description="Horizontal flip probability (photos, segmentation: 0.5)."
-    )
-    vflip: float = Field(0.0, ge=0, le=1, description="Probability of a vertical flip (aerial, microscopy).")
-    color_jitter: float = Field(
-        0.0, ge=0, le=1, description="Brightness, contrast and saturation each scaled by 1 ± this (0: off)."
-    )
-    grayscale: float = Field(0.0, ge=0, le=1, description="Probability of turning the image grey.")
-
-    _split_scale = field_validator("scale", "ratio", mode="before")(_float_pair)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _from_bool(cls, value: Any) -> Any:
-        """``train.augment: true|false`` (the old switch) still works, as ``enabled``; keys given
-        without ``enabled`` turn it on (``augment: {hflip: 0.5}`` augments).
-
-        A dotted key under the boolean keeps it (``recipe_files.set_dotted``).
-        """
-        if isinstance(value, bool):
-            return {"enabled": value}
-        if isinstance(value, dict) and value and "enabled" not in value:
-            return {"enabled": True, **value}
-        return value
-
-    @field_validator("scale")
-    @classmethod
-    def _scale_range(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
-        if value is not None and not 0 < value[0] <= value[1] <= 1:
-            raise ValueError("scale must be [min, max] with 0 < min <= max <= 1")
-        return value
-
-    @field_validator("ratio")
-    @classmethod
-    def _ratio_range(cls, value: tuple[float, float]) -> tuple[float, float]:
-        if not 0 < value[0] <= value[1]:
-            raise ValueError("ratio must be [min, max] with 0 < min <= max")
         return value
 
 
