@@ -182,6 +182,10 @@ def _bench(args, work: Path) -> dict:
             str(work),
             "--threads",
             str(args.threads),
+            "--nlist",
+            str(args.nlist),
+            "--pq-nbits",
+            str(args.pq_nbits),
         ]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=1800)
         if done.returncode != 0:
