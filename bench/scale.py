@@ -15,10 +15,10 @@ from bench.common import Figure, Profile, log
 
 ORDER = 60
 TARGET_RECALL = 0.95
-SIZES = {  # profile: (vectors, dim, IVF lists, IVF-PQ bits, kinds)
+SIZES = {  # profile: (vectors, dim, IVF lists (0: vembed's default, 4·√N), IVF-PQ bits, kinds)
     "smoke": (5_000, 16, 32, 4, "flat,hnsw,ivf,ivfpq"),
-    "cpu": (1_000_000, 128, 1024, 8, "flat,ivf,ivfpq"),
-    "gpu": (1_000_000, 128, 1024, 8, "flat,ivf,ivfpq"),
+    "cpu": (1_000_000, 128, 0, 8, "flat,ivf,ivfpq"),
+    "gpu": (1_000_000, 128, 0, 8, "flat,ivf,ivfpq"),
 }
 
 

@@ -347,7 +347,9 @@ class IndexSettings(Section):
     pq_nbits: int = Field(8, ge=1, le=16, description="IVF-PQ: bits per sub-quantizer code.")
     opq: bool = Field(False, description="IVF-PQ: learn a rotation (OPQ) before quantizing.")
     rerank: int = Field(
-        4, ge=0, description="IVF-PQ: re-score k·rerank candidates exactly from the store's vectors (0: off)."
+        16,
+        ge=0,
+        description="IVF-PQ: re-score k·rerank candidates exactly from the store's vectors (0: off).",
     )
     train_size: int | None = Field(
         None, ge=1, description="IVF/IVF-PQ: vectors sampled to train the clusters; default 64 per cluster."
