@@ -104,7 +104,7 @@ def evaluate_retrieval(
             skip_bad=settings.data.skip_bad,
             show_progress=show_progress and procs.rank == 0,
             description=f"embedding {what}"
-            + (f" ({procs.world_size} processes)" if procs.world_size > 1 else ""),
+            + (f" (process 0's share of {procs.world_size})" if procs.world_size > 1 else ""),
         )
         return out.embeddings, [images[i].label for i in out.indices], out.problems
 
