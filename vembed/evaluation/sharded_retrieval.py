@@ -30,6 +30,7 @@ from vembed.evaluation.retrieval import (
     _check_positive_int,
     _check_same_length,
     _ClassMembers,
+    _joint_codes,
     _select,
     average_precision_at_r,
     first_relevant,
@@ -81,9 +82,7 @@ def sharded_retrieval_metrics(
         reference_starts = query_starts
     else:
         gallery = _gather_arrays(local_reference_labels)
-        _check_same_kind(labels, gallery)
-        codes = labels_to_codes(np.concatenate([labels, gallery]))
-        query_codes, reference_codes = codes[: len(labels)], codes[len(labels) :]
+        query_codes, reference_codes = _joint_codes(labels, gallery)
         reference_starts = _starts(_gather(len(references)))
     _check_dims(queries, references)
     if len(query_codes) == 0:
@@ -228,14 +227,6 @@ def _gather_arrays(labels: np.ndarray) -> np.ndarray:
 def _starts(sizes: list[int]) -> list[int]:
     """Each process' first global row, and the total at the end."""
     return [0, *np.cumsum(sizes).tolist()]
-
-
-def _check_same_kind(queries: np.ndarray, references: np.ndarray) -> None:
-    if (queries.dtype.kind in "US") != (references.dtype.kind in "US"):
-        kinds = ["strings" if a.dtype.kind in "US" else "integers" for a in (queries, references)]
-        raise VembedError(
-            f"query_labels are {kinds[0]} but reference_labels are {kinds[1]}; they must be the same kind"
-        )
 
 
 def _check_dims(queries: torch.Tensor, references: torch.Tensor) -> None:
