@@ -1,8 +1,8 @@
 """What every evaluator shares: the contract, labelled embeddings, and the checks on class labels.
 
-The contract (sentence-transformers style): an evaluator is a callable ``evaluator(embedder) ->
-{metric: value}`` with a ``primary_metric`` naming the key that ranks models. Training validation and
-``vembed eval`` call the same objects; the CLI only renders their results.
+The contract (sentence-transformers style): an evaluator is a callable ``evaluator(model) ->
+EvalResult(metrics, primary_metric, greater_is_better)``. Training validation and ``vembed eval`` call
+the same objects; the CLI only renders their results (``vembed.evaluation.compare`` runs ``--compare``).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from vembed.settings import Settings
 
 __all__ = [
     "EmbedOptions",
+    "EvalResult",
     "Evaluator",
     "LabelledEmbeddings",
     "embed_labelled",
@@ -33,13 +34,39 @@ __all__ = [
 ]
 
 
+@dataclass
+class EvalResult:
+    """What an evaluator returns: its metrics, the one that ranks models, and which way is better.
+
+    ``details`` holds what a report or picture needs beyond the numbers (per-class tables, curves).
+    """
+
+    metrics: dict[str, float]
+    primary_metric: str
+    greater_is_better: bool = True
+    details: dict = field(default_factory=dict)
+
+    @property
+    def primary(self) -> float:
+        return self.metrics[self.primary_metric]
+
+
 @runtime_checkable
 class Evaluator(Protocol):
-    """``evaluator(embedder) -> {metric: value}``; ``metrics[primary_metric]`` ranks models."""
+    """``evaluator(model) -> EvalResult``: training validation and ``vembed eval`` call the same objects.
 
+    ``metrics`` lists (before running) what ``EvalResult.metrics`` will hold, so ``train.select_metric``
+    can be checked before training; ``metrics[primary_metric]`` ranks models.
+    """
+
+    name: str
     primary_metric: str
+    greater_is_better: bool
 
-    def __call__(self, embedder: Embedder) -> dict[str, float]: ...
+    @property
+    def metrics(self) -> list[str]: ...
+
+    def __call__(self, model, *, show_progress: bool = True) -> EvalResult: ...
 
 
 @dataclass(frozen=True)
