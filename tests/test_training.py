@@ -207,6 +207,15 @@ def _lora_unmatched_model(tiny_model, tmp_path):
         (["train.loss=infonce", "train.margin=0.3"], r"train\.margin does not apply to loss 'infonce'"),
         (["train.lora.targets=[q_proj,qkv]"], r"train\.lora\.targets: no Linear module named qkv.*fc1, fc2"),
         (["train.method=frozen"], r"method=frozen with loss 'infonce' has nothing to train"),
+        (
+            ["train.method=frozen", "train.loss=arcface"],
+            r"method=frozen with loss 'arcface' has nothing to train that reaches the embedding.*class proxies"
+            r".*model\.projection_dim",
+        ),
+        (
+            ["train.method=frozen", "train.learnable_temperature=true"],
+            r"loss 'infonce' has nothing to train that reaches the embedding.*temperature",
+        ),
         (["train.loss_options={label_smooth: 0.1}", "train.loss=ce"], r"unknown option 'label_smooth'"),
         (["data.val=missing.jsonl"], r"data\.val: records file not found"),
     ],
