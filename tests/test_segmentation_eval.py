@@ -106,3 +106,22 @@ def test_predict_masks_writes_one_channel_masks_at_the_original_size(seg_setup, 
     assert one.exit_code == 0, one.output
     assert Image.open(tmp_path / "m2" / "wide.png").size == (61, 37)
     assert sorted(p.name for p in Path(tmp_path / "m2").iterdir()) == ["wide.png"]
+
+
+def test_segmentation_progress_bar_shows_a_rate_not_zero(seg_setup, monkeypatch):
+    import io
+    import re
+
+    from rich.console import Console
+
+    from vembed import console as vconsole
+    from vembed.data.records import read_records
+    from vembed.evaluation.segeval import evaluate_segmentation
+
+    root, model = seg_setup
+    out = io.StringIO()
+    monkeypatch.setattr(vconsole, "console", Console(file=out, force_terminal=True, width=160))
+    records = read_records(root / "data" / "train.jsonl").masks()
+    evaluate_segmentation(model, records, batch_size=2)
+    rates = [float(r) for r in re.findall(r"([0-9.]+) img/s", out.getvalue())]
+    assert rates and rates[-1] > 0
