@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from PIL import Image
 
-from vembed.evaluation.segplot import draw_segmentation, plot_segmentation
+from vembed.tasks.segmentation.plots import draw_segmentation, plot_segmentation
 
 CORRUPTIONS = ["gaussian_noise", "shot_noise", "impulse_noise", "defocus_blur", "glass_blur", "motion_blur",
                "zoom_blur", "snow", "frost", "fog", "brightness", "contrast", "elastic_transform", "pixelate"]  # fmt: skip

@@ -12,10 +12,10 @@ from vembed.console import progress, rate_column
 from vembed.data.images import load_image
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
-from vembed.evaluation.segeval import predict_mask
-from vembed.evaluation.segplot import overlay
 from vembed.io import write_image
 from vembed.models.segmenter import Segmenter
+from vembed.tasks.segmentation.evaluator import predict_mask
+from vembed.tasks.segmentation.plots import overlay
 
 OVERLAY_SUFFIX = ".overlay.png"
 

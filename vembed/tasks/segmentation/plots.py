@@ -162,7 +162,7 @@ def plot_report(
 ) -> Path:
     """Predict ``records`` (image/mask records) with ``model`` and draw :func:`plot_segmentation`."""
     from vembed.data.images import load_image, load_mask
-    from vembed.evaluation.segeval import predict_mask
+    from vembed.tasks.segmentation.evaluator import predict_mask
 
     panels = []
     for rec in records:
