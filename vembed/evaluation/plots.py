@@ -16,6 +16,9 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vembed.fonts import matplotlib_families
+
+    plt.rcParams["font.family"] = list(matplotlib_families())  # class names in any installed script
     return plt
 
 
