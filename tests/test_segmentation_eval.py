@@ -129,3 +129,22 @@ def test_segmentation_evaluator_called_directly_gives_the_cli_numbers(seg_setup,
     assert direct.metrics == {"miou": cli["miou"], "pixel_accuracy": cli["pixel_accuracy"]}
     assert direct.details["corruptions"] == cli["corruptions"]
     assert direct.details["metrics"].per_class_iou == cli["per_class_iou"]
+
+
+def test_segmentation_progress_bar_shows_a_rate_not_zero(seg_setup, monkeypatch):
+    import io
+    import re
+
+    from rich.console import Console
+
+    from vembed import console as vconsole
+    from vembed.data.records import read_records
+    from vembed.tasks.segmentation.evaluator import evaluate_segmentation
+
+    root, model = seg_setup
+    out = io.StringIO()
+    monkeypatch.setattr(vconsole, "console", Console(file=out, force_terminal=True, width=160))
+    records = read_records(root / "data" / "train.jsonl").masks()
+    evaluate_segmentation(model, records, batch_size=2)
+    rates = [float(r) for r in re.findall(r"([0-9.]+) img/s", out.getvalue())]
+    assert rates and rates[-1] > 0

@@ -51,7 +51,7 @@ def predict_masks(
             )
     result = MaskResult(out)
     with progress(rate_column(), enabled=show_progress) as bar:
-        task = bar.add_task("predicting masks", total=len(records), rate=0.0, visible=show_progress)
+        task = bar.add_task("predicting masks", total=len(records), visible=show_progress)
         for rec in records:
             try:
                 image = load_image(rec.image)

@@ -103,7 +103,12 @@ def segmentation_command(
         log(f"wrote {json_out}")
     if plot is not None:
         plot_report(
-            plot, result.first_model, records[:PLOTTED_IMAGES], reports[0].corruptions, title=reports[0].model
+            plot,
+            result.first_model,
+            records[:PLOTTED_IMAGES],
+            reports[0].corruptions,
+            title=reports[0].model,
+            clean=reports[0].metrics.miou,
         )
         log(f"wrote {plot}")
 

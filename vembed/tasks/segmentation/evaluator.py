@@ -176,7 +176,7 @@ def evaluate_segmentation(
     cm = ConfusionMatrix(model.num_classes)
     done = 0
     with progress(rate_column(), enabled=show_progress) as bar:
-        task = bar.add_task(description, total=len(data), rate=0.0, visible=show_progress)
+        task = bar.add_task(description, total=len(data), visible=show_progress)
         for pixels, masks in _without_worker_tracebacks(loader):
             with autocast() if autocast is not None else contextlib.nullcontext():
                 logits = sliding_logits(model, pixels[0]) if full_res else model.predict(pixels)
