@@ -21,6 +21,7 @@ COMMAND_ORDER = (
     "classify",
     "predict-masks",
     "index",
+    "visualize",
     "quickstart",
     "models",
     "config",
