@@ -15,6 +15,7 @@ from vembed.cli import (  # noqa: F401  (registers commands)
     inspect,
     prepare,
     segment,
+    serve,
     train,
     visualize,
 )
