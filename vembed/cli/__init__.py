@@ -16,6 +16,7 @@ from vembed.cli import (  # noqa: F401  (registers commands)
     prepare,
     segment,
     serve,
+    store,
     train,
     visualize,
 )
