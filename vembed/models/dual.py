@@ -259,7 +259,7 @@ def load_dual_encoder(
     if towers is None or not has_text_tower(loaded):
         raise VembedError(
             f"{loaded.ref.text}: a {spec.family} vision model without a text tower; image-text needs a "
-            "dual encoder (clip-vit-b32, clip-vit-b16, clip-vit-l14, clip-vit-b32-laion, siglip-base, "
+            "dual encoder (clip-vit-b32, clip-vit-b16, clip-vit-l14, laion-clip-b32, siglip-base, "
             "siglip2-base, or a CLIP / SigLIP folder with its text tower)"
         )
     source = spec.source

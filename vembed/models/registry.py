@@ -272,7 +272,7 @@ register(
 )
 register(
     _spec(
-        "clip-vit-b32-laion",
+        "laion-clip-b32",
         "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
         "clip",
         224,
