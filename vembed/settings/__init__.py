@@ -349,7 +349,7 @@ class IndexSettings(Section):
     rerank: int = Field(
         16,
         ge=0,
-        description="IVF-PQ: re-score k·rerank candidates exactly from the store's vectors (0: off).",
+        description="IVF-PQ: re-score k·rerank candidates (at least 256) exactly from the store's vectors (0: off).",
     )
     train_size: int | None = Field(
         None, ge=1, description="IVF/IVF-PQ: vectors sampled to train the clusters; default 64 per cluster."
