@@ -217,3 +217,64 @@ def test_search_k1_over_ivfpq_rescores_enough_candidates_to_find_an_image_itself
     _, ten = index.search(vectors, 10, vectors=vectors)
     assert (one[:, 0] == np.arange(1800)).mean() >= 0.99
     assert (one[:, 0] == ten[:, 0]).all()
+
+
+# -- item 4: DataLoader workers ---------------------------------------------------------------------
+
+
+class _BadItems(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 4
+
+    def __getitem__(self, index: int):
+        raise VembedError(f"cannot decode image /data/bad-{index}.png: truncated")
+
+
+def test_a_vembed_error_in_a_dataloader_worker_keeps_its_one_line_message():
+    from vembed.data.datasets import build_loader
+
+    loader = build_loader(_BadItems(), batch_size=2, num_workers=1, collate_fn=lambda items: items)
+    with pytest.raises(VembedError) as caught:
+        next(iter(loader))
+    assert str(caught.value) == "cannot decode image /data/bad-0.png: truncated"
+
+
+def test_a_bad_image_in_training_with_workers_prints_the_one_line(tmp_path, tiny):
+    from conftest import make_image_dataset
+
+    records = make_image_dataset(tmp_path / "data", num_classes=2, per_class=4)
+    bad = tmp_path / "data" / "images" / "class_1" / "img_2.png"
+    bad.write_bytes(b"not an image")
+    args = ["train", "--data", str(records), "--model", str(tiny), "--output-dir", str(tmp_path / "run")]
+    args += [
+        "train.max_steps=2",
+        "data.num_workers=1",
+        "train.batch_size=8",
+        "train.samples_per_class=4",
+        "-q",
+    ]
+    result = runner.invoke(app, args)
+    text = one_line_error(result, str(bad))
+    assert "DataLoader worker" not in text and "Original Traceback" not in text
+
+
+def test_ctrl_c_in_a_dataloader_worker_is_left_to_the_main_process():
+    """Workers forked while the handler is installed used to say the SIGINT line too."""
+    import os
+    import signal
+
+    from vembed.training.callbacks import StopSignal
+
+    with StopSignal() as stop:
+        child = os.fork()
+        if child == 0:  # a worker: the terminal's Ctrl-C reaches it as well
+            try:
+                os.kill(os.getpid(), signal.SIGINT)
+                os._exit(0 if stop.signal is None else 1)
+            except BaseException:
+                os._exit(2)
+        _, status = os.waitpid(child, 0)
+        assert os.waitstatus_to_exitcode(status) == 0
+        assert stop.signal is None
+        os.kill(os.getpid(), signal.SIGINT)  # the main process still stops the run
+        assert stop.signal == "SIGINT"

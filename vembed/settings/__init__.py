@@ -421,7 +421,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 def _describe(err: dict) -> str:
     loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc)
+    key = ".".join(repr(str(p))[1:-1] for p in loc)  # a key typed with a newline stays on one line
     if err["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         valid = list(parent.model_fields) if parent is not None else []
