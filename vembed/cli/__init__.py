@@ -15,6 +15,8 @@ from vembed.cli import (  # noqa: F401  (registers commands)
     inspect,
     prepare,
     segment,
+    serve,
+    store,
     train,
 )
 from vembed.cli.app import app

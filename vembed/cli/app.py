@@ -21,6 +21,8 @@ COMMAND_ORDER = (
     "classify",
     "predict-masks",
     "index",
+    "serve",
+    "store",
     "quickstart",
     "models",
     "config",

@@ -283,6 +283,11 @@ def read_shard_embeddings(shard: Shard) -> torch.Tensor:
     return embeddings.float()
 
 
+def read_shard_rows(shard: Shard) -> list[dict[str, Any]]:
+    """The manifest rows of one shard (``{"path", "label", "category"}``), checked."""
+    return _read_manifest(shard.manifest)
+
+
 def iter_store_rows(path: str | Path) -> Iterator[tuple[int, torch.Tensor]]:
     """``(first row, embeddings)`` shard by shard: one shard in memory at a time."""
     start = 0
