@@ -355,7 +355,7 @@ class IndexSettings(Section):
     rerank: int = Field(
         16,
         ge=0,
-        description="IVF-PQ: re-score k·rerank candidates exactly from the store's vectors (0: off).",
+        description="IVF-PQ: re-score k·rerank candidates (at least 256) exactly from the store's vectors (0: off).",
     )
     train_size: int | None = Field(
         None, ge=1, description="IVF/IVF-PQ: vectors sampled to train the clusters; default 64 per cluster."
@@ -427,7 +427,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 def _describe(err: dict) -> str:
     loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc)
+    key = ".".join(repr(str(p))[1:-1] for p in loc)  # a key typed with a newline stays on one line
     if err["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         valid = list(parent.model_fields) if parent is not None else []
