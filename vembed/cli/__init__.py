@@ -18,6 +18,7 @@ from vembed.cli import (  # noqa: F401  (registers commands)
     serve,
     store,
     train,
+    visualize,
 )
 from vembed.cli.app import app
 

@@ -23,6 +23,7 @@ COMMAND_ORDER = (
     "index",
     "serve",
     "store",
+    "visualize",
     "quickstart",
     "models",
     "config",
