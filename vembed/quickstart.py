@@ -27,12 +27,15 @@ from PIL import Image
 
 from vembed.console import log
 from vembed.errors import VembedError
+from vembed.evaluation.options import retrieval_setup
 from vembed.evaluation.run import RetrievalReport, evaluate_retrieval
 from vembed.io import atomic_dir, write_json, write_text
 from vembed.settings import Settings, load_settings
 
 MARKER = ".vembed-quickstart"
 SUMMARY = "quickstart.json"
+# patch-token mean learns faster than CLS from random weights
+QUICKSTART_POOLING = "mean"
 OWNED = ("images", "data", "model", "run", SUMMARY)  # what a re-run replaces inside --out
 
 
@@ -113,7 +116,10 @@ def run_quickstart(
 
     log("[bold]3/5 before[/]: retrieval on the test split with the untrained model")
     before = evaluate_retrieval(
-        str(model_dir), prepared.files["test"], settings=settings, show_progress=options.show_progress
+        str(model_dir),
+        prepared.files["test"],
+        **retrieval_setup(settings),
+        show_progress=options.show_progress,
     )
     before.model = "random init"
 
@@ -122,7 +128,10 @@ def run_quickstart(
 
     log("[bold]5/5 after[/]: the same evaluation of the trained model")
     after = evaluate_retrieval(
-        str(trained.final_dir), prepared.files["test"], settings=settings, show_progress=options.show_progress
+        str(trained.final_dir),
+        prepared.files["test"],
+        **retrieval_setup(settings),
+        show_progress=options.show_progress,
     )
     after.model = "trained"
 
@@ -190,8 +199,11 @@ def write_digits(folder: Path, *, images_per_class: int | None = None, px: int =
 
 
 def build_model(folder: Path, options: QuickstartOptions) -> Path:
-    """A randomly initialised DINOv2-architecture ViT sized by ``options``, saved with ``save_pretrained``."""
+    """A randomly initialised DINOv2-architecture ViT sized by ``options``, saved with ``save_pretrained``
+    plus the ``vembed.json`` that names its pooling (mean)."""
     import transformers
+
+    from vembed.models.factory import load_embedder, save_embedder
 
     config = transformers.Dinov2Config(
         image_size=options.image_px,
@@ -205,6 +217,10 @@ def build_model(folder: Path, options: QuickstartOptions) -> Path:
     model = transformers.Dinov2Model(config)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        # vembed.json: the folder carries the quickstart's pooling, so `--model runs/quickstart/model`
+        # anywhere measures what the quickstart's "before" row measured
+        embedder = load_embedder(tmp, pooling=QUICKSTART_POOLING, device="cpu", dtype="float32")
+        save_embedder(embedder, tmp, extra={"base_model": f"random init ({folder})"})
     params = sum(p.numel() for p in model.parameters())
     log(
         f"model: {options.num_layers} layers, width {options.hidden_size}, {params / 1e3:.0f}k parameters → {folder}"
@@ -220,7 +236,7 @@ def quickstart_settings(
         None,
         values={
             "model.name": str(model_dir),
-            "model.pooling": "mean",  # patch-token mean learns faster than CLS from random weights
+            "model.pooling": QUICKSTART_POOLING,
             "data.train": str(files["train"]),
             "data.val": str(files["val"]),
             "data.test": str(files["test"]),

@@ -1,6 +1,6 @@
 """Search a store: exact top-k by chunked matrix product, or a faiss index for large stores.
 
-Exact search calls :func:`vembed.evaluation.retrieval.topk`, the one place vembed ranks neighbours.
+Exact search calls :func:`vembed.neighbours.topk`, the one place vembed ranks neighbours.
 ``index.kind`` picks the method: ``auto`` uses the index saved in the store if there is one, builds an
 HNSW index (and saves it) when the store holds more than ``index.faiss_threshold`` vectors, and
 searches exactly otherwise; ``exact``/``flat``/``hnsw``/``ivf``/``ivfpq`` force one.
@@ -16,10 +16,10 @@ import torch
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.evaluation.retrieval import topk
 from vembed.index.faiss_index import FaissIndex, build_index, load_index, save_index
 from vembed.index.store import EmbeddingStore, embedder_for_store
 from vembed.inference import embed_records
+from vembed.neighbours import topk
 from vembed.settings import IndexSettings, Settings
 
 
@@ -69,11 +69,14 @@ def search(
     settings: IndexSettings | None = None,
     *,
     show_progress: bool = False,
+    index: FaissIndex | None | str = "choose",
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Top-``k`` store rows for each query embedding: ``(scores, indices, method)``, best first.
 
     ``scores``/``indices`` are ``[Nq, k]`` (``k`` clipped to the store size); an approximate index
-    may find fewer than ``k`` neighbours for a query, marked by index ``-1``.
+    may find fewer than ``k`` neighbours for a query, marked by index ``-1``. ``index``: the one
+    :func:`choose_index` picks (default), or one it picked before (``None``: exact), for a caller that
+    searches many times (``vembed serve``).
     """
     settings = settings or IndexSettings()
     queries = torch.as_tensor(queries, dtype=torch.float32)
@@ -82,7 +85,8 @@ def search(
             f"query embeddings have shape {tuple(queries.shape)}; the store holds {store.dim}-d"
         )
     k = min(k, len(store))
-    index = choose_index(store, settings)
+    if isinstance(index, str):
+        index = choose_index(store, settings)
     if index is None:
         scores, indices = topk(
             queries, store.embeddings, k, chunk_size=settings.chunk_size, progress=show_progress

@@ -23,13 +23,13 @@ from vembed.data.images import IGNORE_INDEX
 from vembed.data.records import SegRecord, read_records
 from vembed.data.segmentation import SegEvalTransform, SegmentationImages, SegTrainTransform
 from vembed.errors import VembedError
-from vembed.evaluation.segeval import evaluate_segmentation
 from vembed.inference import _without_worker_tracebacks
 from vembed.io import atomic_dir
 from vembed.models.lora import apply_lora, merge_lora
 from vembed.models.segfactory import create_segmenter, save_segmenter
 from vembed.models.segmenter import Segmenter
 from vembed.settings import AugmentSettings, Settings
+from vembed.tasks.segmentation.evaluator import evaluate_segmentation
 from vembed.training.data import EpochLoaders, ShuffledBatchSampler
 
 SELECT_METRIC = "miou"
