@@ -52,7 +52,11 @@ LOSS_OPTIONS = {
     "triplet": [],
     "arcface": ["train.margin=0.1", "train.scale=16"],
     "cosface": ["train.margin=0.1", "train.scale=16"],
-    "ce": [],
+    # This test measures the retrieval embedding. ce's default standardised head is invariant to the
+    # embedding's mean and scale, so on this 4-d projection it trades map@r for top-1 (0.75 vs 0.86 map@r,
+    # 0.94 vs 0.84 top-1 here): the raw linear head keeps the embedding's geometry in the loss.
+    # The default head is measured where it matters, by top-1 (test_classify, docs/training.md).
+    "ce": ["train.loss_options={standardize: false}"],
 }
 
 
