@@ -14,7 +14,7 @@ from vembed.index.search import Query, SearchReport, search_queries
 from vembed.index.store import EmbeddingStore, check_store_model, model_arguments
 from vembed.settings import Settings
 
-__all__ = ["read_texts", "search_texts", "text_encoder_for_store"]
+__all__ = ["read_texts", "search_texts", "stream_text_jsonl", "text_encoder_for_store"]
 
 
 def read_texts(source: str | Path) -> list[str]:
@@ -64,3 +64,18 @@ def search_texts(
     vectors = encoder.encode_text(texts, batch_size=settings.index.batch_size)
     queries = [Query(text, embedding=vector) for text, vector in zip(texts, vectors, strict=True)]
     return search_queries(store, queries, settings, k=k, show_progress=False)
+
+
+def stream_text_jsonl(model, texts: list[str], out, settings: Settings | None = None) -> int:
+    """Write ``{"text": ..., "embedding": [...]}`` lines of ``model``'s text tower to ``out``; the width."""
+    import json
+
+    from vembed.evaluation.image_text import dual_encoder_for
+
+    settings = settings or Settings()
+    encoder = dual_encoder_for(model, settings)
+    vectors = encoder.encode_text(texts, batch_size=settings.index.batch_size)
+    for text, vector in zip(texts, vectors.tolist(), strict=True):
+        out.write(json.dumps({"text": text, "embedding": vector}, ensure_ascii=False) + "\n")
+    out.flush()
+    return encoder.embed_dim
