@@ -120,6 +120,8 @@ def read_records(
     missing image; with ``skip_bad`` such lines are skipped and listed in ``RecordSet.problems``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise VembedError(folder_given_message(path))
     if not path.is_file():
         raise VembedError(f"records file not found: {path}")
     root = Path(image_root) if image_root is not None else path.parent
@@ -152,6 +154,23 @@ def read_records(
     if not records and not problems:
         raise VembedError(f"{path}: no records (the file is empty)")
     return RecordSet(path, records, problems)
+
+
+def folder_given_message(folder: Path) -> str:
+    """What to give instead of ``folder`` where a records file (JSONL) was expected."""
+    found = sorted(p.name for p in folder.glob("*.jsonl") if p.is_file())
+    if found:
+        first = next((name for name in ("train.jsonl", "val.jsonl", "test.jsonl") if name in found), found[0])
+        return (
+            f"{folder}: is a folder; give one of its records files ({', '.join(found[:6])}), "
+            f"e.g. {folder / first}"
+        )
+    if next(walk_images(folder), None) is not None:
+        return (
+            f"{folder}: is a folder of images, not a records file; make records from it with "
+            f"`vembed prepare imagefolder {folder} --out data/NAME` (one sub-folder per class)"
+        )
+    return f"{folder}: is a folder, not a records file (a JSONL file of images and labels)"
 
 
 def json_object(line: str) -> dict[str, Any] | str:
