@@ -160,6 +160,36 @@ def test_a_full_disk_while_checkpointing_says_what_was_kept_and_what_is_needed(t
     assert not (run / "checkpoints" / ".step-0000020.tmp").exists()  # the partial checkpoint is gone
 
 
+def test_a_full_disk_during_training_is_one_line_and_keeps_the_earlier_checkpoint(
+    tmp_path, tiny, monkeypatch
+):
+    from conftest import make_image_dataset
+    from safetensors import SafetensorError
+
+    from vembed.training import checkpoint as ckpt
+
+    real = ckpt.save_file
+
+    def fills_up(tensors, filename, metadata=None):
+        if "step-0000002" in filename:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", fills_up)
+    records = make_image_dataset(tmp_path / "data", num_classes=2, per_class=4)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(records), "--model", str(tiny), "--output-dir", str(run), "-q"]
+    args += [
+        "train.max_steps=3",
+        "train.checkpoint_every=1",
+        "train.batch_size=8",
+        "train.samples_per_class=4",
+    ]
+    result = runner.invoke(app, [*args, "data.num_workers=0"])
+    one_line_error(result, str(run), "no space left", "step-0000002", "step-0000001", "--resume")
+    assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 1)]
+
+
 # -- item 2: IVF-PQ on small stores -----------------------------------------------------------------
 
 

@@ -19,7 +19,7 @@ from vembed.data.prepare.output import PrepareResult, clean_records, write_prepa
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.splits import SPLITS, SplitOptions, make_splits
 from vembed.data.prepare.validate import CheckOptions
-from vembed.data.records import ImageRecord, json_object
+from vembed.data.records import ImageRecord, json_object, resolve_path
 from vembed.errors import VembedError
 from vembed.io import read_text, text_lines
 
@@ -182,8 +182,7 @@ def parse_row(
         if split is None:
             log.add("bad-record", where, f"'{keys.split}' must be train, val or test, got {raw_split!r}")
             return None
-    path = Path(image.strip()).expanduser()
-    path = path if path.is_absolute() else root / path
+    path = resolve_path(image.strip(), root)
     return ImageRecord(path, label, category, where), split
 
 
