@@ -119,3 +119,30 @@ def test_compare_loads_each_model_once_ranks_and_keeps_the_first_only_when_asked
     assert lower.delta(lower.scored[2]) == {"loss": 0.25}
     higher = compare(["a", "b", "c"], Fixed(True), load=load, keep_first=True)
     assert higher.best.name == "c" and higher.first_model == 0.5
+
+
+def test_retrieval_evaluator_for_validation_codes_names_and_a_classifier():
+    """Training validation's use: dense label codes, class names for the classifier's top-1/top-5."""
+    import torch
+
+    from vembed.evaluation.classify import classification_scores
+    from vembed.evaluation.retrieval import retrieval_metrics
+    from vembed.models.heads import ClassifierHead
+
+    torch.manual_seed(0)
+    emb = torch.nn.functional.normalize(torch.randn(30, 8), dim=-1)
+    codes = [i % 3 for i in range(30)]
+    names = ["cat", "dog", "eel"]
+    head = ClassifierHead(8, ["dog", "cat", "eel"])  # the head's own column order
+    evaluator = RetrievalEvaluator(
+        [None] * 30, codes, options=RetrievalOptions(ks=(1, 5)), classifier=lambda: head, class_names=names
+    )
+    assert evaluator.metrics == ["recall@1", "recall@5", "map@r", "top1", "top5"]
+    result = evaluator.score(emb, codes, problems=["x.png: cannot decode"])
+    expected = retrieval_metrics(emb, codes, ks=(1, 5))
+    assert {k: result.metrics[k] for k in expected} == expected and result.metrics["num_bad_images"] == 1
+    with torch.no_grad():
+        probs = head.probabilities(emb)
+    columns = [head.labels.index(names[c]) for c in codes]
+    scores = classification_scores(probs, columns, head.labels)
+    assert (result.metrics["top1"], result.metrics["top5"]) == (scores["top1"], scores["top5"])

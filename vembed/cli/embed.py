@@ -36,7 +36,12 @@ def embed_command(
     ),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    out: Path = typer.Option(None, "--out", "-o", help="Write an embedding store (a folder) here."),
+    out: str = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Write an embedding store (a folder) here; with --engine ray DIR.parquet or DB/TABLE.lance.",
+    ),
     jsonl: bool = typer.Option(
         False, "--jsonl", help='Stream {"path": ..., "embedding": [...]} lines on stdout instead of a store.'
     ),
@@ -58,6 +63,14 @@ def embed_command(
         False, "--append", help="Add the source's new images to the existing store --out (same model)."
     ),
     shard_size: int = typer.Option(None, "--shard-size", help="Images per store shard (index.shard_size)."),
+    engine: str = typer.Option(
+        "local",
+        "--engine",
+        help="local (this machine's processes) or ray (Ray Data: tasks decode, actors embed).",
+    ),
+    actors: int = typer.Option(
+        1, "--actors", min=1, help="--engine ray: embedding actors (one GPU each if any)."
+    ),
     config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -93,8 +106,13 @@ def embed_command(
     data = settings.data
     quiet_transformers()
     name = settings.model.name
+    if engine == "ray":
+        _embed_with_ray(source, out, settings, actors=actors, blocked=jsonl or append or index is not None)
+        return
+    if engine != "local":
+        raise VembedError(f"--engine {engine}: choose local or ray")
     if out is not None:
-        _embed_into_store(source, out, settings, append=append, index=index, quiet=quiet)
+        _embed_into_store(source, Path(out), settings, append=append, index=index, quiet=quiet)
         return
     records, problems = records_from_source(source, image_root=data.image_root, skip_bad=data.skip_bad)
     log(f"embedding {len(records)} images from {source} with [bold]{name}[/]")
@@ -112,6 +130,27 @@ def embed_command(
         )
     _report_problems(summary.problems)
     log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
+
+
+def _embed_with_ray(source: str, out: str | None, settings, *, actors: int, blocked: bool) -> None:
+    from vembed.integrations.ray import embed_with_ray, output_kind
+    from vembed.serve.server import model_kwargs
+
+    if out is None or blocked:
+        raise VembedError(
+            "--engine ray writes --out DIR.parquet or DB/TABLE.lance (no --jsonl, --append, --index)"
+        )
+    output_kind(out)
+    log(f"embedding {source} with [bold]{settings.model.name}[/] on Ray ({actors} actor(s)) → {out}")
+    run = embed_with_ray(
+        source, out, model=settings.model.name, load_kwargs=model_kwargs(settings.model),
+        batch_size=settings.index.batch_size, actors=actors, image_root=settings.data.image_root,
+        skip_bad=settings.data.skip_bad, max_pixels=settings.data.max_image_pixels,
+    )  # fmt: skip
+    _report_problems(run.problems)
+    log(
+        f"embedded {run.rows} images in {run.seconds:.1f} s ({run.images_per_second:.1f} img/s) → {out} ({run.dim}-d)"
+    )
 
 
 def _embed_into_store(

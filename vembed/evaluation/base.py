@@ -1,8 +1,10 @@
 """What every evaluator shares: the contract, labelled embeddings, and the checks on class labels.
 
 The contract (sentence-transformers style): an evaluator is a callable ``evaluator(model) ->
-EvalResult(metrics, primary_metric, greater_is_better)``. Training validation and ``vembed eval`` call
-the same objects; the CLI only renders their results (``vembed.evaluation.compare`` runs ``--compare``).
+EvalResult(metrics, primary_metric, greater_is_better, details)``, built from records and small option
+objects (:mod:`vembed.evaluation.options`). Training validation and ``vembed eval`` call the same
+objects; every ``vembed eval`` subcommand runs one through :func:`vembed.evaluation.compare.compare`
+and only renders the result.
 """
 
 from __future__ import annotations
@@ -137,10 +139,6 @@ def embed_labelled(
     if not out.indices:
         raise VembedError(f"{source or 'records'}: no image could be embedded")
     return LabelledEmbeddings(out.embeddings, [images[i].label for i in out.indices], source, out.problems)
-
-
-def model_name(model: str | Path | Embedder) -> str:
-    return model.spec.name if isinstance(model, Embedder) else str(model)
 
 
 def parse_dims(value: str | Sequence[int] | None) -> list[int]:

@@ -8,6 +8,7 @@ features through the head).
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -78,7 +79,9 @@ class RetrievalEvaluator:
 
     ``processes`` (torchrun / accelerate launch): each process embeds a contiguous share of the
     images and ranking is split across them (:mod:`vembed.evaluation.sharded_retrieval`); every
-    process gets the result of the whole set. ``details["report"]`` is a :class:`RetrievalReport`.
+    process gets the result of the whole set. ``autocast`` (a context-manager factory, e.g. training's
+    bf16 inference) wraps the embedding only, never the ranking. ``details["report"]`` is a
+    :class:`RetrievalReport`.
     """
 
     name = "retrieval"
@@ -96,7 +99,8 @@ class RetrievalEvaluator:
         processes: Processes | None = None,
         classifier: Callable[[], object] | None = None,
         class_names: Sequence | None = None,
-        description: str = "embedding",
+        description: str = "embedding queries",
+        autocast: Callable[[], object] | None = None,
     ):
         self.processes = processes or Processes()
         if self.processes.world_size > 1 and options.index is not None:
@@ -109,7 +113,7 @@ class RetrievalEvaluator:
         self.gallery = _labelled(gallery, gallery_labels) if gallery is not None else None
         self.embed, self.options = embed, options
         self.classifier, self.class_names = classifier, class_names
-        self.description = description
+        self.description, self.autocast = description, autocast
 
     @property
     def primary_metric(self) -> str:
@@ -128,12 +132,12 @@ class RetrievalEvaluator:
     def __call__(self, embedder: Embedder, *, show_progress: bool = True) -> EvalResult:
         both = self.gallery is not None
         q_emb, q_labels, problems = self._embed(
-            embedder, self.records, self.labels, f"{self.description} queries", show_progress
+            embedder, self.records, self.labels, self.description, show_progress
         )
         g_emb = g_labels = None
         if both:
             g_emb, g_labels, g_problems = self._embed(
-                embedder, *self.gallery, f"{self.description} gallery", show_progress
+                embedder, *self.gallery, "embedding gallery", show_progress
             )
             problems = problems + g_problems
         if self.processes.world_size > 1:  # every process reports the problems of the whole set
@@ -209,16 +213,17 @@ class RetrievalEvaluator:
         procs = self.processes
         start, stop = _share(len(images), procs)
         images, labels = images[start:stop], labels[start:stop]
-        out = embed_records(
-            embedder,
-            images,
-            batch_size=self.embed.batch_size,
-            num_workers=self.embed.num_workers,
-            skip_bad=self.embed.skip_bad,
-            show_progress=show_progress and procs.rank == 0,
-            description=description
-            + (f" (process 0's share of {procs.world_size})" if procs.world_size > 1 else ""),
-        )
+        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+            out = embed_records(
+                embedder,
+                images,
+                batch_size=self.embed.batch_size,
+                num_workers=self.embed.num_workers,
+                skip_bad=self.embed.skip_bad,
+                show_progress=show_progress and procs.rank == 0,
+                description=description
+                + (f" (process 0's share of {procs.world_size})" if procs.world_size > 1 else ""),
+            )
         return out.embeddings, [labels[i] for i in out.indices], out.problems
 
 

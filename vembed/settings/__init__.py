@@ -137,10 +137,16 @@ class TrainSettings(Section):
     """
 
     output_dir: Path = Field(Path("runs/vembed"), description="Run directory.")
-    task: Literal["retrieval", "segmentation"] = Field(
+    task: Literal["retrieval", "segmentation", "image_text"] = Field(
         "retrieval",
         description="retrieval: an embedding model (train.loss); segmentation: a decoder on the patch "
-        "tokens, pixel cross-entropy (255 ignored), best model by validation mIoU.",
+        "tokens, pixel cross-entropy (255 ignored), best model by validation mIoU; image_text: a CLIP / "
+        "SigLIP dual encoder on image-caption pairs (train.loss clip or siglip), best by mean_recall@1.",
+    )
+    towers: Literal["both", "image", "text"] = Field(
+        "both",
+        description="train.task=image_text: which towers adapt (train.method applies to them; the "
+        "others stay frozen).",
     )
     method: Literal["lora", "full", "frozen"] = Field(
         "lora", description="lora: adapters on the backbone; full: every weight; frozen: head/proxies only."
