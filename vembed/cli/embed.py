@@ -183,10 +183,12 @@ def _embed_into_store(
 ) -> None:
     """Sharded, restartable embedding; several processes when started by torchrun/accelerate launch."""
     from vembed.index.shards import embed_shards
+    from vembed.index.sources import check_source
     from vembed.models.factory import create_embedder
     from vembed.processes import device_for, launched_processes
 
     name = settings.model.name
+    check_source(source)  # before the model loads: a typo is said at once
     with launched_processes() as procs:
         if procs.world_size > 1 and source == "-":
             raise VembedError("several processes cannot share stdin; pass a .jsonl file or a folder")
@@ -312,7 +314,10 @@ def search_command(
             show_progress=not quiet and len(queries) > 1,
         )
     _report_problems(problems + report.problems)
-    log(f"searched {len(report.results)} queries against {len(emb_store)} images ({report.method} search)")
+    n = len(report.results)
+    log(
+        f"searched {n} quer{'y' if n == 1 else 'ies'} against {len(emb_store)} images ({report.method} search)"
+    )
     if jsonl:
         with _stdout_pipe():
             for result in report.results:
