@@ -20,7 +20,7 @@ from vembed.models.registry import ModelSpec
 
 DECODERS = ("linear", "fpn")
 # families whose position embeddings are interpolated only when asked (any multiple of the patch)
-_INTERPOLATE_KWARG = {"clip", "siglip"}
+_INTERPOLATE_KWARG = {"clip", "siglip", "vit"}
 
 
 def fpn_layers(num_layers: int, count: int = 4) -> list[int]:
