@@ -30,7 +30,7 @@ _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 @app.command("embed")
 def embed_command(
     source: str = typer.Argument(
-        ...,
+        None,
         help="A folder (recursive; sub-folder names become labels), a .jsonl records file, an image, "
         "or - to read image paths from stdin (one per line).",
     ),
@@ -63,6 +63,12 @@ def embed_command(
         False, "--append", help="Add the source's new images to the existing store --out (same model)."
     ),
     shard_size: int = typer.Option(None, "--shard-size", help="Images per store shard (index.shard_size)."),
+    text: str = typer.Option(
+        None,
+        "--text",
+        help="Embed texts instead (one a line from this file, or - for stdin) with a dual encoder's text "
+        'tower: {"text": ..., "embedding": [...]} lines (--jsonl).',
+    ),
     engine: str = typer.Option(
         "local",
         "--engine",
@@ -84,6 +90,13 @@ def embed_command(
     from vembed.index.sources import records_from_source
     from vembed.models.factory import create_embedder
 
+    if text is not None:
+        if source is not None or out is not None:
+            raise VembedError("--text embeds texts: give no image source and no --out (use --jsonl)")
+        _embed_texts(text, settings_from(config, overrides, model__name=model, model__device=device))
+        return
+    if source is None:
+        raise VembedError("no source: pass a folder, a .jsonl file, an image or - (or --text FILE for texts)")
     if (out is None) == (not jsonl):
         raise VembedError("choose one output: --out STORE (a store folder) or --jsonl (JSON lines on stdout)")
     if index is not None:
@@ -132,6 +145,18 @@ def embed_command(
     log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
 
 
+def _embed_texts(source: str, settings) -> None:
+    """``{"text", "embedding"}`` JSON lines of the texts of ``source`` (a file, or - for stdin)."""
+    from vembed.index.text_search import read_texts, stream_text_jsonl
+
+    texts = read_texts(source)
+    quiet_transformers()
+    log(f"embedding {len(texts)} texts with [bold]{settings.model.name}[/]")
+    with _stdout_pipe():
+        dim = stream_text_jsonl(settings.model.name, texts, sys.stdout, settings)
+    log(f"embedded {len(texts)} texts ({dim}-d)")
+
+
 def _embed_with_ray(source: str, out: str | None, settings, *, actors: int, blocked: bool) -> None:
     from vembed.extras import require
     from vembed.integrations.ray import embed_with_ray, output_kind
@@ -161,10 +186,12 @@ def _embed_into_store(
 ) -> None:
     """Sharded, restartable embedding; several processes when started by torchrun/accelerate launch."""
     from vembed.index.shards import embed_shards
+    from vembed.index.sources import check_source
     from vembed.models.factory import create_embedder
     from vembed.processes import device_for, launched_processes
 
     name = settings.model.name
+    check_source(source)  # before the model loads: a typo is said at once
     with launched_processes() as procs:
         if procs.world_size > 1 and source == "-":
             raise VembedError("several processes cannot share stdin; pass a .jsonl file or a folder")
@@ -238,10 +265,16 @@ def search_command(
         None, "--skip-bad", help="Skip undecodable query images and report the count."
     ),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, mps (model.device)."),
+    text: list[str] = typer.Option(
+        None, "--text", "-t", help="A text query (repeatable); the store's model needs a text tower."
+    ),
+    text_file: str = typer.Option(
+        None, "--text-file", help="Text queries, one a line, from this file (- for stdin)."
+    ),
     config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Nearest neighbours of query images in a store (the store's own model embeds them)."""
+    """Nearest neighbours of query images (or texts: --text) in a store (the store's own model embeds them)."""
     from vembed.index.grid import draw_grid
     from vembed.index.search import search_queries
     from vembed.index.sources import queries_from_args
@@ -258,18 +291,36 @@ def search_command(
         data__skip_bad=skip_bad,
         model__device=device,
     )
-    if not query_items:
-        raise VembedError("no queries: pass image paths, a folder, a .jsonl file, or - to read stdin")
-    emb_store = open_store(store)
-    queries, problems = queries_from_args(
-        query_items, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad
-    )
-    quiet_transformers()
-    report = search_queries(
-        emb_store, queries, settings, exclude_self=exclude_self, show_progress=not quiet and len(queries) > 1
-    )
+    texts = list(text or [])
+    if texts or text_file is not None:
+        from vembed.index.text_search import read_texts, search_texts
+
+        if query_items:
+            raise VembedError("give image queries or text queries (--text / --text-file), not both")
+        texts += read_texts(text_file) if text_file is not None else []
+        quiet_transformers()
+        emb_store = open_store(store)
+        report, problems = search_texts(emb_store, texts, settings), []
+    else:
+        if not query_items:
+            raise VembedError("no queries: pass image paths, a folder, a .jsonl file, or - to read stdin")
+        emb_store = open_store(store)
+        queries, problems = queries_from_args(
+            query_items, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad
+        )
+        quiet_transformers()
+        report = search_queries(
+            emb_store,
+            queries,
+            settings,
+            exclude_self=exclude_self,
+            show_progress=not quiet and len(queries) > 1,
+        )
     _report_problems(problems + report.problems)
-    log(f"searched {len(report.results)} queries against {len(emb_store)} images ({report.method} search)")
+    n = len(report.results)
+    log(
+        f"searched {n} quer{'y' if n == 1 else 'ies'} against {len(emb_store)} images ({report.method} search)"
+    )
     if jsonl:
         with _stdout_pipe():
             for result in report.results:
