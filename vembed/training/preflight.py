@@ -7,6 +7,7 @@ import difflib
 from pathlib import Path
 
 from vembed.console import log
+from vembed.data.records import folder_given_message
 from vembed.errors import VembedError
 from vembed.losses import LOSSES, loss_class
 from vembed.settings import Settings
@@ -39,6 +40,8 @@ def check_settings(settings: Settings) -> None:
         )
     for key in ("train", "val"):
         path = getattr(settings.data, key)
+        if path is not None and Path(path).is_dir():
+            raise VembedError(f"data.{key}: {folder_given_message(Path(path))}")
         if path is not None and not Path(path).is_file():
             raise VembedError(f"data.{key}: records file not found: {path}")
     if s.task == "segmentation":
