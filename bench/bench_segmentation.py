@@ -28,7 +28,8 @@ from vembed.data.shapes import write_shapes
 from vembed.evaluation.corruptions import CORRUPTIONS
 from vembed.evaluation.segreport import run_segmentation_eval
 from vembed.io import write_json
-from vembed.models.segfactory import create_segmenter, save_segmenter
+from vembed.models.factory import save_model
+from vembed.models.segmenter import create_segmenter
 from vembed.settings import load_settings
 from vembed.training import train
 
@@ -85,7 +86,7 @@ def main() -> None:
         test = read_records(root / "data" / "test.jsonl").masks()
         names = ["background", "square", "disc"]
         before_model = create_segmenter(encoder, settings.model, num_classes=3, class_names=names)
-        save_segmenter(before_model, root / "before")
+        save_model(before_model, root / "before", head=before_model.head())
         start = time.perf_counter()
         result = train(settings, show_progress=False)
         seconds = time.perf_counter() - start

@@ -14,7 +14,7 @@ from vembed.data.records import read_records
 from vembed.evaluation.classify import evaluate_classify
 from vembed.export import export_model
 from vembed.inference import embed_records
-from vembed.models.factory import create_embedder, save_embedder
+from vembed.models.factory import create_embedder, save_model
 from vembed.models.heads import ClassifierHead, require_classifier
 from vembed.settings import Settings
 
@@ -45,7 +45,7 @@ def head_model(tiny_model, data, tmp_path_factory):
         head.classifier.weight.copy_(10 * F.normalize(means, dim=-1))
         head.classifier.bias.zero_()
     out = tmp_path_factory.mktemp("headmodel") / "final"
-    save_embedder(embedder, out, task_head=head.task_head())
+    save_model(embedder, out, head=head)
     return out
 
 

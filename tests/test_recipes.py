@@ -130,7 +130,7 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
     result = train(settings, show_progress=False)
     assert result.steps == 2
     if segmentation:
-        from vembed.models.segfactory import create_segmenter
+        from vembed.models.segmenter import create_segmenter
 
         assert create_segmenter(result.final_dir).decoder_name == settings.model.decoder
         return

@@ -16,6 +16,7 @@ from vembed.data.images import EvalTransform, load_image
 from vembed.data.records import read_records
 from vembed.errors import VembedError
 from vembed.models.factory import create_embedder
+from vembed.tasks.retrieval import task as retrieval_task
 from vembed.training import loop as loop_module
 from vembed.training import train
 
@@ -188,7 +189,7 @@ def no_data_reads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training data was read before the settings were checked")
 
-    monkeypatch.setattr(loop_module, "read_labelled", refuse)
+    monkeypatch.setattr(retrieval_task, "read_labelled", refuse)
 
 
 def _lora_unmatched_model(tiny_model, tmp_path):

@@ -11,6 +11,7 @@ from test_training_helpers import make_nuisance_dataset, max_abs_diff, one_threa
 
 from vembed.errors import VembedError
 from vembed.settings import load_settings
+from vembed.tasks.retrieval import task as retrieval_task
 from vembed.training import loop as loop_module
 from vembed.training import train
 from vembed.training.metrics import MetricsLog
@@ -170,12 +171,12 @@ def scripted(monkeypatch):
         current["step"] = self.state.step
         return run_validation(self)
 
-    class Scripted(loop_module.Validator):
+    class Scripted(retrieval_task.Validator):
         def __call__(self, embedder, **kwargs):
             return {"recall@1": 0.5, "map@r": current["values"].get(current["step"], 0.1), "num_queries": 16}
 
     monkeypatch.setattr(loop_module._Trainer, "_run_validation", tracking)
-    monkeypatch.setattr(loop_module, "Validator", Scripted)
+    monkeypatch.setattr(retrieval_task, "Validator", Scripted)
     return lambda values: current.update(values=values)
 
 

@@ -1,6 +1,6 @@
 """Export a trained run (or any model folder) as a self-contained model folder, optionally with ONNX.
 
-The folder is what ``save_embedder`` writes — ``config.json`` + ``model.safetensors`` (plain
+The folder is what ``save_model`` writes — ``config.json`` + ``model.safetensors`` (plain
 ``transformers.AutoModel.from_pretrained`` loads the backbone, LoRA already merged), ``vembed.json``
 (pooling, projection, normalisation, preprocessing) and ``vembed_head.safetensors`` when there is a
 head — plus ``preprocessor_config.json`` (so ``AutoImageProcessor`` reproduces vembed's eval
@@ -30,10 +30,10 @@ from torch import nn
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.export_segmentation import check_segmentation_export, is_segmentation_head, segmentation_card
 from vembed.io import atomic_dir, make_readable, write_json, write_text
 from vembed.models.embedder import Embedder
-from vembed.models.factory import build_embedder, load_embedder, save_embedder
+from vembed.models.factory import build_embedder, load_embedder, save_model
+from vembed.models.heads import Head, load_head
 from vembed.models.loader import (
     VEMBED_CONFIG,
     ModelConfig,
@@ -68,7 +68,7 @@ class ExportResult:
     onnx_max_abs_diff: float | None = None
     files: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    segmentation_max_abs_diff: float | None = None  # decoder logits, reloaded export vs source
+    head_checks: dict[str, float] = field(default_factory=dict)  # the head's own checks (e.g. logits)
 
     def to_json(self) -> dict:
         return {
@@ -82,11 +82,7 @@ class ExportResult:
             "onnx_max_abs_diff": self.onnx_max_abs_diff,
             "files": self.files,
             "seconds": round(self.seconds, 3),
-            **(
-                {"segmentation_max_abs_diff": self.segmentation_max_abs_diff}
-                if self.segmentation_max_abs_diff is not None
-                else {}
-            ),
+            **self.head_checks,
         }
 
 
@@ -123,7 +119,7 @@ def export_model(
     # write exactly what was read: the saved identity's other keys (training ...) and its task head
     extra = {k: v for k, v in saved.extra.items() if k not in ("export", "exported_from")}
     extra["exported_from"] = str(run_dir or model)
-    task_head = (saved.task_head, loaded.task_head_state) if saved.task_head is not None else None
+    head = load_head(loaded)
     settings_file = run_dir / "settings.yaml" if run_dir is not None else None
     result = _export(
         embedder,
@@ -132,11 +128,11 @@ def export_model(
         onnx=onnx,
         opset=opset,
         extra=extra,
-        task_head=task_head,
+        head=head,
         settings_file=settings_file if settings_file and settings_file.is_file() else None,
     )
-    if is_segmentation_head(saved.task_head):
-        result.segmentation_max_abs_diff = check_segmentation_export(model, out, dtype)
+    if head is not None:
+        result.head_checks = head.check_export(model, out, dtype)
     result.source = str(source)
     result.model = model
     result.seconds = time.perf_counter() - start
@@ -186,7 +182,7 @@ def _export(
     onnx: bool,
     opset: int,
     extra: dict,
-    task_head: tuple[dict, dict] | None = None,
+    head: Head | None = None,
     settings_file: Path | None = None,
 ) -> ExportResult:
     leftover = [n for n, _ in embedder.named_parameters() if "lora_" in n]
@@ -212,12 +208,8 @@ def _export(
                 "max_abs_diff": onnx_diff,
                 "atol": ONNX_ATOL,
             }
-        save_embedder(
-            embedder,
-            tmp,
-            dtype=getattr(torch, dtype),
-            extra={**extra, "export": export_info},
-            task_head=task_head,
+        save_model(
+            embedder, tmp, dtype=getattr(torch, dtype), extra={**extra, "export": export_info}, head=head
         )
         _write_preprocessor_config(embedder, tmp)
         if settings_file is not None:
@@ -233,7 +225,7 @@ def _export(
         config = read_model_config(tmp)
         config.extra["export"] = export_info
         write_model_config(tmp, config)
-        write_text(tmp / "README.md", _model_card(config.to_json()))
+        write_text(tmp / "README.md", _model_card(config.to_json(), head))
         make_readable(tmp)
         files = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
     return ExportResult(
@@ -383,7 +375,7 @@ def _write_preprocessor_config(embedder: Embedder, folder: Path) -> None:
     )
 
 
-def _model_card(config: dict) -> str:
+def _model_card(config: dict, head: Head | None = None) -> str:
     """A short README.md: what the folder holds and how to get vembed's embedding without vembed."""
     pooling = config["pooling"]
     pool_line = {
@@ -401,9 +393,8 @@ def _model_card(config: dict) -> str:
             "feats = (t - m[:, None]).pow(p).mean(1).pow(1 / p) + m"
         ),
     }[pooling]
-    task = config.get("task_head") or {}
-    classifier = task.get("kind") == "classifier"
-    needs_head = pooling == "gem" or config.get("projection_dim") or classifier
+    class_lines, class_text = head.card(config) if head is not None else ("", "")
+    needs_head = pooling == "gem" or config.get("projection_dim") or class_lines
     head_lines = (
         'from safetensors.torch import load_file\nhead = load_file(f"{path}/vembed_head.safetensors")\n'
         if needs_head
@@ -422,7 +413,6 @@ def _model_card(config: dict) -> str:
             if config["normalize"]
             else f"emb = feats[:, :{width}]  # the first {width} dims"
         )
-    class_lines, class_text = _classifier_card(task) if classifier else ("", "")
     export = config.get("export", {})
     onnx = export.get("onnx")
     onnx_text = (
@@ -457,38 +447,4 @@ with torch.no_grad():
 {pool_line}
 {proj_line}{norm_line}
 {class_lines}```
-{class_text}{onnx_text}{segmentation_card(config) if is_segmentation_head(config.get("task_head")) else ""}"""
-
-
-def _classifier_card(task: dict) -> tuple[str, str]:
-    """The model card's lines for a classifier head: code (appended to the snippet) and usage text."""
-    if task.get("normalized"):
-        logits = (
-            f"w = torch.nn.functional.normalize(head['task_head.classifier.weight'], dim=-1)\n"
-            f"logits = {task.get('scale', 20.0)} * torch.nn.functional.normalize(emb, dim=-1) @ w.T\n"
-        )
-    else:
-        logits = "logits = emb @ head['task_head.classifier.weight'].T + head['task_head.classifier.bias']\n"
-    code = (
-        "# the classifier head: class probabilities and names\n"
-        "import json\n"
-        'labels = json.load(open(f"{path}/vembed.json"))["task_head"]["labels"]\n'
-        f"{logits}"
-        "probs = logits.softmax(dim=-1)\n"
-        "predicted = [labels[i] for i in probs.argmax(dim=-1)]\n"
-    )
-    names = [str(label) for label in task.get("labels", [])]
-    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-    text = f"""
-## Classifier head
-
-{len(names)} classes ({shown}), a {task.get("type", "linear")} layer on the embedding trained with
-cross-entropy; `vembed.json: task_head` holds the class names, `vembed_head.safetensors` the weights
-(`task_head.classifier.*`). With vembed:
-
-```bash
-vembed classify PATH photos/ --top 3              # a table; --jsonl for JSON lines, --grid preds.png
-vembed eval classify --model PATH --data test.jsonl --plot confusion.png
-```
-"""
-    return code, text
+{class_text}{onnx_text}"""

@@ -12,7 +12,7 @@ from vembed.cli.evaluate import MODEL_HELP, eval_app
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.io import write_json, write_text
-from vembed.models.registry import resolve_spec
+from vembed.models.loader import resolve_ref
 from vembed.settings import Settings, settings_to_yaml
 
 CONFIG_HELP = "YAML recipe."
@@ -159,7 +159,7 @@ def _check_models(settings: Settings, compare: list[str] | None) -> list[str]:
     quiet_transformers()
     models = [settings.model.name, *(compare or [])]
     for name in models:
-        resolve_spec(name)  # every model name checked before the first evaluation starts
+        resolve_ref(name)  # every model name checked before the first evaluation starts
     return models
 
 

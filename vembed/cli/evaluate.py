@@ -11,7 +11,7 @@ from vembed.cli.app import app, quiet_transformers, settings_from
 from vembed.console import console, log
 from vembed.errors import VembedError
 from vembed.io import write_json, write_text
-from vembed.models.registry import resolve_spec
+from vembed.models.loader import resolve_ref
 from vembed.settings import Settings, settings_to_yaml
 
 eval_app = typer.Typer(help="Evaluate embedding models.", no_args_is_help=True)
@@ -121,7 +121,7 @@ def _evaluate(
 
     quiet_transformers()
     for name in models:
-        resolve_spec(name)  # every model name checked before the first evaluation starts
+        resolve_ref(name)  # every model name checked before the first evaluation starts
     reports = []
     with launched_processes() as procs:  # torchrun / accelerate launch: ranking split across processes
         if procs.rank > 0:

@@ -59,7 +59,7 @@ def segmentation_command(
         segmentation_json,
         segmentation_table,
     )
-    from vembed.models.segfactory import create_segmenter, segmentation_head
+    from vembed.models.segmenter import create_segmenter, saved_segmenter_head
 
     settings = settings_from(config, overrides, model__name=model, data__skip_bad=skip_bad)
     data = data or settings.data.val or settings.data.test
@@ -71,7 +71,7 @@ def segmentation_command(
     severities = parse_severities(severity)
     models = [settings.model.name, *(compare or [])]
     for name in models:
-        if not segmentation_head(name):
+        if saved_segmenter_head(name) is None:
             raise VembedError(
                 f"{name}: not a segmentation model (its vembed.json has no segmenter task_head); "
                 "give a run's final/ or a `vembed export` of a segmentation run"
@@ -134,8 +134,8 @@ def predict_masks_command(
 ) -> None:
     """A PNG mask per image (one channel, class indices, the image's original size), optional overlays."""
     from vembed.index.sources import records_from_source
-    from vembed.masks import predict_masks
-    from vembed.models.segfactory import create_segmenter
+    from vembed.models.segmenter import create_segmenter
+    from vembed.tasks.segmentation.masks import predict_masks
 
     settings = settings_from(config, overrides, model__name=model)
     records, problems = records_from_source(images, skip_bad=skip_bad)

@@ -15,7 +15,7 @@ from vembed.evaluation.sharded_retrieval import sharded_retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder, truncate_embeddings
 from vembed.models.factory import create_embedder
-from vembed.models.registry import resolve_spec
+from vembed.models.loader import resolve_ref
 from vembed.processes import Processes, device_for
 from vembed.settings import Settings
 
@@ -84,7 +84,7 @@ def evaluate_retrieval(
     if procs.world_size > 1 and index is not None:
         raise VembedError("--index ranks in one process; run it without torchrun / accelerate launch")
     if not isinstance(model, Embedder):
-        resolve_spec(model)  # an unknown model name fails before any data is read
+        resolve_ref(model)  # an unknown model name fails before any data is read
     queries = _records(query, settings)
     references = _records(gallery, settings) if gallery is not None else None
     if isinstance(model, Embedder):

@@ -26,6 +26,7 @@ if TYPE_CHECKING:
     from torch import nn
 
     from vembed.settings import Settings
+    from vembed.settings.augment import AugmentSettings
 
 
 @runtime_checkable
@@ -82,6 +83,12 @@ class Task(Protocol):
 
     def select_metric(self, settings: Settings) -> str:
         """The metric that ranks validations: ``train.select_metric`` when given, else the task's own."""
+
+    def describe(self, settings: Settings) -> str:
+        """The settings that decide :meth:`metrics` (``train.loss=ce, eval.k=1,10``), for messages."""
+
+    def augment(self, settings: Settings) -> AugmentSettings:
+        """``train.augment`` with the task's defaults for the keys left null."""
 
     def setup(self, settings: Settings, accelerator, *, show_progress: bool = True) -> TrainParts:
         """Build the model from ``settings.model`` with ``train.method`` applied, read the records, make
