@@ -25,12 +25,14 @@ import torch
 from vembed.data.prepare import prepare_segfolder
 from vembed.data.records import read_records
 from vembed.data.shapes import write_shapes
-from vembed.evaluation.corruptions import CORRUPTIONS
-from vembed.evaluation.segreport import run_segmentation_eval
+from vembed.evaluation.compare import compare
 from vembed.io import write_json
 from vembed.models.factory import save_model
 from vembed.models.segmenter import create_segmenter
 from vembed.settings import load_settings
+from vembed.tasks.segmentation.corruptions import CORRUPTIONS
+from vembed.tasks.segmentation.evaluator import SegEvalOptions, SegmentationEvaluator
+from vembed.tasks.segmentation.report import segmentation_report
 from vembed.training import train
 
 
@@ -90,21 +92,21 @@ def main() -> None:
         start = time.perf_counter()
         result = train(settings, show_progress=False)
         seconds = time.perf_counter() - start
+        options = SegEvalOptions(
+            batch_size=settings.eval.batch_size,
+            num_workers=settings.data.num_workers,
+            corruptions=tuple(CORRUPTIONS),
+            severities=(5,),
+        )
+        compared = compare(
+            [root / "before", result.final_dir],
+            SegmentationEvaluator(test, options),
+            load=create_segmenter,
+            show_progress=False,
+        )
         rows = {}
-        for label, model in (
-            ("before", create_segmenter(root / "before")),
-            ("after", create_segmenter(result.final_dir)),
-        ):
-            report = run_segmentation_eval(
-                model,
-                test,
-                name=label,
-                data="test.jsonl",
-                settings=settings,
-                corruptions=list(CORRUPTIONS),
-                severities=[5],
-                show_progress=False,
-            )
+        for label, scored in zip(("before", "after"), compared.scored, strict=True):
+            report = segmentation_report(scored, data="test.jsonl")
             rows[label] = {  # fractions, like every vembed metric
                 "miou": round(report.metrics.miou, 4),
                 "pixel_accuracy": round(report.metrics.pixel_accuracy, 4),

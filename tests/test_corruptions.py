@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from vembed.errors import VembedError
-from vembed.evaluation.corruptions import CORRUPTIONS, corrupt, parse_corruptions
+from vembed.tasks.segmentation.corruptions import CORRUPTIONS, corrupt, parse_corruptions
 
 IMAGE = np.random.default_rng(0).integers(0, 256, (30, 44, 3), dtype=np.uint8)
 _XX, _YY = np.meshgrid(np.linspace(0, 255, 44), np.linspace(0, 255, 30))

@@ -14,7 +14,6 @@ from PIL import Image
 
 from vembed.data.records import ImageRecord, records_from_folder
 from vembed.errors import VembedError
-from vembed.evaluation.retrieval import topk
 from vembed.index.embed import check_finite, embed_to_store, embedding_line
 from vembed.index.faiss_index import INDEX_FILE, build_index, load_index, save_index
 from vembed.index.grid import BORDER, GAP, MATCH, MISMATCH, QUERY, SEPARATOR, UNKNOWN, draw_grid
@@ -28,6 +27,7 @@ from vembed.index.store import (
     write_store,
 )
 from vembed.models.factory import create_embedder
+from vembed.neighbours import topk
 from vembed.settings import IndexSettings, Settings, load_settings
 
 

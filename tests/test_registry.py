@@ -122,3 +122,49 @@ def test_models_command_lists_registry():
     assert result.exit_code == 0
     for spec in list_models():
         assert spec.name in result.output
+
+
+def test_models_piped_is_tab_separated_with_every_column():
+    result = CliRunner().invoke(app, ["models"])  # CliRunner's stdout is not a terminal
+    assert result.exit_code == 0
+    lines = result.output.splitlines()
+    assert lines[0].split("\t") == [
+        "name",
+        "hub id",
+        "dim",
+        "size",
+        "patch",
+        "pooling",
+        "family",
+        "description",
+    ]
+    rows = {line.split("\t")[0]: line.split("\t") for line in lines[1:]}
+    assert len(rows) == len(list_models())
+    for spec in list_models():
+        assert rows[spec.name][1:4] == [spec.source, str(spec.embed_dim), str(spec.image_size)]
+        assert rows[spec.name][-1] == spec.description
+
+
+@pytest.mark.parametrize("width", [80, 100, 200])
+def test_models_table_fits_the_terminal_and_keeps_the_useful_columns(width):
+    import io
+
+    from rich.console import Console
+
+    from vembed.cli.inspect import _model_rows, models_table
+
+    out = io.StringIO()
+    console = Console(file=out, width=width, force_terminal=False, color_system=None)
+    console.print(models_table(_model_rows(), width))
+    lines = out.getvalue().splitlines()
+    assert max(len(line) for line in lines) <= width
+    header = next(line for line in lines if line.lstrip().startswith("name"))
+    for column in ("hub id", "dim", "size", "patch"):  # at 80 columns before: name and hub id only
+        assert column in header
+    text = out.getvalue()
+    for spec in list_models():
+        assert spec.source in text  # the hub id is never cut
+    if width >= 200:
+        assert "description" in header and "left out" not in text
+    else:
+        assert "left out at" in text

@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from vembed.errors import VembedError
-from vembed.evaluation.retrieval import labels_to_codes, retrieval_metrics, topk
+from vembed.evaluation.retrieval import labels_to_codes, retrieval_metrics
+from vembed.neighbours import topk
 
 
 def unit(degrees) -> torch.Tensor:
@@ -337,7 +338,7 @@ def test_recall_counted_beyond_the_shortlist_equals_brute_force(monkeypatch, sho
 def test_ranking_device_is_the_models_gpu_only():
     from types import SimpleNamespace
 
-    from vembed.evaluation.retrieval import ranking_device
+    from vembed.neighbours import ranking_device
 
     assert ranking_device(SimpleNamespace(device=torch.device("cpu"))) is None
     assert ranking_device(SimpleNamespace(device=torch.device("cuda", 1))) == torch.device("cuda", 1)

@@ -11,11 +11,11 @@ from typer.testing import CliRunner
 
 from vembed.cli import app
 from vembed.errors import VembedError
-from vembed.evaluation.retrieval import topk
 from vembed.index.faiss_index import build_index, build_store_index, load_index, measure_index, save_index
 from vembed.index.search import search
 from vembed.index.store import open_store
 from vembed.index.vectors import StoreVectors, exact_topk, write_vector_store
+from vembed.neighbours import topk
 from vembed.settings import IndexSettings
 
 runner = CliRunner()
@@ -123,8 +123,8 @@ def test_index_build_and_info_commands(tmp_path):
 
 
 def test_eval_metrics_from_an_index_report_the_loss_against_exact():
+    from vembed.evaluation.ann_retrieval import ann_retrieval_metrics
     from vembed.evaluation.retrieval import retrieval_metrics
-    from vembed.index.ann_eval import ann_retrieval_metrics
 
     x = clustered(3000, dim=16, clusters=30)
     labels = np.argmax(x @ clustered(30, dim=16, clusters=30, seed=1).T, axis=1)  # 30 regions of the sphere

@@ -107,3 +107,45 @@ def test_predict_masks_writes_one_channel_masks_at_the_original_size(seg_setup, 
     assert one.exit_code == 0, one.output
     assert Image.open(tmp_path / "m2" / "wide.png").size == (61, 37)
     assert sorted(p.name for p in Path(tmp_path / "m2").iterdir()) == ["wide.png"]
+
+
+def test_segmentation_evaluator_called_directly_gives_the_cli_numbers(seg_setup, tmp_path):
+    from vembed.data.records import read_records
+    from vembed.evaluation.base import Evaluator
+    from vembed.tasks.segmentation.evaluator import SegEvalOptions, SegmentationEvaluator
+
+    root, _ = seg_setup
+    data = root / "data" / "val.jsonl"
+    out = tmp_path / "seg.json"
+    args = ["eval", "segmentation", "--model", str(root / "model"), "--data", str(data)]
+    args += ["--corruptions", "fog", "--severity", "2", "--json", str(out), "data.num_workers=0"]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    cli = json.loads(out.read_text())
+    options = SegEvalOptions(num_workers=0, corruptions=("fog",), severities=(2,))
+    evaluator = SegmentationEvaluator(read_records(data).masks(), options)
+    assert isinstance(evaluator, Evaluator)
+    direct = evaluator(create_segmenter(root / "model"), show_progress=False)
+    assert direct.primary_metric == "miou" and set(direct.metrics) == set(evaluator.metrics)
+    assert direct.metrics == {"miou": cli["miou"], "pixel_accuracy": cli["pixel_accuracy"]}
+    assert direct.details["corruptions"] == cli["corruptions"]
+    assert direct.details["metrics"].per_class_iou == cli["per_class_iou"]
+
+
+def test_segmentation_progress_bar_shows_a_rate_not_zero(seg_setup, monkeypatch):
+    import io
+    import re
+
+    from rich.console import Console
+
+    from vembed import console as vconsole
+    from vembed.data.records import read_records
+    from vembed.tasks.segmentation.evaluator import evaluate_segmentation
+
+    root, model = seg_setup
+    out = io.StringIO()
+    monkeypatch.setattr(vconsole, "console", Console(file=out, force_terminal=True, width=160))
+    records = read_records(root / "data" / "train.jsonl").masks()
+    evaluate_segmentation(model, records, batch_size=2)
+    rates = [float(r) for r in re.findall(r"([0-9.]+) img/s", out.getvalue())]
+    assert rates and rates[-1] > 0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from vembed.evaluation.segmentation import ConfusionMatrix, segmentation_metrics
+from vembed.tasks.segmentation.metrics import ConfusionMatrix, segmentation_metrics
 
 
 def test_miou_matches_a_hand_computed_case_with_ignore_and_an_absent_class():

@@ -7,10 +7,12 @@ from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
     Progress,
+    ProgressColumn,
     TextColumn,
     TimeElapsedColumn,
     TimeRemainingColumn,
 )
+from rich.text import Text
 
 console = Console(stderr=True)
 
@@ -38,6 +40,22 @@ def progress(*extra_columns, enabled: bool = True) -> Progress:
     )
 
 
-def rate_column(unit: str = "img/s") -> TextColumn:
-    """A column showing ``task.fields['rate']`` (items per second)."""
-    return TextColumn("{task.fields[rate]:>7.1f} " + unit)
+class RateColumn(ProgressColumn):
+    """Items per second: ``task.fields['rate']`` when the caller keeps one (``add_task(..., rate=...)``),
+    else the bar's own count over its elapsed time, so a bar that only advances still shows a rate."""
+
+    def __init__(self, unit: str = "img/s") -> None:
+        super().__init__()
+        self.unit = unit
+
+    def render(self, task) -> Text:
+        rate = task.fields.get("rate")
+        if rate is None:
+            elapsed = task.elapsed
+            rate = task.completed / elapsed if elapsed else 0.0
+        return Text(f"{rate:>7.1f} {self.unit}")
+
+
+def rate_column(unit: str = "img/s") -> RateColumn:
+    """A column of items per second (``task.fields['rate']``, or completed / elapsed without that field)."""
+    return RateColumn(unit)

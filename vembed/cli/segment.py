@@ -50,16 +50,18 @@ def segmentation_command(
     overrides: list[str] = typer.Argument(None, help="key=value settings overrides."),
 ) -> None:
     """mIoU, pixel accuracy and per-class IoU (one confusion matrix over the split), optionally under corruptions."""
-    from vembed.evaluation.corruptions import parse_corruptions
-    from vembed.evaluation.segplot import plot_report
-    from vembed.evaluation.segreport import (
+    from vembed.evaluation.compare import compare as compare_models
+    from vembed.models.segmenter import create_segmenter, saved_segmenter_head
+    from vembed.tasks.segmentation.corruptions import parse_corruptions
+    from vembed.tasks.segmentation.evaluator import SegEvalOptions, SegmentationEvaluator
+    from vembed.tasks.segmentation.plots import plot_report
+    from vembed.tasks.segmentation.report import (
         parse_severities,
         read_mask_records,
-        run_segmentation_eval,
         segmentation_json,
+        segmentation_report,
         segmentation_table,
     )
-    from vembed.models.segmenter import create_segmenter, saved_segmenter_head
 
     settings = settings_from(config, overrides, model__name=model, data__skip_bad=skip_bad)
     data = data or settings.data.val or settings.data.test
@@ -67,36 +69,33 @@ def segmentation_command(
         raise VembedError("no evaluation data: pass --data FILE.jsonl (or set data.val)")
     if data.is_dir():
         data = data / "val.jsonl"
-    names = parse_corruptions(corruptions)
-    severities = parse_severities(severity)
     models = [settings.model.name, *(compare or [])]
-    for name in models:
+    for name in models:  # every model checked before any data is read
         if saved_segmenter_head(name) is None:
             raise VembedError(
                 f"{name}: not a segmentation model (its vembed.json has no segmenter task_head); "
                 "give a run's final/ or a `vembed export` of a segmentation run"
             )
-    records = read_mask_records(data, settings)
+    options = SegEvalOptions(
+        batch_size=settings.eval.batch_size,
+        num_workers=settings.data.num_workers,
+        full_res=full_res,
+        corruptions=tuple(parse_corruptions(corruptions)),
+        severities=tuple(parse_severities(severity)),
+        seed=seed,
+    )
+
+    records = read_mask_records(data, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad)
     classes = _class_count(data)
     quiet_transformers()
-    reports, first_model = [], None
-    for name in models:
-        log(f"evaluating [bold]{name}[/] on {data} ({len(records):,} images)")
-        segmenter = create_segmenter(name, settings.model, num_classes=classes)
-        first_model = first_model or segmenter
-        reports.append(
-            run_segmentation_eval(
-                segmenter,
-                records,
-                name=name,
-                data=str(data),
-                settings=settings,
-                corruptions=names,
-                severities=severities,
-                full_res=full_res,
-                seed=seed,
-            )
-        )
+    result = compare_models(
+        models,
+        SegmentationEvaluator(records, options, description="clean"),
+        load=lambda name: create_segmenter(name, settings.model, num_classes=classes),
+        keep_first=plot is not None,
+        announce=lambda name: f"evaluating [bold]{name}[/] on {data} ({len(records):,} images)",
+    )
+    reports = [segmentation_report(s, data=str(data)) for s in result.scored]
     Console(stderr=False).print(segmentation_table(reports, title=f"segmentation on {data}"))
     if json_out is not None:
         write_json(json_out, segmentation_json(reports))
@@ -104,7 +103,12 @@ def segmentation_command(
         log(f"wrote {json_out}")
     if plot is not None:
         plot_report(
-            plot, first_model, records[:PLOTTED_IMAGES], reports[0].corruptions, title=reports[0].model
+            plot,
+            result.first_model,
+            records[:PLOTTED_IMAGES],
+            reports[0].corruptions,
+            title=reports[0].model,
+            clean=reports[0].metrics.miou,
         )
         log(f"wrote {plot}")
 

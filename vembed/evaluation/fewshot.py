@@ -1,7 +1,7 @@
 """k-shot prototype accuracy on seen and unseen classes (the Flowers-102 study's protocol).
 
 A class's prototype is the mean of its k support embeddings; each query gets the class whose
-prototype is most cosine-similar (ranked by :func:`vembed.evaluation.retrieval.topk`, the one
+prototype is most cosine-similar (ranked by :func:`vembed.neighbours.topk`, the one
 neighbour ranking). Top-1 and top-5 accuracy over every query record.
 
 - Default protocol: the support of a class is its first k records in the support file, in file order
@@ -38,8 +38,8 @@ from vembed.evaluation.base import (
     model_name,
     read_labelled,
 )
-from vembed.evaluation.retrieval import topk
 from vembed.models.embedder import Embedder
+from vembed.neighbours import topk
 from vembed.settings import Settings
 
 SETS = ("seen", "unseen")

@@ -1,7 +1,7 @@
 """Weighted k-nearest-neighbour classification: each test image gets the label its neighbours vote for.
 
 The k nearest training images (by cosine similarity, ranked by
-:func:`vembed.evaluation.retrieval.topk`) each vote for their label with their similarity as weight;
+:func:`vembed.neighbours.topk`) each vote for their label with their similarity as weight;
 the label with the largest total wins, and equal totals go to the label of the nearest neighbour
 among them.
 """
@@ -28,8 +28,8 @@ from vembed.evaluation.base import (
     model_name,
     read_labelled,
 )
-from vembed.evaluation.retrieval import topk
 from vembed.models.embedder import Embedder
+from vembed.neighbours import topk
 from vembed.settings import Settings
 
 DEFAULT_K = 20

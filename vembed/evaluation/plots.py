@@ -16,6 +16,9 @@ def _pyplot():
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from vembed.fonts import matplotlib_families
+
+    plt.rcParams["font.family"] = list(matplotlib_families())  # class names in any installed script
     return plt
 
 
@@ -50,7 +53,8 @@ def plot_fewshot(reports: Sequence, out: str | Path) -> Path:
             )
     curve.set(title="k-shot prototype accuracy", xlabel="k (support images per class)", ylabel="top-1 %")
     curve.grid(alpha=0.3)
-    curve.legend(fontsize="small")
+    # under the axes, never on the curves (the accuracies at k=1..10 fill the whole panel)
+    curve.legend(fontsize="small", loc="upper center", bbox_to_anchor=(0.5, -0.16), ncol=2, frameon=False)
     # one colour scale for every model, so "before" and "after" maps compare at a glance
     low = min((v for r in maps for row in r.heatmap["matrix"] for v in row), default=-1.0)
     for ax, report in zip(axes[0][1:], maps, strict=True):

@@ -1,83 +1,48 @@
-"""Exact nearest-neighbour ranking and the retrieval metrics built on it (Recall@K, MAP@R).
+"""Retrieval metrics (Recall@K, MAP@R): one metric loop fed by a neighbour source.
 
-This is the one place in vembed that ranks neighbours: train-time validation, evaluation and search
-all call :func:`topk` or :func:`retrieval_metrics`, whose pieces
-:mod:`vembed.evaluation.sharded_retrieval` reuses to split the same ranking across processes.
+:func:`ranked_metrics` is the loop: for each chunk of queries it asks a :class:`NeighbourSource` for
+their shortlist of references (best first) and, for the queries whose first relevant reference ranks
+below it, that reference's rank. The sources:
 
-Scores are inner products computed in float32 (cosine similarity for L2-normalised embeddings).
-Queries are ranked ``chunk_size`` rows at a time, so memory grows with ``chunk_size × N_references``
-and the full ``N_queries × N_references`` similarity matrix is never held (SOP all-vs-all is 60k × 60k).
-Equal scores are ordered by reference index, lower first, so results do not depend on the chunking.
+- :class:`ExactNeighbours`: exact inner-product ranking in this process (:mod:`vembed.neighbours`),
+  used by :func:`retrieval_metrics`;
+- :class:`~vembed.evaluation.sharded_retrieval.ShardedNeighbours`: the same ranking split across the
+  processes of torchrun / accelerate launch;
+- :class:`~vembed.evaluation.ann_retrieval.IndexNeighbours`: a faiss index's neighbour lists (not
+  exhaustive: Recall@K from the lists, no MAP@R).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from vembed.console import progress as progress_bar
 from vembed.errors import VembedError
+from vembed.neighbours import (
+    advancing,
+    as_embeddings,
+    check_positive_int,
+    check_same_dim,
+    chunk_bounds,
+    scores_buffer,
+    select_top,
+    similarities,
+)
 
-__all__ = ["labels_to_codes", "ranking_device", "retrieval_metrics", "topk"]
+__all__ = [
+    "ExactNeighbours",
+    "NeighbourSource",
+    "labels_to_codes",
+    "ranked_metrics",
+    "retrieval_metrics",
+]
 
-# Rows of a chunk whose top-k boundary ties are re-selected at once (bounds the int32 cumsum buffer).
-_TIE_ROWS = 256
-# retrieval_metrics selects at least this many neighbours per query; Recall@K for the queries whose
+# The metric loop selects at least this many neighbours per query; Recall@K for the queries whose
 # first relevant reference ranks lower is counted instead (cheaper than selecting max(ks) for all).
 _SHORTLIST = 16
-
-
-def topk(
-    queries: torch.Tensor,
-    references: torch.Tensor,
-    k: int,
-    *,
-    chunk_size: int = 4096,
-    exclude_self: bool = False,
-    progress: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Exact top-``k`` references of each query by inner product, best first.
-
-    Args:
-        queries: ``[Nq, D]`` tensor or numpy array (float16, bfloat16 or float32).
-        references: ``[Nr, D]`` tensor or numpy array.
-        k: neighbours per query; clipped to the number of references available to a query.
-        chunk_size: query rows scored at once; memory is about ``chunk_size × Nr × 4`` bytes.
-        exclude_self: queries and references are the same set in the same order; query ``i`` never
-            returns reference ``i`` (a duplicate of it at another index is still returned).
-        progress: show a progress bar on stderr.
-
-    Returns:
-        ``(scores, indices)``: ``[Nq, k]`` float32 and int64 CPU tensors, best first; equal scores are
-        ordered by reference index, lower first. Computed on the device of ``queries``.
-    """
-    queries = _as_embeddings(queries, "queries")
-    references = _as_embeddings(references, "references", device=queries.device)
-    _check_same_dim(queries, "queries", references, "references")
-    _check_positive_int(k, "k")
-    _check_positive_int(chunk_size, "chunk_size")
-    if exclude_self and len(queries) != len(references):
-        raise VembedError(
-            f"exclude_self=True needs queries and references to be the same set, but there are "
-            f"{len(queries)} queries and {len(references)} references"
-        )
-
-    k = min(k, len(references) - 1 if exclude_self else len(references))
-    scores = torch.empty(len(queries), max(k, 0), dtype=torch.float32)
-    indices = torch.empty(len(queries), max(k, 0), dtype=torch.int64)
-    if k <= 0:
-        return scores, indices
-    buffer = _scores_buffer(len(queries), references, chunk_size)
-    for start, stop in _chunks(len(queries), chunk_size, progress, "top-k"):
-        exclude = torch.arange(start, stop, device=queries.device) if exclude_self else None
-        chunk_scores, chunk_indices = _rank(
-            queries[start:stop], references, k, exclude, buffer[: stop - start]
-        )
-        scores[start:stop] = chunk_scores.cpu()
-        indices[start:stop] = chunk_indices.cpu()
-    return scores, indices
 
 
 def retrieval_metrics(
@@ -109,7 +74,8 @@ def retrieval_metrics(
     Queries with no relevant reference (a class with a single image in all-vs-all, a class missing
     from the gallery) are skipped and counted in ``num_skipped``.
 
-    Labels may be int tensors, numpy arrays or lists of ints or strings; embeddings as in :func:`topk`.
+    Labels may be int tensors, numpy arrays or lists of ints or strings; embeddings as in
+    :func:`vembed.neighbours.topk`.
     Each chunk of queries ranks only its top ``max(max(ks), largest R in the chunk)`` references, so
     neither the similarity matrix nor the full ranking is ever held.
 
@@ -121,9 +87,9 @@ def retrieval_metrics(
         VembedError: on mismatched shapes or lengths, bad ``ks``, or when no query has a relevant
             reference (the metrics would be undefined).
     """
-    ks = _check_ks(ks)
-    _check_positive_int(chunk_size, "chunk_size")
-    queries = _as_embeddings(query_embeddings, "query_embeddings", device=device)
+    ks = check_ks(ks)
+    check_positive_int(chunk_size, "chunk_size")
+    queries = as_embeddings(query_embeddings, "query_embeddings", device=device)
     all_vs_all = reference_embeddings is None
     if all_vs_all:
         if reference_labels is not None:
@@ -133,59 +99,127 @@ def retrieval_metrics(
     else:
         if reference_labels is None:
             raise VembedError("reference_embeddings was given without reference_labels")
-        references = _as_embeddings(reference_embeddings, "reference_embeddings", device=queries.device)
-        _check_same_dim(queries, "query_embeddings", references, "reference_embeddings")
-        query_codes, reference_codes = _joint_codes(query_labels, reference_labels)
-    _check_same_length(queries, "query_embeddings", query_codes, "query_labels")
-    _check_same_length(references, "reference_embeddings", reference_codes, "reference_labels")
+        references = as_embeddings(reference_embeddings, "reference_embeddings", device=queries.device)
+        check_same_dim(queries, "query_embeddings", references, "reference_embeddings")
+        query_codes, reference_codes = joint_codes(query_labels, reference_labels)
+    check_same_length(queries, "query_embeddings", query_codes, "query_labels")
+    check_same_length(references, "reference_embeddings", reference_codes, "reference_labels")
     if len(queries) == 0:
         raise VembedError("query_embeddings is empty: there is nothing to evaluate")
-
     query_codes = query_codes.to(queries.device)
     reference_codes = reference_codes.to(queries.device)
+    source = ExactNeighbours(queries, references, reference_codes, int(query_codes.max()) + 1, all_vs_all)
+    return ranked_metrics(
+        source, query_codes, reference_codes, all_vs_all=all_vs_all, ks=ks, chunk_size=chunk_size,
+        progress=progress,
+    )  # fmt: skip
+
+
+class NeighbourSource(Protocol):
+    """Where :func:`ranked_metrics` takes each chunk of queries' neighbours from.
+
+    ``exhaustive``: the source ranks every reference, so it can rank a relevant reference below the
+    shortlist (exact Recall@K for any K, and MAP@R); a faiss index cannot (Recall@K from its lists).
+    """
+
+    exhaustive: bool
+
+    def plan(self, used: torch.Tensor, chunk_size: int) -> list[tuple[int, int]]:
+        """``(start, stop)`` chunks of positions in ``used`` (the scored queries' global indices)."""
+
+    def shortlist(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        """``[len(rows), <= k]`` global reference indices, best first, equal scores by lower index
+        (``-1`` where a non-exhaustive source found fewer)."""
+
+    def first_relevant_rank(self, missed: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """1-based global rank of the first relevant reference of the last shortlist's rows at
+        positions ``missed`` (none of them in the shortlist), whose labels are ``codes``."""
+
+
+def ranked_metrics(
+    source: NeighbourSource,
+    query_codes: torch.Tensor,
+    reference_codes: torch.Tensor,
+    *,
+    all_vs_all: bool,
+    ks: Sequence[int],
+    chunk_size: int = 4096,
+    progress: bool = False,
+    rows: torch.Tensor | None = None,
+) -> dict[str, float]:
+    """Recall@K (and MAP@R when the source is exhaustive) of the queries (all, or those at ``rows``)
+    from ``source``'s neighbours; ``query_codes`` / ``reference_codes`` are global label codes."""
     class_sizes = torch.bincount(reference_codes, minlength=int(query_codes.max()) + 1)
     num_relevant = class_sizes[query_codes] - int(all_vs_all)
-    used = torch.nonzero(num_relevant > 0).squeeze(1)
-    num_skipped = len(queries) - len(used)
+    if rows is None:
+        used = torch.nonzero(num_relevant > 0).squeeze(1)
+        num_skipped = len(query_codes) - len(used)
+    else:
+        rows = rows.to(query_codes.device)
+        used = rows[num_relevant[rows] > 0]
+        num_skipped = len(rows) - len(used)
     if len(used) == 0:
         why = "every class has a single item" if all_vs_all else "no query label occurs among the references"
         raise VembedError(f"no query has a relevant reference ({why}); Recall@K and MAP@R are undefined")
 
-    available = len(references) - int(all_vs_all)
+    available = len(reference_codes) - int(all_vs_all)
     hits = dict.fromkeys(ks, 0)
     average_precision = torch.empty(len(used), dtype=torch.float64)  # AP@R per used query
-    buffer = _scores_buffer(len(used), references, chunk_size)
-    members = _ClassMembers(reference_codes, class_sizes)
-    for start, stop in _chunks(len(used), chunk_size, progress, "retrieval"):
-        rows = used[start:stop]
-        r = num_relevant[rows]
-        exclude = rows if all_vs_all else None
-        scores = _similarities(queries[rows], references, exclude, buffer[: stop - start])
+    for start, stop in advancing(source.plan(used, chunk_size), progress, "retrieval"):
+        chunk = used[start:stop]
+        r = num_relevant[chunk]
         # The top R (for MAP@R; at least _SHORTLIST) is selected; Recall@K needs only the rank of the
         # first relevant reference: read off the shortlist, or counted for the rows that miss it.
-        k = min(max(int(r.max()), _SHORTLIST), available)
-        _, neighbours = _select(scores, k, exclude is not None)
-        relevant = reference_codes[neighbours] == query_codes[rows, None]  # [c, k] bool
+        neighbours = source.shortlist(chunk, min(max(int(r.max()), _SHORTLIST), available))
+        relevant = reference_codes[neighbours] == query_codes[chunk, None]  # [c, k] bool
+        if not source.exhaustive:
+            relevant &= neighbours >= 0
         first = first_relevant(relevant)
-        missed = torch.nonzero(first == 0).squeeze(1)
-        if len(missed):
-            first[missed] = members.first_relevant_rank(scores[missed], query_codes[rows[missed]])
+        if source.exhaustive:
+            missed = torch.nonzero(first == 0).squeeze(1)
+            if len(missed):
+                first[missed] = source.first_relevant_rank(missed, query_codes[chunk[missed]])
+            average_precision[start:stop] = average_precision_at_r(relevant, r).cpu()
         for kk in ks:
-            hits[kk] += int((first <= kk).sum())
-        average_precision[start:stop] = average_precision_at_r(relevant, r).cpu()
+            hits[kk] += int(((first > 0) & (first <= kk)).sum())
 
     metrics: dict[str, float] = {f"recall@{kk}": hits[kk] / len(used) for kk in ks}
-    metrics["map@r"] = float(average_precision.mean())
+    if source.exhaustive:
+        metrics["map@r"] = float(average_precision.mean())
     metrics["num_queries"] = len(used)
     metrics["num_skipped"] = num_skipped
     return metrics
+
+
+class ExactNeighbours:
+    """Exact ranking in this process: each chunk's similarities to every reference (kept for the
+    ranks beyond the shortlist). ``reference_codes`` on the embeddings' device."""
+
+    exhaustive = True
+
+    def __init__(self, queries, references, reference_codes, num_classes: int, all_vs_all: bool):
+        self.queries, self.references, self.all_vs_all = queries, references, all_vs_all
+        self.members = ClassMembers(reference_codes, torch.bincount(reference_codes, minlength=num_classes))
+        self.scores = None
+
+    def plan(self, used: torch.Tensor, chunk_size: int) -> list[tuple[int, int]]:
+        self.buffer = scores_buffer(len(used), self.references, chunk_size)
+        return chunk_bounds(len(used), chunk_size)
+
+    def shortlist(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        exclude = rows if self.all_vs_all else None
+        self.scores = similarities(self.queries[rows], self.references, exclude, self.buffer[: len(rows)])
+        return select_top(self.scores, k, exclude is not None)[1]
+
+    def first_relevant_rank(self, missed: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        return self.members.first_relevant_rank(self.scores[missed], codes)
 
 
 def first_relevant(relevant: torch.Tensor) -> torch.Tensor:
     """1-based rank of each row's first relevant neighbour in a ``[c, k]`` bool shortlist; 0 if none.
 
     Recall@K needs only this rank: a row that misses the shortlist gets it from
-    :meth:`_ClassMembers.first_relevant_rank` (cheaper than selecting ``max(ks)`` for every row).
+    :meth:`ClassMembers.first_relevant_rank` (cheaper than selecting ``max(ks)`` for every row).
     """
     first = relevant.to(torch.uint8).argmax(dim=1) + 1
     return first.masked_fill_(~relevant.any(dim=1), 0)
@@ -199,85 +233,16 @@ def average_precision_at_r(relevant: torch.Tensor, r: torch.Tensor) -> torch.Ten
     return (precision * counted).sum(dim=1, dtype=torch.float64) / r
 
 
-def ranking_device(model) -> torch.device | None:
-    """The model's GPU when it has one (ranking there is exact too, and far faster), else None."""
-    device = getattr(model, "device", None)
-    return device if device is not None and device.type == "cuda" else None
-
-
 def labels_to_codes(labels) -> torch.Tensor:
     """Class labels (ints or strings; tensor, numpy array or list) → int64 codes ``0..C-1``.
 
     Codes follow the sorted order of the distinct labels, so equal labels get equal codes.
     """
-    _, codes = np.unique(_as_labels(labels, "labels"), return_inverse=True)
+    _, codes = np.unique(as_labels(labels, "labels"), return_inverse=True)
     return torch.from_numpy(codes.reshape(-1).astype(np.int64))
 
 
-# --------------------------------------------------------------------------------------------------
-# ranking
-
-
-def _rank(
-    block: torch.Tensor,
-    references: torch.Tensor,
-    k: int,
-    exclude: torch.Tensor | None,
-    scores: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` of one query block, best first, equal scores by lower reference index.
-
-    ``exclude[j]`` is the reference index that query ``j`` must not return (itself), or None.
-    ``k`` must be at least 1 and at most the number of references available to every query.
-    ``scores`` is a ``[len(block), len(references)]`` buffer for the similarities, reused across
-    chunks so that the largest allocation is made once rather than once per chunk.
-    """
-    return _select(_similarities(block, references, exclude, scores), k, exclude is not None)
-
-
-def _similarities(
-    block: torch.Tensor, references: torch.Tensor, exclude: torch.Tensor | None, scores: torch.Tensor
-) -> torch.Tensor:
-    """Inner products of a query block with every reference into ``scores``; excluded ones -inf."""
-    torch.mm(block, references.T, out=scores)
-    if exclude is not None:
-        scores[torch.arange(len(block), device=scores.device), exclude] = float("-inf")
-    return scores
-
-
-def _select(scores: torch.Tensor, k: int, excluded: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    """Top-``k`` of each row of ``scores``, best first, equal scores by lower index (see :func:`_rank`)."""
-    # One extra candidate shows whether the k-th score also occurs among the references left out.
-    extra = int(k < scores.shape[1] - excluded)
-    values, indices = torch.topk(scores, k + extra, dim=1)
-    spill = values[:, k - 1] == values[:, k] if extra else torch.zeros_like(values[:, 0], dtype=torch.bool)
-    values, indices = values[:, :k], indices[:, :k]
-
-    # Rows where topk may have kept a higher index and dropped a lower one with the same k-th score:
-    # take every score above the k-th, then the lowest-indexed references equal to it.
-    for part in torch.nonzero(spill).squeeze(1).split(_TIE_ROWS):
-        if len(part) == 0:
-            continue
-        sub = scores[part]
-        kth = values[part, k - 1 :]
-        above = sub > kth
-        tied = sub == kth
-        need = k - above.sum(dim=1, keepdim=True)
-        keep = above | (tied & (tied.cumsum(dim=1, dtype=torch.int32) <= need))
-        indices[part] = torch.nonzero(keep)[:, 1].view(len(part), k)  # ascending index per row
-        values[part] = sub.gather(1, indices[part])
-
-    # Order equal scores inside the selection by index: sort by index, then stable sort by score.
-    tied_rows = torch.nonzero(spill | (values[:, 1:] == values[:, :-1]).any(dim=1)).squeeze(1)
-    if len(tied_rows):
-        idx, order = indices[tied_rows].sort(dim=1)
-        vals, order = values[tied_rows].gather(1, order).sort(dim=1, descending=True, stable=True)
-        values[tied_rows] = vals
-        indices[tied_rows] = idx.gather(1, order)
-    return values, indices
-
-
-class _ClassMembers:
+class ClassMembers:
     """References grouped by class, to find each query's best relevant reference by gathering."""
 
     def __init__(self, reference_codes: torch.Tensor, class_sizes: torch.Tensor):
@@ -287,7 +252,7 @@ class _ClassMembers:
         self.starts = torch.cumsum(class_sizes, 0) - class_sizes
 
     def first_relevant_rank(self, scores: torch.Tensor, query_codes: torch.Tensor) -> torch.Tensor:
-        """1-based rank of each row's first same-class reference in :func:`_select`'s order.
+        """1-based rank of each row's first same-class reference in :func:`~vembed.neighbours.select_top`'s order.
 
         Rank = 1 + references scoring higher + references with the same score and a lower index than
         the best relevant one (ties rank by index), the query itself excluded (its score is -inf).
@@ -329,49 +294,7 @@ def ranked_before(scores: torch.Tensor, best: torch.Tensor, first: torch.Tensor)
     return before
 
 
-def _scores_buffer(num_queries: int, references: torch.Tensor, chunk_size: int) -> torch.Tensor:
-    """Room for one chunk of query × reference similarities."""
-    rows = min(chunk_size, num_queries)
-    return torch.empty(rows, len(references), dtype=torch.float32, device=references.device)
-
-
-def _chunks(total: int, chunk_size: int, show: bool, description: str) -> Iterator[tuple[int, int]]:
-    """``(start, stop)`` bounds of consecutive chunks of ``total`` rows, with an optional progress bar."""
-    bounds = [(start, min(start + chunk_size, total)) for start in range(0, total, chunk_size)]
-    if not show:
-        yield from bounds
-        return
-    with progress_bar() as bar:
-        task = bar.add_task(description, total=total)
-        for start, stop in bounds:
-            yield start, stop
-            bar.advance(task, stop - start)
-
-
-# --------------------------------------------------------------------------------------------------
-# input checks
-
-
-def _as_embeddings(x, name: str, device: torch.device | None = None) -> torch.Tensor:
-    """A ``[N, D]`` float32 tensor with finite values, from a tensor or numpy array."""
-    if isinstance(x, np.ndarray):
-        if x.dtype.kind not in "fiu":
-            raise VembedError(f"{name} must hold numbers, got a numpy array of dtype {x.dtype}")
-        x = torch.from_numpy(np.ascontiguousarray(x))
-    elif not isinstance(x, torch.Tensor):
-        raise VembedError(f"{name} must be a torch.Tensor or numpy array, got {type(x).__name__}")
-    if x.ndim != 2:
-        raise VembedError(f"{name} must be 2-D [items, dim], got shape {tuple(x.shape)}")
-    if x.shape[1] == 0:
-        raise VembedError(f"{name} has zero-width embeddings (shape {tuple(x.shape)})")
-    x = x.detach().to(device=device, dtype=torch.float32).contiguous()
-    if not torch.isfinite(x).all():
-        bad = int(torch.nonzero(~torch.isfinite(x).all(dim=1))[0])
-        raise VembedError(f"{name} contains NaN or infinite values (first in row {bad})")
-    return x
-
-
-def _as_labels(labels, name: str) -> np.ndarray:
+def as_labels(labels, name: str) -> np.ndarray:
     """A 1-D numpy array of integer or string labels."""
     if isinstance(labels, torch.Tensor):
         if labels.is_floating_point() or labels.is_complex():
@@ -395,10 +318,10 @@ def _as_labels(labels, name: str) -> np.ndarray:
     return labels
 
 
-def _joint_codes(query_labels, reference_labels) -> tuple[torch.Tensor, torch.Tensor]:
+def joint_codes(query_labels, reference_labels) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes for query and reference labels from one shared mapping."""
-    queries = _as_labels(query_labels, "query_labels")
-    references = _as_labels(reference_labels, "reference_labels")
+    queries = as_labels(query_labels, "query_labels")
+    references = as_labels(reference_labels, "reference_labels")
     if (queries.dtype.kind in "US") != (references.dtype.kind in "US"):
         kinds = ["strings" if a.dtype.kind in "US" else "integers" for a in (queries, references)]
         raise VembedError(
@@ -408,29 +331,16 @@ def _joint_codes(query_labels, reference_labels) -> tuple[torch.Tensor, torch.Te
     return codes[: len(queries)], codes[len(queries) :]
 
 
-def _check_same_dim(a: torch.Tensor, a_name: str, b: torch.Tensor, b_name: str) -> None:
-    if a.shape[1] != b.shape[1]:
-        raise VembedError(
-            f"{a_name} has dimension {a.shape[1]} but {b_name} has dimension {b.shape[1]}; "
-            "they must come from the same model"
-        )
-
-
-def _check_same_length(embeddings: torch.Tensor, e_name: str, codes: torch.Tensor, l_name: str) -> None:
+def check_same_length(embeddings: torch.Tensor, e_name: str, codes: torch.Tensor, l_name: str) -> None:
     if len(embeddings) != len(codes):
         raise VembedError(f"{e_name} has {len(embeddings)} rows but {l_name} has {len(codes)} labels")
 
 
-def _check_positive_int(value, name: str) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise VembedError(f"{name} must be a positive integer, got {value!r}")
-
-
-def _check_ks(ks: Sequence[int]) -> list[int]:
+def check_ks(ks: Sequence[int]) -> list[int]:
     """Distinct positive ks in increasing order."""
     ks = [ks] if isinstance(ks, int) else list(ks)
     if not ks:
         raise VembedError("ks is empty: give at least one K for Recall@K")
     for k in ks:
-        _check_positive_int(k, "every K in ks")
+        check_positive_int(k, "every K in ks")
     return sorted({int(k) for k in ks})

@@ -10,12 +10,13 @@ from pathlib import Path
 from vembed.console import log
 from vembed.data.records import RecordSet, read_records
 from vembed.errors import VembedError
-from vembed.evaluation.retrieval import ranking_device, retrieval_metrics
+from vembed.evaluation.retrieval import retrieval_metrics
 from vembed.evaluation.sharded_retrieval import sharded_retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder, truncate_embeddings
 from vembed.models.factory import create_embedder
 from vembed.models.loader import resolve_ref
+from vembed.neighbours import ranking_device
 from vembed.processes import Processes, device_for
 from vembed.settings import Settings
 
@@ -71,7 +72,7 @@ def evaluate_retrieval(
     Without ``gallery`` every image queries all the others, itself excluded (the SOP protocol);
     with it, ``query`` images search the ``gallery`` images. ``dims`` also scores each of these
     truncated widths (first N dims, re-normalised) of the same embeddings. ``index`` (a faiss kind:
-    hnsw, ivf, ivfpq, flat) takes the neighbours from that index instead, see :mod:`vembed.index.ann_eval`.
+    hnsw, ivf, ivfpq, flat) takes the neighbours from that index instead, see :mod:`vembed.evaluation.ann_retrieval`.
 
     ``processes`` (started by torchrun / accelerate launch, see :mod:`vembed.processes`): each
     process embeds a contiguous share of the images on its own device and holds only those embeddings;
@@ -119,7 +120,7 @@ def evaluate_retrieval(
         if r_emb is not None:
             kwargs = {"reference_embeddings": _width(r_emb, dim, embedder), "reference_labels": r_labels}
         if index is not None:
-            from vembed.index.ann_eval import ann_retrieval_metrics
+            from vembed.evaluation.ann_retrieval import ann_retrieval_metrics
 
             return ann_retrieval_metrics(
                 _width(q_emb, dim, embedder),

@@ -14,31 +14,27 @@ general a product can round differently in its last bit with another matrix shap
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+import bisect
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from vembed.console import progress as progress_bar
 from vembed.errors import VembedError
 from vembed.evaluation.retrieval import (
-    _SHORTLIST,
-    _as_embeddings,
-    _as_labels,
-    _check_ks,
-    _check_positive_int,
-    _check_same_length,
-    _ClassMembers,
-    _joint_codes,
-    _select,
-    average_precision_at_r,
-    first_relevant,
+    ClassMembers,
+    as_labels,
+    check_ks,
+    check_same_length,
+    joint_codes,
     labels_to_codes,
     ranked_before,
+    ranked_metrics,
 )
+from vembed.neighbours import as_embeddings, check_positive_int, select_top
 
-__all__ = ["sharded_retrieval_metrics"]
+__all__ = ["ShardedNeighbours", "sharded_retrieval_metrics"]
 
 
 def sharded_retrieval_metrics(
@@ -58,12 +54,12 @@ def sharded_retrieval_metrics(
     every process returns the metrics of the whole set. Needs an initialised ``torch.distributed``
     process group (gloo: the shortlists travel through CPU memory). ``progress``: show a bar here.
     """
-    ks = _check_ks(ks)
-    _check_positive_int(chunk_size, "chunk_size")
-    queries = _as_embeddings(query_embeddings, "query_embeddings", device=device)
+    ks = check_ks(ks)
+    check_positive_int(chunk_size, "chunk_size")
+    queries = as_embeddings(query_embeddings, "query_embeddings", device=device)
     all_vs_all = reference_embeddings is None
-    local_query_labels = _as_labels(query_labels, "query_labels")
-    _check_same_length(queries, "query_embeddings", local_query_labels, "query_labels")
+    local_query_labels = as_labels(query_labels, "query_labels")
+    check_same_length(queries, "query_embeddings", local_query_labels, "query_labels")
     if all_vs_all:
         if reference_labels is not None:
             raise VembedError("reference_labels was given without reference_embeddings")
@@ -71,9 +67,9 @@ def sharded_retrieval_metrics(
     else:
         if reference_labels is None:
             raise VembedError("reference_embeddings was given without reference_labels")
-        references = _as_embeddings(reference_embeddings, "reference_embeddings", device=queries.device)
-        local_reference_labels = _as_labels(reference_labels, "reference_labels")
-        _check_same_length(references, "reference_embeddings", local_reference_labels, "reference_labels")
+        references = as_embeddings(reference_embeddings, "reference_embeddings", device=queries.device)
+        local_reference_labels = as_labels(reference_labels, "reference_labels")
+        check_same_length(references, "reference_embeddings", local_reference_labels, "reference_labels")
 
     labels = _gather_arrays(local_query_labels)
     query_starts = _starts(_gather(len(queries)))
@@ -82,58 +78,75 @@ def sharded_retrieval_metrics(
         reference_starts = query_starts
     else:
         gallery = _gather_arrays(local_reference_labels)
-        query_codes, reference_codes = _joint_codes(labels, gallery)
+        query_codes, reference_codes = joint_codes(labels, gallery)
         reference_starts = _starts(_gather(len(references)))
     _check_dims(queries, references)
     if len(query_codes) == 0:
         raise VembedError("query_embeddings is empty on every process: there is nothing to evaluate")
+    source = ShardedNeighbours(
+        queries, references, reference_codes, int(query_codes.max()) + 1, all_vs_all,
+        query_starts=query_starts, reference_start=reference_starts[dist.get_rank()],
+    )  # fmt: skip
+    return ranked_metrics(
+        source, query_codes, reference_codes, all_vs_all=all_vs_all, ks=ks, chunk_size=chunk_size,
+        progress=progress,
+    )  # fmt: skip
 
-    rank = dist.get_rank()
-    ref_start = reference_starts[rank]
-    num_references = len(reference_codes)
-    class_sizes = torch.bincount(reference_codes, minlength=int(query_codes.max()) + 1)
-    num_relevant = class_sizes[query_codes] - int(all_vs_all)
-    used = torch.nonzero(num_relevant > 0).squeeze(1)
-    if len(used) == 0:
-        why = "every class has a single item" if all_vs_all else "no query label occurs among the references"
-        raise VembedError(f"no query has a relevant reference ({why}); Recall@K and MAP@R are undefined")
 
-    local_codes = reference_codes[ref_start : ref_start + len(references)].to(queries.device)
-    members = _ClassMembers(local_codes, torch.bincount(local_codes, minlength=len(class_sizes)))
-    available = num_references - int(all_vs_all)
-    hits = dict.fromkeys(ks, 0)
-    average_precision = torch.empty(len(used), dtype=torch.float64)
-    buffer = torch.empty(min(chunk_size, len(used)), len(references), device=queries.device)
-    for owner, start, stop in _chunks(used, query_starts, chunk_size, progress):
-        rows = used[start:stop]  # global query indices, all held by ``owner``
-        block = _broadcast_rows(queries, rows - query_starts[owner], owner, queries.device)
-        scores = torch.mm(block, references.T, out=buffer[: len(rows)])
-        if all_vs_all:  # a query never returns itself
-            mine = torch.nonzero((rows >= ref_start) & (rows < ref_start + len(references))).squeeze(1)
-            scores[mine.to(scores.device), (rows[mine] - ref_start).to(scores.device)] = float("-inf")
-        r = num_relevant[rows]
-        k = min(max(int(r.max()), _SHORTLIST), available)
-        neighbours = _merged_shortlist(scores, k, ref_start, num_references)
-        relevant = reference_codes[neighbours] == query_codes[rows, None]
-        first = first_relevant(relevant)
-        missed = torch.nonzero(first == 0).squeeze(1)
-        if len(missed):  # the same rows on every process: they all join the reductions
-            first[missed] = _first_relevant_rank(
-                members,
-                scores[missed.to(scores.device)],
-                query_codes[rows[missed]],
-                ref_start,
-                num_references,
-            )
-        for kk in ks:
-            hits[kk] += int((first <= kk).sum())
-        average_precision[start:stop] = average_precision_at_r(relevant, r)
+class ShardedNeighbours:
+    """Exact ranking split across processes: this process' ``references`` are global rows
+    ``reference_start ...``; its ``queries`` are rows ``query_starts[rank] ...`` of the global order."""
 
-    metrics: dict[str, float] = {f"recall@{kk}": hits[kk] / len(used) for kk in ks}
-    metrics["map@r"] = float(average_precision.mean())
-    metrics["num_queries"] = len(used)
-    metrics["num_skipped"] = len(query_codes) - len(used)
-    return metrics
+    exhaustive = True
+
+    def __init__(
+        self,
+        queries: torch.Tensor,
+        references: torch.Tensor,
+        reference_codes: torch.Tensor,
+        num_classes: int,
+        all_vs_all: bool,
+        *,
+        query_starts: list[int],
+        reference_start: int,
+    ):
+        self.queries, self.references, self.all_vs_all = queries, references, all_vs_all
+        self.query_starts, self.ref_start = query_starts, reference_start
+        self.num_references = len(reference_codes)
+        local = reference_codes[reference_start : reference_start + len(references)].to(queries.device)
+        self.members = ClassMembers(local, torch.bincount(local, minlength=num_classes))
+        self.scores = None
+
+    def plan(self, used: torch.Tensor, chunk_size: int) -> list[tuple[int, int]]:
+        """Chunks of positions in ``used``, each within one process' share of the queries."""
+        self.buffer = torch.empty(
+            min(chunk_size, len(used)), len(self.references), device=self.queries.device
+        )
+        bounds = []
+        cuts = torch.searchsorted(used, torch.tensor(self.query_starts[1:], dtype=used.dtype)).tolist()
+        edges = [0, *cuts, len(used)]
+        for owner in range(len(self.query_starts) - 1):
+            for start in range(edges[owner], edges[owner + 1], chunk_size):
+                bounds.append((start, min(start + chunk_size, edges[owner + 1])))
+        return bounds
+
+    def shortlist(self, rows: torch.Tensor, k: int) -> torch.Tensor:
+        """The global top-``k`` (CPU): the owner of ``rows`` sends them, every process ranks them
+        against its references, and the shortlists are merged."""
+        owner = bisect.bisect_right(self.query_starts, int(rows[0])) - 1
+        block = _broadcast_rows(self.queries, rows - self.query_starts[owner], owner, self.queries.device)
+        scores = torch.mm(block, self.references.T, out=self.buffer[: len(rows)])
+        if self.all_vs_all:  # a query never returns itself
+            start, stop = self.ref_start, self.ref_start + len(self.references)
+            mine = torch.nonzero((rows >= start) & (rows < stop)).squeeze(1)
+            scores[mine.to(scores.device), (rows[mine] - start).to(scores.device)] = float("-inf")
+        self.scores = scores
+        return _merged_shortlist(scores, k, self.ref_start, self.num_references)
+
+    def first_relevant_rank(self, missed: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+        """The same rows on every process (the shortlists are merged): they all join the reductions."""
+        scores = self.scores[missed.to(self.scores.device)]
+        return _first_relevant_rank(self.members, scores, codes, self.ref_start, self.num_references)
 
 
 def _merged_shortlist(scores: torch.Tensor, k: int, ref_start: int, num_references: int) -> torch.Tensor:
@@ -147,7 +160,7 @@ def _merged_shortlist(scores: torch.Tensor, k: int, ref_start: int, num_referenc
     indices = torch.full((rows, k), num_references, dtype=torch.int64)  # padding sorts last
     local_k = min(k, scores.shape[1])
     if local_k:
-        top_values, top_indices = _select(scores, local_k, False)
+        top_values, top_indices = select_top(scores, local_k, False)
         values[:, :local_k] = top_values.cpu()
         indices[:, :local_k] = top_indices.cpu() + ref_start
     all_values, all_indices = _all_gather(values), _all_gather(indices)
@@ -157,7 +170,7 @@ def _merged_shortlist(scores: torch.Tensor, k: int, ref_start: int, num_referenc
 
 
 def _first_relevant_rank(
-    members: _ClassMembers, scores: torch.Tensor, codes: torch.Tensor, ref_start: int, num_references: int
+    members: ClassMembers, scores: torch.Tensor, codes: torch.Tensor, ref_start: int, num_references: int
 ) -> torch.Tensor:
     """Global 1-based rank of each row's first relevant reference (rows that missed the shortlist):
     the best relevant score over all processes, the lowest index with it, then the references
@@ -172,26 +185,6 @@ def _first_relevant_rank(
     before = ranked_before(scores, best.to(device), (first - ref_start).to(device)).cpu()
     dist.all_reduce(before)
     return 1 + before
-
-
-def _chunks(
-    used: torch.Tensor, query_starts: list[int], chunk_size: int, show: bool
-) -> Iterator[tuple[int, int, int]]:
-    """``(owner, start, stop)``: chunks of positions in ``used``, each within one process' share."""
-    bounds = []
-    cuts = torch.searchsorted(used, torch.tensor(query_starts[1:], dtype=used.dtype)).tolist()
-    edges = [0, *cuts, len(used)]
-    for owner in range(len(query_starts) - 1):
-        for start in range(edges[owner], edges[owner + 1], chunk_size):
-            bounds.append((owner, start, min(start + chunk_size, edges[owner + 1])))
-    if not show:
-        yield from bounds
-        return
-    with progress_bar() as bar:
-        task = bar.add_task("retrieval", total=len(used))
-        for owner, start, stop in bounds:
-            yield owner, start, stop
-            bar.advance(task, stop - start)
 
 
 def _broadcast_rows(

@@ -7,14 +7,14 @@ when either label is unknown. Under each thumbnail: the rank, the score and the 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import lru_cache
 from pathlib import Path
 
-from PIL import Image, ImageDraw, ImageFont, ImageOps
+from PIL import Image, ImageDraw, ImageOps
 
 from vembed.console import log
 from vembed.data.images import load_image
 from vembed.errors import VembedError
+from vembed.fonts import LabelFonts
 from vembed.index.search import QueryResult
 from vembed.io import atomic_path
 
@@ -52,8 +52,8 @@ def draw_grid(
     if len(results) > max_rows:
         log(f"grid: drawing the first {max_rows} of {len(results)} queries")
         results = results[:max_rows]
-    font = _font(max(10, thumb // 10))
-    line = _text_height(font) + 2
+    font = LabelFonts(max(10, thumb // 10))
+    line = _text_height(font.primary) + 2
     cell_w, cell_h = thumb + 2 * BORDER, thumb + 2 * BORDER + 2 * line + 2
     columns = 1 + max(len(r.hits) for r in results)
     width = GAP + cell_w + SEPARATOR + (columns - 1) * (cell_w + GAP)
@@ -82,6 +82,7 @@ def draw_grid(
         log(
             f"[yellow]warning:[/] grid: {len(unreadable)} image(s) could not be read and are crossed out: {shown}"
         )
+    font.warn()
     out = Path(out)
     with atomic_path(out) as tmp:
         canvas.save(tmp, format="PNG")
@@ -105,7 +106,8 @@ def _cell(canvas, draw, origin, image, colour, caption, thumb, font, line) -> No
         draw.line((a, y + BORDER + thumb - 1, b, y + BORDER), fill=UNKNOWN, width=2)
     for i, text in enumerate(caption):
         if text:
-            draw.text((x, y + size + 1 + i * line), _fit(draw, text, font, size), fill=TEXT, font=font)
+            face = font.font(text)
+            draw.text((x, y + size + 1 + i * line), _fit(draw, text, face, size), fill=TEXT, font=face)
 
 
 def _thumbnail(path: Path, thumb: int, unreadable: list[str]) -> Image.Image | None:
@@ -129,14 +131,6 @@ def _fit(draw, text: str, font, width: int) -> str:
     return text + "..."
 
 
-@lru_cache(maxsize=8)
-def _font(size: int):
-    try:
-        return ImageFont.load_default(size=size)
-    except (TypeError, OSError, ImportError):  # Pillow without FreeType: the fixed bitmap font
-        return ImageFont.load_default()
-
-
 def _text_height(font) -> int:
     left, top, right, bottom = font.getbbox("Ag#1")
     return int(bottom - min(top, 0))
@@ -156,8 +150,8 @@ def draw_captioned(
     if len(items) > max_items:
         log(f"grid: drawing the first {max_items} of {len(items)} images")
         items = items[:max_items]
-    font = _font(max(10, thumb // 12))
-    line = _text_height(font) + 2
+    font = LabelFonts(max(10, thumb // 12))
+    line = _text_height(font.primary) + 2
     lines = max(len(caption) for _, caption, _ in items)
     cell_w, cell_h = thumb + 2 * BORDER, thumb + 2 * BORDER + lines * line + 2
     columns = max(1, min(columns, len(items)))
@@ -180,6 +174,7 @@ def draw_captioned(
         )
     if unreadable:
         log(f"[yellow]warning:[/] grid: {len(unreadable)} image(s) could not be read and are crossed out")
+    font.warn()
     out = Path(out)
     with atomic_path(out) as tmp:
         canvas.save(tmp, format="PNG")

@@ -1,6 +1,6 @@
 """Search a store: exact top-k by chunked matrix product, or a faiss index for large stores.
 
-Exact search calls :func:`vembed.evaluation.retrieval.topk`, the one place vembed ranks neighbours.
+Exact search calls :func:`vembed.neighbours.topk`, the one place vembed ranks neighbours.
 ``index.kind`` picks the method: ``auto`` uses the index saved in the store if there is one, builds an
 HNSW index (and saves it) when the store holds more than ``index.faiss_threshold`` vectors, and
 searches exactly otherwise; ``exact``/``flat``/``hnsw``/``ivf``/``ivfpq`` force one.
@@ -16,10 +16,10 @@ import torch
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.evaluation.retrieval import topk
 from vembed.index.faiss_index import FaissIndex, build_index, load_index, save_index
 from vembed.index.store import EmbeddingStore, embedder_for_store
 from vembed.inference import embed_records
+from vembed.neighbours import topk
 from vembed.settings import IndexSettings, Settings
 
 

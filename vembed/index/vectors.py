@@ -14,8 +14,8 @@ import numpy as np
 import torch
 
 from vembed.errors import VembedError
-from vembed.evaluation.retrieval import topk
 from vembed.index.store import Shard, read_store_meta, store_shards
+from vembed.neighbours import topk
 
 
 class StoreVectors:

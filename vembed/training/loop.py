@@ -400,7 +400,12 @@ class _Trainer:
             self.best_store.remove()
             which = self.selection.describe() if row is not None else "last step"
             self._say(f"final model ({which}, step {training['step']}): {final}")
-            plot = plot_metrics(self.metrics.rows, self.run_dir / PLOT_FILE, title=str(self.run_dir))
+            plot = plot_metrics(
+                self.metrics.rows,
+                self.run_dir / PLOT_FILE,
+                title=str(self.run_dir),
+                selected=self.selection.metric,
+            )
             if plot is not None:
                 self._say(f"curves: {plot}")
         acc.wait_for_everyone()

@@ -12,10 +12,11 @@ from collections.abc import Callable
 
 import torch
 
-from vembed.evaluation.retrieval import ranking_device, retrieval_metrics
+from vembed.evaluation.retrieval import retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder
 from vembed.models.heads import ClassifierHead
+from vembed.neighbours import ranking_device
 from vembed.settings import Settings
 from vembed.training.data import LabelledImages
 

@@ -12,10 +12,10 @@ from vembed.console import progress, rate_column
 from vembed.data.images import load_image
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
-from vembed.evaluation.segeval import predict_mask
-from vembed.evaluation.segplot import overlay
 from vembed.io import write_image
 from vembed.models.segmenter import Segmenter
+from vembed.tasks.segmentation.evaluator import predict_mask
+from vembed.tasks.segmentation.plots import overlay
 
 OVERLAY_SUFFIX = ".overlay.png"
 
@@ -51,7 +51,7 @@ def predict_masks(
             )
     result = MaskResult(out)
     with progress(rate_column(), enabled=show_progress) as bar:
-        task = bar.add_task("predicting masks", total=len(records), rate=0.0, visible=show_progress)
+        task = bar.add_task("predicting masks", total=len(records), visible=show_progress)
         for rec in records:
             try:
                 image = load_image(rec.image)

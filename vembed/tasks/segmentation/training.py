@@ -22,7 +22,6 @@ from torch.utils.data import Dataset
 from vembed.data.images import IGNORE_INDEX
 from vembed.data.records import SegRecord, read_records
 from vembed.errors import VembedError
-from vembed.evaluation.segeval import evaluate_segmentation
 from vembed.inference import _without_worker_tracebacks
 from vembed.io import atomic_dir
 from vembed.models.factory import save_model
@@ -31,6 +30,7 @@ from vembed.models.segmenter import Segmenter, create_segmenter
 from vembed.settings import AugmentSettings, Settings
 from vembed.tasks.base import TrainParts
 from vembed.tasks.segmentation.data import SegEvalTransform, SegmentationImages, SegTrainTransform
+from vembed.tasks.segmentation.evaluator import evaluate_segmentation
 from vembed.training.data import EpochLoaders, ShuffledBatchSampler, report_problems
 
 # train.augment's segmentation defaults for the keys left null: on, a 0.5-2x zoom crop, hflip 0.5

@@ -1,4 +1,4 @@
-"""Run a :class:`Segmenter` over mask records: metrics (optionally under corruptions) and mask prediction.
+"""The segmentation evaluator (mIoU, pixel accuracy; optionally under corruptions) and mask prediction.
 
 At the model's input size (default) every image is resized to ``S x S`` and compared with its mask
 resized (nearest) to ``S x S``; with ``full_res`` the original image is covered by overlapping
@@ -22,11 +22,12 @@ from torch.utils.data import DataLoader, Dataset
 from vembed.console import progress, rate_column
 from vembed.data.images import load_image, load_mask
 from vembed.data.records import SegRecord
-from vembed.evaluation.corruptions import corrupt
-from vembed.evaluation.segmentation import ConfusionMatrix, SegmentationMetrics
+from vembed.evaluation.base import EvalResult
 from vembed.inference import _without_worker_tracebacks
 from vembed.models.segmenter import Segmenter
+from vembed.tasks.segmentation.corruptions import SEVERITIES, corrupt
 from vembed.tasks.segmentation.data import SegEvalTransform, check_classes, check_pair
+from vembed.tasks.segmentation.metrics import ConfusionMatrix, SegmentationMetrics
 
 
 @dataclass(frozen=True)
@@ -34,6 +35,83 @@ class Corruption:
     name: str
     severity: int
     seed: int = 0
+
+
+@dataclass(frozen=True)
+class SegEvalOptions:
+    """How a :class:`SegmentationEvaluator` runs (from ``eval.batch_size``, ``data.num_workers`` ...).
+
+    ``corruptions`` (names of :data:`~vembed.tasks.segmentation.corruptions.CORRUPTIONS`) are evaluated
+    at every one of ``severities`` after the clean images, seeded with ``seed``.
+    """
+
+    batch_size: int = 8
+    num_workers: int = 0
+    full_res: bool = False
+    corruptions: tuple[str, ...] = ()
+    severities: tuple[int, ...] = SEVERITIES
+    seed: int = 0
+
+
+class SegmentationEvaluator:
+    """``evaluator(segmenter) -> EvalResult``: mIoU and pixel accuracy of one confusion matrix over the
+    records (``miou`` ranks models); with corruptions, ``details["corruptions"]`` maps each name to
+    ``{severity: mIoU}``. ``details["metrics"]`` is the full :class:`SegmentationMetrics` (per-class IoU).
+    """
+
+    name = "segmentation"
+    primary_metric = "miou"
+    greater_is_better = True
+
+    def __init__(
+        self,
+        records: Sequence[SegRecord],
+        options: SegEvalOptions = SegEvalOptions(),
+        *,
+        description: str = "segmenting",
+        autocast=None,
+    ):
+        self.records, self.options = list(records), options
+        self.description, self.autocast = description, autocast
+
+    @property
+    def metrics(self) -> list[str]:
+        return ["miou", "pixel_accuracy"]
+
+    def __call__(self, model: Segmenter, *, show_progress: bool = True) -> EvalResult:
+        o = self.options
+        run = dict(
+            batch_size=o.batch_size,
+            num_workers=o.num_workers,
+            full_res=o.full_res,
+            show_progress=show_progress,
+            autocast=self.autocast,
+        )
+        clean = evaluate_segmentation(model, self.records, description=self.description, **run)
+        corruptions: dict[str, dict[str, float]] = {}
+        for name in o.corruptions:
+            corruptions[name] = {
+                str(severity): evaluate_segmentation(
+                    model,
+                    self.records,
+                    corruption=Corruption(name, severity, o.seed),
+                    description=f"{name} {severity}",
+                    **run,
+                ).miou
+                for severity in o.severities
+            }
+        return EvalResult(
+            {"miou": clean.miou, "pixel_accuracy": clean.pixel_accuracy},
+            self.primary_metric,
+            self.greater_is_better,
+            details={
+                "metrics": clean,
+                "corruptions": corruptions,
+                "num_images": len(self.records),
+                "image_size": model.spec.image_size,
+                "full_res": o.full_res,
+            },
+        )
 
 
 class _EvalImages(Dataset):
@@ -98,7 +176,7 @@ def evaluate_segmentation(
     cm = ConfusionMatrix(model.num_classes)
     done = 0
     with progress(rate_column(), enabled=show_progress) as bar:
-        task = bar.add_task(description, total=len(data), rate=0.0, visible=show_progress)
+        task = bar.add_task(description, total=len(data), visible=show_progress)
         for pixels, masks in _without_worker_tracebacks(loader):
             with autocast() if autocast is not None else contextlib.nullcontext():
                 logits = sliding_logits(model, pixels[0]) if full_res else model.predict(pixels)

@@ -3,7 +3,6 @@ report, a table, JSON and a plot."""
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -12,10 +11,9 @@ from rich.table import Table
 from vembed.console import log
 from vembed.data.records import SegRecord, read_records
 from vembed.errors import VembedError
-from vembed.evaluation.corruptions import SEVERITIES
-from vembed.evaluation.segeval import Corruption, evaluate_segmentation
-from vembed.evaluation.segmentation import SegmentationMetrics
-from vembed.settings import Settings
+from vembed.evaluation.compare import Scored
+from vembed.tasks.segmentation.corruptions import SEVERITIES
+from vembed.tasks.segmentation.metrics import SegmentationMetrics
 
 
 @dataclass
@@ -70,49 +68,26 @@ def parse_severities(text: str | int | None) -> list[int]:
     return values
 
 
-def read_mask_records(path: str | Path, settings: Settings) -> list[SegRecord]:
-    found = read_records(path, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad)
+def read_mask_records(path: str | Path, *, image_root=None, skip_bad: bool = False) -> list[SegRecord]:
+    """The image/mask records of a JSONL file (each skipped bad record logged)."""
+    found = read_records(path, image_root=image_root, skip_bad=skip_bad)
     for problem in found.problems:
         log(f"[yellow]skipped:[/] {problem}")
     return found.masks()
 
 
-def run_segmentation_eval(
-    model,
-    records: list[SegRecord],
-    *,
-    name: str,
-    data: str,
-    settings: Settings,
-    corruptions: list[str] = (),
-    severities: list[int] = SEVERITIES,
-    full_res: bool = False,
-    seed: int = 0,
-    show_progress: bool = True,
-) -> SegmentationReport:
-    """Clean metrics, then the mIoU under every corruption at every severity."""
-    start = time.perf_counter()
-    options = dict(
-        batch_size=settings.eval.batch_size,
-        num_workers=settings.data.num_workers,
-        full_res=full_res,
-        show_progress=show_progress,
-    )
-    metrics = evaluate_segmentation(model, records, description=f"{name}: clean", **options)
-    results: dict[str, dict[str, float]] = {}
-    for corruption in corruptions:
-        results[corruption] = {}
-        for severity in severities:
-            m = evaluate_segmentation(
-                model,
-                records,
-                corruption=Corruption(corruption, severity, seed),
-                description=f"{corruption} {severity}",
-                **options,
-            )
-            results[corruption][str(severity)] = m.miou
+def segmentation_report(scored: Scored, *, data: str) -> SegmentationReport:
+    """The report of one model's :class:`~vembed.tasks.segmentation.evaluator.SegmentationEvaluator`
+    result (from :func:`vembed.evaluation.compare.compare`)."""
+    details = scored.result.details
     return SegmentationReport(
-        name, data, metrics, model.spec.image_size, full_res, results, time.perf_counter() - start
+        scored.name,
+        data,
+        details["metrics"],
+        details["image_size"],
+        details["full_res"],
+        details["corruptions"],
+        scored.seconds,
     )
 
 
