@@ -22,7 +22,6 @@ new one, never a mix. ``meta.json`` records how to rebuild the model that made t
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -268,15 +267,6 @@ def read_shard_embeddings(shard: Shard) -> torch.Tensor:
     if shard.count is not None and len(embeddings) != shard.count:
         raise VembedError(f"{shard.embeddings}: {len(embeddings)} rows, meta.json says {shard.count}")
     return embeddings.float()
-
-
-def iter_store_rows(path: str | Path) -> Iterator[tuple[int, torch.Tensor]]:
-    """``(first row, embeddings)`` shard by shard: one shard in memory at a time."""
-    start = 0
-    for shard in store_shards(path):
-        embeddings = read_shard_embeddings(shard)
-        yield start, embeddings
-        start += len(embeddings)
 
 
 def store_summary(path: str | Path) -> dict[str, Any]:

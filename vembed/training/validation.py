@@ -20,8 +20,6 @@ from vembed.neighbours import ranking_device
 from vembed.settings import Settings
 from vembed.training.data import LabelledImages
 
-PRIMARY_METRIC = "recall@1"
-
 
 def inference_autocast(embedder: Embedder, dtype: str):
     """A bf16/fp16 autocast for validating fp32 training weights where ``model.dtype`` (auto) computes

@@ -22,7 +22,7 @@ from vembed.settings import Settings
 from vembed.settings.augment import AugmentSettings
 from vembed.tasks.base import TrainParts
 from vembed.training.data import AUGMENT_DEFAULTS, build_batch_sampler, read_labelled, report_problems
-from vembed.training.model import build_embedder, check_objective, loss_kwargs, make_loss
+from vembed.training.model import check_objective, loss_kwargs, make_loss, trainable_embedder
 from vembed.training.steps import cache_features, step_runner, uses_feature_cache
 from vembed.training.validation import Validator
 
@@ -59,7 +59,7 @@ class RetrievalTask:
 
     def setup(self, settings: Settings, accelerator, *, show_progress: bool = True) -> TrainParts:
         acc = accelerator
-        embedder = build_embedder(settings)  # LoRA target errors: before any data is read
+        embedder = trainable_embedder(settings)  # LoRA target errors: before any data is read
         check_objective(settings.train, embedder)
         data = read_labelled(settings.data.train, settings, what="training")
         val = read_labelled(settings.data.val, settings, what="validation") if settings.data.val else None
