@@ -151,7 +151,7 @@ def test_model_without_a_head_and_foreign_labels_are_one_line(tiny_model, head_m
 def test_a_ce_run_keeps_its_classifier_and_validates_top1(tiny_model, tmp_path):
     """method=frozen + loss=ce: validation rows carry top1 beside Recall@K, select_metric=top1 works,
     and final/ classifies with the class names of the training data."""
-    from test_training_helpers import make_nuisance_dataset, one_thread, tiny_settings
+    from training_data import make_nuisance_dataset, one_thread, tiny_settings
 
     from vembed.settings import TrainSettings
     from vembed.training import train

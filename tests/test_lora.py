@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import save_tiny_model
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_training_helpers import make_nuisance_dataset, one_thread, tiny_settings
+from training_data import make_nuisance_dataset, one_thread, tiny_settings
 
 from vembed.errors import VembedError
 from vembed.models.factory import create_embedder

@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import save_tiny_model
 from safetensors.torch import load_file
-from test_training_helpers import max_abs_diff, one_thread
+from training_data import max_abs_diff, one_thread
 from typer.testing import CliRunner
 
 from vembed.cli import app

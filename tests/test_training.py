@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from test_training_helpers import make_nuisance_dataset, one_thread, tiny_settings
+from training_data import make_nuisance_dataset, one_thread, tiny_settings
 from typer.testing import CliRunner
 
 from vembed.cli import app

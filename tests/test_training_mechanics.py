@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training_helpers import (
+from torch import nn
+from training_data import (
     checkpoint_weights,
     make_nuisance_dataset,
     make_pair_dataset,
@@ -17,7 +18,6 @@ from test_training_helpers import (
     one_thread,
     tiny_settings,
 )
-from torch import nn
 
 from vembed.errors import VembedError
 from vembed.losses import build_loss

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_training_helpers import (
+from training_data import (
     checkpoint_weights,
     make_nuisance_dataset,
     max_abs_diff,

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_helpers import make_nuisance_dataset, max_abs_diff, one_thread, tiny_settings
+from training_data import make_nuisance_dataset, max_abs_diff, one_thread, tiny_settings
 
 from vembed.errors import VembedError
 from vembed.settings import load_settings
