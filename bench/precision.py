@@ -52,6 +52,7 @@ def model(path: Path) -> Path:
 
 
 def run(profile: Profile) -> list[Figure]:
+    from vembed.evaluation.options import retrieval_setup
     from vembed.evaluation.run import evaluate_retrieval
     from vembed.settings import load_settings
     from vembed.training import train
@@ -77,7 +78,7 @@ def run(profile: Profile) -> list[Figure]:
         rates = [r["images_per_second"] for r in rows if r.get("kind") == "train" and r.get("step", 0) > 10]
         evaluation = load_settings(None, ["model.dtype=float32", "data.num_workers=0"])
         recall = evaluate_retrieval(
-            str(result.final_dir), test_file, settings=evaluation, show_progress=False
+            str(result.final_dir), test_file, **retrieval_setup(evaluation), show_progress=False
         )
         results[precision] = {
             "img_per_s": float(np.median(rates)) if rates else steps * 64 / seconds,
@@ -88,7 +89,9 @@ def run(profile: Profile) -> list[Figure]:
     inference = {}
     for dtype in ("float32", "bfloat16"):
         s = load_settings(None, [f"model.dtype={dtype}", "data.num_workers=0"])
-        report = evaluate_retrieval(results["no"]["final"], test_file, settings=s, show_progress=False)
+        report = evaluate_retrieval(
+            results["no"]["final"], test_file, **retrieval_setup(s), show_progress=False
+        )
         inference[dtype] = report.metrics["recall@1"]
     fp32, bf16 = results["no"], results["bf16"]
     delta = 100 * (bf16["recall@1"] - fp32["recall@1"])

@@ -9,9 +9,11 @@ import torch.nn.functional as F
 from conftest import make_image_dataset
 from typer.testing import CliRunner
 
+from vembed.classify import load_classifier_model
 from vembed.cli import app
 from vembed.data.records import read_records
-from vembed.evaluation.classify import evaluate_classify
+from vembed.evaluation.base import EmbedOptions, read_eval_records
+from vembed.evaluation.classify import ClassifyEvaluator
 from vembed.export import export_model
 from vembed.inference import embed_records
 from vembed.models.factory import create_embedder, save_model
@@ -20,6 +22,12 @@ from vembed.settings import Settings
 
 runner = CliRunner()
 SETTINGS = Settings.model_validate({"data": {"num_workers": 0}})
+
+
+def evaluate_classify(model, data):
+    """The ClassifyEvaluator's report of ``model`` (a classifier run or export) on ``data``."""
+    evaluator = ClassifyEvaluator(read_eval_records(data), embed=EmbedOptions(num_workers=0))
+    return evaluator(load_classifier_model(model, SETTINGS), show_progress=False).details["report"]
 
 
 @pytest.fixture(scope="module")
@@ -85,6 +93,14 @@ def test_classify_agrees_with_eval_classify(head_model, data, tmp_path):
     confusion = report["confusion"]["matrix"]
     assert sum(confusion[i][i] for i in range(4)) == correct
     assert (tmp_path / "g.png").stat().st_size > 0
+    # the ClassifyEvaluator called directly gives the numbers of `eval classify --json`
+    direct = evaluate_classify(str(head_model), data)
+    assert (direct.top1, direct.top5, direct.per_class) == (
+        report["top1"],
+        report["top5"],
+        report["per_class"],
+    )
+    assert direct.confusion == confusion
 
 
 def test_export_round_trips_the_head(head_model, data, tmp_path):
@@ -105,8 +121,8 @@ def test_export_round_trips_the_head(head_model, data, tmp_path):
     exec(code, scope)
     assert (scope["probs"] - b.probabilities(scope["emb"])).abs().max() < 1e-6
     assert scope["predicted"] == [b.labels[i] for i in b.probabilities(scope["emb"]).argmax(dim=1)]
-    before = evaluate_classify(str(head_model), data, settings=SETTINGS, show_progress=False)
-    after = evaluate_classify(str(tmp_path / "export"), data, settings=SETTINGS, show_progress=False)
+    before = evaluate_classify(str(head_model), data)
+    after = evaluate_classify(str(tmp_path / "export"), data)
     assert before.confusion == after.confusion
 
 
@@ -178,6 +194,6 @@ def test_a_ce_run_keeps_its_classifier_and_validates_top1(tiny_model, tmp_path):
     assert val_rows and all({"top1", "top5", "recall@1"} <= set(r) for r in val_rows)
     head = require_classifier(result.final_dir)
     assert sorted(map(str, head.labels)) == sorted({str(r.label) for r in read_records(train_file).images()})
-    report = evaluate_classify(str(result.final_dir), val_file, settings=SETTINGS, show_progress=False)
+    report = evaluate_classify(str(result.final_dir), val_file)
     saved = json.loads((result.final_dir / "vembed.json").read_text())["training"]["metrics"]
     assert report.top1 == pytest.approx(saved["top1"])  # validation and eval classify agree

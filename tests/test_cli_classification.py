@@ -12,10 +12,11 @@ from vembed.cli import app
 from vembed.data.prepare import prepare_imagefolder
 from vembed.data.records import read_records
 from vembed.evaluation import linear_probe
-from vembed.evaluation.base import embed_labelled, read_labelled
+from vembed.evaluation.base import EmbedOptions, embed_labelled, read_eval_records
 from vembed.evaluation.cache import EmbeddingCache
-from vembed.evaluation.fewshot import evaluate_fewshot, fewshot_accuracy, fewshot_sets
-from vembed.evaluation.linear_probe import evaluate_linear_probe
+from vembed.evaluation.fewshot import FewShotEvaluator, fewshot_accuracy, fewshot_sets, read_fewshot_sets
+from vembed.evaluation.linear_probe import LinearProbeEvaluator
+from vembed.evaluation.options import retrieval_setup
 from vembed.evaluation.run import evaluate_retrieval
 from vembed.inference import embed_records
 from vembed.models.factory import create_embedder
@@ -72,12 +73,15 @@ def test_seen_and_unseen_are_class_disjoint(tiny_model, prepared):
     unseen = _labels(prepared / "unseen_support.jsonl") | _labels(prepared / "unseen_query.jsonl")
     assert seen and unseen and not seen & unseen
     sets = fewshot_sets(prepared)
-    report = evaluate_fewshot(str(tiny_model), sets, ks=[1, 2], settings=SETTINGS, show_progress=False)
-    # the unseen numbers are those of the unseen files alone: the seen classes never compete
-    alone = evaluate_fewshot(str(tiny_model), {"unseen": sets["unseen"]}, ks=[1, 2], settings=SETTINGS)
-    assert report.results["unseen"] == alone.results["unseen"]
     embedder = create_embedder(str(tiny_model))
-    s, q = (embed_labelled(embedder, read_labelled(p)) for p in sets["seen"])
+    options = EmbedOptions(num_workers=0)
+    records = read_fewshot_sets(sets)
+    report = FewShotEvaluator(records, ks=[1, 2], embed=options)(embedder, show_progress=False)
+    report = report.details["report"]
+    # the unseen numbers are those of the unseen files alone: the seen classes never compete
+    alone = FewShotEvaluator({"unseen": records["unseen"]}, ks=[1, 2], embed=options)(embedder)
+    assert report.results["unseen"] == alone.details["report"].results["unseen"]
+    s, q = (embed_labelled(embedder, read_eval_records(p)) for p in sets["seen"])
     assert report.results["seen"] == fewshot_accuracy(s, q, [1, 2])
 
 
@@ -108,26 +112,29 @@ def test_knn_and_linear_probe_cli(tiny_model, prepared, tmp_path):
 def test_probe_cache_is_reused_and_invalidated(tiny_model, prepared, tmp_path, monkeypatch):
     files = [prepared / f"{name}.jsonl" for name in ("train", "val", "test")]
     cache = EmbeddingCache(tmp_path / "cache")
-    first = evaluate_linear_probe(
-        str(tiny_model), *files, settings=SETTINGS, cache=cache, show_progress=False
-    )
-    assert not any(first.cached.values()) and len(list(cache.folder.iterdir())) == 3
+    loads = []
 
-    def no_model(*args, **kwargs):
-        raise AssertionError("the model was loaded although every split is cached")
+    def load(name):
+        loads.append(name)
+        return create_embedder(name, SETTINGS.model)
 
-    monkeypatch.setattr(linear_probe, "embedder_for", no_model)
-    again = evaluate_linear_probe(
-        str(tiny_model), *files, settings=SETTINGS, cache=cache, show_progress=False
-    )
+    def evaluate_linear_probe(model, *paths, load=load):
+        splits = [read_eval_records(p) for p in paths]
+        probe = LinearProbeEvaluator(
+            *splits, embed=EmbedOptions(num_workers=0), cache=cache, model_settings=SETTINGS.model, load=load
+        )
+        return probe(model, show_progress=False).details["report"]
+
+    first = evaluate_linear_probe(str(tiny_model), *files)
+    assert not any(first.cached.values()) and len(list(cache.folder.iterdir())) == 3 and len(loads) == 1
+    again = evaluate_linear_probe(str(tiny_model), *files)
     assert all(again.cached.values()) and again.score == first.score
+    assert len(loads) == 1  # every split cached: the model was not loaded
     # the test file changes (one record fewer) → its entry is recomputed, the others still reused
     test = prepared / "test_minus_one.jsonl"  # beside the original: relative paths still resolve
     test.write_text("\n".join(files[2].read_text().splitlines()[:-1]) + "\n")
-    with pytest.raises(AssertionError, match="model was loaded"):
-        evaluate_linear_probe(str(tiny_model), files[0], files[1], test, settings=SETTINGS, cache=cache)
-    monkeypatch.undo()
-    changed = evaluate_linear_probe(str(tiny_model), files[0], files[1], test, settings=SETTINGS, cache=cache)
+    changed = evaluate_linear_probe(str(tiny_model), files[0], files[1], test)
+    assert len(loads) == 2
     assert changed.cached == {"train": True, "val": True, "test": False}
     assert changed.score.queries == first.score.queries - 1
 
@@ -140,9 +147,11 @@ def test_truncated_width_is_slice_then_renormalise(tiny_model, prepared, tmp_pat
     emb = embed_records(short, records, num_workers=0, show_progress=False).embeddings
     assert torch.allclose(emb, F.normalize(full.embeddings[:, :16], dim=-1), atol=1e-6)
     # --dims scores the same width as model.truncate_dim
-    dims = evaluate_retrieval(str(tiny_model), prepared / "test.jsonl", settings=SETTINGS, dims=[16])
+    dims = evaluate_retrieval(
+        str(tiny_model), prepared / "test.jsonl", **retrieval_setup(SETTINGS, dims=[16])
+    )
     truncated = Settings.model_validate({"data": {"num_workers": 0}, "model": {"truncate_dim": 16}})
-    direct = evaluate_retrieval(str(tiny_model), prepared / "test.jsonl", settings=truncated)
+    direct = evaluate_retrieval(str(tiny_model), prepared / "test.jsonl", **retrieval_setup(truncated))
     assert dims.dims[16] == direct.metrics
     with pytest.raises(Exception, match="truncate_dim is 64"):
         create_embedder(str(tiny_model), ModelSettings(truncate_dim=64))

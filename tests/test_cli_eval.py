@@ -7,6 +7,7 @@ from typer.testing import CliRunner
 
 from vembed.cli import app
 from vembed.data.records import read_records
+from vembed.evaluation.options import retrieval_setup
 from vembed.evaluation.retrieval import retrieval_metrics
 from vembed.evaluation.run import evaluate_retrieval
 from vembed.inference import embed_records
@@ -44,7 +45,9 @@ def test_eval_retrieval_writes_metrics_json(tiny_model, image_dataset, tmp_path)
 def test_eval_matches_the_library_path(tiny_model, image_dataset):
     """The CLI's numbers are retrieval_metrics over embed_records: check against a direct computation."""
     settings = Settings()
-    report = evaluate_retrieval(str(tiny_model), image_dataset, settings=settings, show_progress=False)
+    report = evaluate_retrieval(
+        str(tiny_model), image_dataset, **retrieval_setup(settings), show_progress=False
+    )
     records = read_records(image_dataset).images()
     emb = embed_records(create_embedder(str(tiny_model)), records, num_workers=0, show_progress=False)
     labels = [r.label for r in records]

@@ -11,6 +11,7 @@ import torch
 from conftest import save_tiny_model
 from PIL import Image
 
+from vembed.evaluation.options import retrieval_setup
 from vembed.evaluation.run import evaluate_retrieval
 from vembed.models import precision
 from vembed.models.factory import create_embedder
@@ -66,7 +67,7 @@ def test_bf16_recall_matches_fp32_on_real_images(tmp_path):
     recall = {}
     for dtype in ("float32", "bfloat16"):
         settings = load_settings(None, [f"model.dtype={dtype}", "model.device=cpu", "data.num_workers=0"])
-        report = evaluate_retrieval(str(model), records, settings=settings, show_progress=False)
+        report = evaluate_retrieval(str(model), records, **retrieval_setup(settings), show_progress=False)
         recall[dtype] = report.metrics["recall@1"]
     assert recall["float32"] > 0.5  # the model separates digits, so the comparison means something
     assert abs(recall["bfloat16"] - recall["float32"]) <= 0.005, recall

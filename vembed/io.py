@@ -128,16 +128,71 @@ def check_output_path(path: str | os.PathLike, *, folder: bool = False, what: st
 
 
 def read_json(path: str | os.PathLike, *, missing: Any = None) -> Any:
-    """Parse a JSON file; ``missing`` when it does not exist; invalid JSON names file and line."""
+    """Parse a JSON file; ``missing`` when it does not exist; invalid JSON (or text that is not UTF-8)
+    is a :class:`~vembed.errors.VembedError` naming the file and line."""
     path = Path(path)
     if not path.is_file():
         return missing
+    return parse_json(read_text(path), path)
+
+
+def parse_json(text: str, path: str | os.PathLike) -> Any:
+    """``json.loads(text)``; invalid JSON is a :class:`~vembed.errors.VembedError` naming ``path`` and line."""
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
+        return json.loads(text)
     except json.JSONDecodeError as exc:
         from vembed.errors import VembedError
 
         raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:  # thousands of nested brackets
+        from vembed.errors import VembedError
+
+        raise VembedError(f"{path}: invalid JSON (nested too deeply)") from None
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """A UTF-8 text file's contents (a leading BOM dropped); bytes that are not UTF-8 are a
+    :class:`~vembed.errors.VembedError` naming the file and line."""
+    path = Path(path)
+    data = path.read_bytes()
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        from vembed.errors import VembedError
+
+        line = data[: exc.start].count(b"\n") + 1
+        raise VembedError(f"{path}:{line}: {not_utf8(exc)}") from None
+
+
+def text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """``(line number, text)`` of each line of a UTF-8 file, read lazily (a BOM on line 1 dropped); a
+    line that is not UTF-8 is a :class:`~vembed.errors.VembedError` naming ``file:line``."""
+    for lineno, raw in raw_lines(path):
+        yield lineno, decode_line(raw, f"{path}:{lineno}")
+
+
+def raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """``(line number, bytes)`` of each line of a file (a UTF-8 BOM on line 1 dropped); decode each
+    with :func:`decode_line` (a reader that skips bad lines decodes inside its own ``try``)."""
+    with open(path, "rb") as fh:
+        for lineno, raw in enumerate(fh, start=1):
+            yield lineno, raw[3:] if lineno == 1 and raw.startswith(b"\xef\xbb\xbf") else raw
+
+
+def decode_line(raw: bytes, where: str) -> str:
+    """One line's bytes as UTF-8 text; otherwise a :class:`~vembed.errors.VembedError` naming ``where``."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        from vembed.errors import VembedError
+
+        raise VembedError(f"{where}: {not_utf8(exc)}") from None
+
+
+def not_utf8(exc: UnicodeDecodeError) -> str:
+    """What is wrong with text that failed to decode (the caller adds the file and line)."""
+    byte = exc.object[exc.start : exc.start + 1].hex()
+    return f"not UTF-8 text (byte 0x{byte} cannot be decoded); save the file as UTF-8"
 
 
 def make_readable(folder: str | os.PathLike) -> None:

@@ -27,6 +27,7 @@ from PIL import Image
 
 from vembed.console import log
 from vembed.errors import VembedError
+from vembed.evaluation.options import retrieval_setup
 from vembed.evaluation.run import RetrievalReport, evaluate_retrieval
 from vembed.io import atomic_dir, write_json, write_text
 from vembed.settings import Settings, load_settings
@@ -113,7 +114,10 @@ def run_quickstart(
 
     log("[bold]3/5 before[/]: retrieval on the test split with the untrained model")
     before = evaluate_retrieval(
-        str(model_dir), prepared.files["test"], settings=settings, show_progress=options.show_progress
+        str(model_dir),
+        prepared.files["test"],
+        **retrieval_setup(settings),
+        show_progress=options.show_progress,
     )
     before.model = "random init"
 
@@ -122,7 +126,10 @@ def run_quickstart(
 
     log("[bold]5/5 after[/]: the same evaluation of the trained model")
     after = evaluate_retrieval(
-        str(trained.final_dir), prepared.files["test"], settings=settings, show_progress=options.show_progress
+        str(trained.final_dir),
+        prepared.files["test"],
+        **retrieval_setup(settings),
+        show_progress=options.show_progress,
     )
     after.model = "trained"
 

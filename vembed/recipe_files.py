@@ -8,6 +8,7 @@ from typing import Any
 import yaml
 
 from vembed.errors import VembedError
+from vembed.io import read_text
 
 
 def parse_override(item: str) -> tuple[str, Any]:
@@ -32,11 +33,12 @@ def read_recipe(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise VembedError(f"recipe not found: {path}")
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8-sig")) or {}
+        data = yaml.safe_load(read_text(path)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark is not None else ""
-        raise VembedError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        problem = getattr(exc, "problem", None) or getattr(exc, "reason", None) or exc
+        raise VembedError(f"{path}{where}: invalid YAML ({' '.join(str(problem).split())})") from None
     if not isinstance(data, dict):
         raise VembedError(f"{path}: a recipe must be a mapping of sections, got {type(data).__name__}")
     from vembed.compat import is_factory_config, map_factory_config

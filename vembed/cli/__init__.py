@@ -15,7 +15,10 @@ from vembed.cli import (  # noqa: F401  (registers commands)
     inspect,
     prepare,
     segment,
+    serve,
+    store,
     train,
+    visualize,
 )
 from vembed.cli.app import app
 

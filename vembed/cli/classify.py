@@ -28,13 +28,21 @@ def eval_classify_command(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Top-1/top-5, per-class precision/recall/F1 and the confusion matrix of a classifier head."""
-    from vembed.cli.eval_classes import _split
-    from vembed.evaluation.classify import evaluate_classify
+    from vembed.classify import load_classifier_model
+    from vembed.cli.eval_classes import _records, _split
+    from vembed.evaluation.base import read_eval_records
+    from vembed.evaluation.classify import ClassifyEvaluator
+    from vembed.evaluation.compare import compare
+    from vembed.evaluation.options import embed_options
 
     settings = settings_from(config, overrides)
     data = _split(data, settings.data.test, "--data", "data.test")
     quiet_transformers()
-    result = evaluate_classify(model, data, settings=settings)
+    evaluator = ClassifyEvaluator(
+        read_eval_records(data, **_records(settings)), embed=embed_options(settings)
+    )
+    load = lambda name: load_classifier_model(name, settings)  # noqa: E731
+    result = compare([model], evaluator, load=load).first.report
     table = Table(title=f"{result.model} on {data}", title_justify="left", min_width=60)
     for column in ("class", "precision", "recall", "F1", "images"):
         table.add_column(column, justify="left" if column == "class" else "right")

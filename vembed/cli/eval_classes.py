@@ -8,11 +8,10 @@ import typer
 from rich.console import Console
 
 from vembed.cli.app import quiet_transformers, settings_from
-from vembed.cli.evaluate import MODEL_HELP, eval_app
+from vembed.cli.evaluate import MODEL_HELP, check_models, eval_app, load_embedder
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.io import write_json, write_text
-from vembed.models.loader import resolve_ref
 from vembed.settings import Settings, settings_to_yaml
 
 CONFIG_HELP = "YAML recipe."
@@ -51,26 +50,29 @@ def fewshot_command(
     """k-shot prototype accuracy (top-1/top-5) on seen and unseen classes, side by side."""
     from vembed.evaluation.base import parse_dims
     from vembed.evaluation.class_report import comparison_json, fewshot_table
-    from vembed.evaluation.fewshot import evaluate_fewshot, fewshot_sets
+    from vembed.evaluation.compare import compare as compare_models
+    from vembed.evaluation.fewshot import FewShotEvaluator, fewshot_sets, read_fewshot_sets
+    from vembed.evaluation.options import embed_options
 
     settings = settings_from(config, overrides, model__name=model, eval__shots=k, eval__episodes=episodes)
     sets = fewshot_sets(data, support, query)
     widths = parse_dims(dims)
     models = _check_models(settings, compare)
-    reports = []
-    for name in models:
-        log(f"k-shot evaluation of [bold]{name}[/] on {', '.join(sets)}")
-        reports.append(
-            evaluate_fewshot(
-                name,
-                sets,
-                ks=settings.eval.shots,
-                episodes=settings.eval.episodes,
-                seed=seed,
-                dims=widths,
-                settings=settings,
-            )
-        )
+    evaluator = FewShotEvaluator(
+        read_fewshot_sets(sets, **_records(settings)),
+        ks=settings.eval.shots,
+        episodes=settings.eval.episodes,
+        seed=seed,
+        dims=widths,
+        embed=embed_options(settings),
+    )
+    result = compare_models(
+        models,
+        evaluator,
+        load=lambda name: load_embedder(name, settings),
+        announce=lambda name: f"k-shot evaluation of [bold]{name}[/] on {', '.join(sets)}",
+    )
+    reports = result.reports()
     Console().print(fewshot_table(reports))
     if plot is not None:
         from vembed.evaluation.plots import plot_fewshot
@@ -90,16 +92,26 @@ def knn_command(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Weighted kNN classification: top-1 and per-class accuracy of --test against --train."""
+    from vembed.evaluation.base import read_eval_records
     from vembed.evaluation.class_report import accuracy_table
-    from vembed.evaluation.knn import evaluate_knn
+    from vembed.evaluation.compare import compare
+    from vembed.evaluation.knn import KnnEvaluator
+    from vembed.evaluation.options import embed_options
 
     settings = settings_from(config, overrides, model__name=model, eval__knn_k=k)
     train, test = (
         _split(train, settings.data.train, "--train", "data.train"),
         _split(test, settings.data.test, "--test", "data.test"),
     )
-    _check_models(settings, None)
-    result = evaluate_knn(settings.model.name, train, test, k=settings.eval.knn_k, settings=settings)
+    models = _check_models(settings, None)
+    records = _records(settings)
+    evaluator = KnnEvaluator(
+        read_eval_records(train, **records),
+        read_eval_records(test, **records),
+        k=settings.eval.knn_k,
+        embed=embed_options(settings),
+    )
+    result = compare(models, evaluator, load=lambda name: load_embedder(name, settings)).first.report
     rows = [("top-1 %", f"{100 * result.top1:.2f}"), ("k", str(result.k)), ("queries", str(result.queries))]
     Console().print(accuracy_table(f"kNN of {result.model} on {test}", rows, result.per_class))
     _write(json_out, result.to_json(), settings)
@@ -118,9 +130,12 @@ def linear_probe_command(
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
 ) -> None:
     """Logistic regression on frozen embeddings (C chosen on --val), test top-1 and per-class accuracy."""
+    from vembed.evaluation.base import read_eval_records
     from vembed.evaluation.cache import EmbeddingCache
     from vembed.evaluation.class_report import accuracy_table
-    from vembed.evaluation.linear_probe import evaluate_linear_probe
+    from vembed.evaluation.compare import compare
+    from vembed.evaluation.linear_probe import LinearProbeEvaluator
+    from vembed.evaluation.options import embed_options
 
     settings = settings_from(config, overrides, model__name=model, eval__cache_dir=cache_dir)
     paths = [
@@ -131,9 +146,17 @@ def linear_probe_command(
             (test, settings.data.test, "--test", "data.test"),
         )
     ]
-    _check_models(settings, None)
+    models = _check_models(settings, None)
     cache = None if no_cache else EmbeddingCache(settings.eval.cache_dir)
-    result = evaluate_linear_probe(settings.model.name, *paths, settings=settings, cache=cache)
+    evaluator = LinearProbeEvaluator(
+        *(read_eval_records(path, **_records(settings)) for path in paths),
+        embed=embed_options(settings),
+        seed=settings.train.seed,
+        cache=cache,
+        model_settings=settings.model,
+        load=lambda name: load_embedder(name, settings),
+    )
+    result = compare(models, evaluator).first.report  # the evaluator loads the model, if it must
     hits = [name for name, hit in result.cached.items() if hit]
     if hits:
         log(f"embeddings of {', '.join(hits)} read from the cache ({cache.folder})")
@@ -158,9 +181,12 @@ def _split(given: Path | None, default: Path | None, flag: str, key: str) -> Pat
 def _check_models(settings: Settings, compare: list[str] | None) -> list[str]:
     quiet_transformers()
     models = [settings.model.name, *(compare or [])]
-    for name in models:
-        resolve_ref(name)  # every model name checked before the first evaluation starts
+    check_models(models)
     return models
+
+
+def _records(settings: Settings) -> dict:
+    return {"image_root": settings.data.image_root, "skip_bad": settings.data.skip_bad}
 
 
 def _write(json_out: Path | None, data: dict, settings: Settings) -> None:

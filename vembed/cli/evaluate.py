@@ -11,7 +11,6 @@ from vembed.cli.app import app, quiet_transformers, settings_from
 from vembed.console import console, log
 from vembed.errors import VembedError
 from vembed.io import write_json, write_text
-from vembed.models.loader import resolve_ref
 from vembed.settings import Settings, settings_to_yaml
 
 eval_app = typer.Typer(help="Evaluate embedding models.", no_args_is_help=True)
@@ -115,36 +114,63 @@ def _evaluate(
     dims: list[int] | None = None,
     index: str | None = None,
 ) -> None:
+    from vembed.evaluation.base import read_eval_records
+    from vembed.evaluation.compare import compare
+    from vembed.evaluation.options import embed_options, retrieval_options
     from vembed.evaluation.report import comparison_json, comparison_table  # torch: imported on use
-    from vembed.evaluation.run import evaluate_retrieval
-    from vembed.processes import launched_processes
+    from vembed.evaluation.run import RetrievalEvaluator
+    from vembed.processes import device_for, launched_processes
 
     quiet_transformers()
-    for name in models:
-        resolve_ref(name)  # every model name checked before the first evaluation starts
-    reports = []
+    check_models(models)
+    records = dict(image_root=settings.data.image_root, skip_bad=settings.data.skip_bad)
+    queries = read_eval_records(data, **records)
+    references = read_eval_records(gallery, **records) if gallery is not None else None
     with launched_processes() as procs:  # torchrun / accelerate launch: ranking split across processes
         if procs.rank > 0:
             console.quiet = True  # one process reports
+        evaluator = RetrievalEvaluator(
+            queries,
+            gallery=references,
+            embed=embed_options(settings),
+            options=retrieval_options(settings, dims=dims or (), index=index),
+            processes=procs,
+        )
+        device = device_for(settings.model.device, procs.local_rank, procs.world_size)
         where = f" on {procs.world_size} processes" if procs.world_size > 1 else ""
-        for name in models:
-            log(f"evaluating [bold]{name}[/] on {data}{where}")
-            reports.append(
-                evaluate_retrieval(
-                    name,
-                    data,
-                    gallery=gallery,
-                    settings=settings,
-                    dims=dims or (),
-                    index=index,
-                    processes=procs,
-                )
-            )
+        result = compare(
+            models,
+            evaluator,
+            load=lambda name: load_embedder(name, settings, device=device),
+            announce=lambda name: f"evaluating [bold]{name}[/] on {data}{where}",
+        )
     if procs.rank > 0:
         return
+    reports = result.reports()
+    for report in reports:
+        if report.problems:
+            log(
+                f"[yellow]{report.model}: skipped {len(report.problems)} bad image(s)[/]; first: {report.problems[0]}"
+            )
     rows = [row for report in reports for row in report.by_width()]
     Console().print(comparison_table(rows, title=title))
     if json_out is not None:
         write_json(json_out, comparison_json(reports))
         write_text(json_out.with_suffix(".settings.yaml"), settings_to_yaml(settings))
         log(f"wrote {json_out}")
+
+
+def check_models(models: list[str]) -> None:
+    """Every model reference checked (the precedence rule, no file read) before any data is read."""
+    from vembed.models.loader import resolve_ref
+
+    for name in models:
+        resolve_ref(name)
+
+
+def load_embedder(name: str, settings: Settings, *, device: str | None = None):
+    """The embedding model ``name`` with the ``model.*`` settings (on ``device`` when given)."""
+    from vembed.models.factory import create_embedder
+
+    model = settings.model if device is None else settings.model.model_copy(update={"device": device})
+    return create_embedder(name, model)

@@ -6,6 +6,7 @@ large photos at a reduced scale, then resize → centre crop → normalise.
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import random
@@ -33,23 +34,43 @@ def load_image(
     :class:`VembedError` naming the path.
     """
     path = Path(path)
+    return _decode(path, path, min_size=min_size, max_pixels=max_pixels)
+
+
+def decode_image_bytes(
+    data: bytes, name: str = "image", *, min_size: int | None = None, max_pixels: int | None = None
+) -> Image.Image:
+    """:func:`load_image` for bytes received from elsewhere (an upload); errors name ``name``.
+
+    An image over the pixel limit raises :class:`ImageTooLarge` (a :class:`VembedError`).
+    """
+    return _decode(io.BytesIO(data), name, min_size=min_size, max_pixels=max_pixels)
+
+
+def _decode(source, name, *, min_size: int | None, max_pixels: int | None) -> Image.Image:
     limit = max_image_pixels() if max_pixels is None else max_pixels
     try:
-        with Image.open(path) as img:
+        with Image.open(source) as img:
             w, h = img.size
             scale = min_size / min(w, h) if min_size else 1.0
             if limit and w * h > limit:  # draft picks a scale ≥ the one asked, so ask for half
                 scale = min(scale, math.sqrt(limit / (w * h)) / 2)
             if scale < 1 and img.format == "JPEG":
                 img.draft("RGB", (math.ceil(w * scale), math.ceil(h * scale)))
-            check_pixels(path, img.size, limit, original=(w, h))
+            check_pixels(name, img.size, limit, original=(w, h))
             img.load()
             img = ImageOps.exif_transpose(img)
             return to_rgb(img)
     except FileNotFoundError:
-        raise VembedError(f"image not found: {path}") from None
+        raise VembedError(f"image not found: {name}") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
-        raise VembedError(f"cannot decode image {path}: {exc}") from None
+        if isinstance(exc, UnidentifiedImageError) and isinstance(source, io.BytesIO):
+            raise VembedError(f"cannot decode image {name}: not an image format Pillow reads") from None
+        raise VembedError(f"cannot decode image {name}: {exc}") from None
+
+
+class ImageTooLarge(VembedError):
+    """An image over the pixel limit (``data.max_image_pixels``): refused before its pixels are decoded."""
 
 
 # vembed checks each image's size itself (above), so that a large JPEG can still be draft-decoded;
@@ -62,7 +83,7 @@ def check_pixels(path, size: tuple[int, int], limit: int, *, original: tuple[int
     """Refuse, naming the file, an image of ``size`` over ``limit`` pixels (0: no limit)."""
     if limit and size[0] * size[1] > limit:
         w, h = original or size
-        raise VembedError(
+        raise ImageTooLarge(
             f"{path}: {w}×{h} pixels is over the limit of {limit:,} (data.max_image_pixels); "
             "too large to decode safely — shrink it, raise the limit, or skip it with --skip-bad"
         )

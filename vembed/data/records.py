@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from vembed.errors import VembedError
+from vembed.io import decode_line, raw_lines
 
 Label = int | str
 
@@ -125,30 +126,29 @@ def read_records(
     records: list[Record] = []
     problems: list[str] = []
     kind: str | None = None
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{lineno}"
-            try:
-                rec = parse_record(line, root=root, where=where, require_label=require_label)
-                this_kind = type(rec).__name__
-                if kind is None:
-                    kind = this_kind
-                elif kind != this_kind:
-                    kinds = " and ".join(sorted((_KINDS[kind], _KINDS[this_kind]), reverse=True))
-                    raise VembedError(f"{where}: mixes {kinds} records in one file")
-                if check_exists:
-                    for p in _paths(rec):
-                        if not p.is_file():
-                            what = "mask" if isinstance(rec, SegRecord) and p == rec.mask else "image"
-                            raise VembedError(f"{where}: {what} not found: {p}")
-            except VembedError as exc:
-                if not skip_bad:
-                    raise
-                problems.append(str(exc))
-                continue
-            records.append(rec)
+    for lineno, raw in raw_lines(path):
+        if not raw.strip():
+            continue
+        where = f"{path}:{lineno}"
+        try:
+            rec = parse_record(decode_line(raw, where), root=root, where=where, require_label=require_label)
+            this_kind = type(rec).__name__
+            if kind is None:
+                kind = this_kind
+            elif kind != this_kind:
+                kinds = " and ".join(sorted((_KINDS[kind], _KINDS[this_kind]), reverse=True))
+                raise VembedError(f"{where}: mixes {kinds} records in one file")
+            if check_exists:
+                for p in _paths(rec):
+                    if not p.is_file():
+                        what = "mask" if isinstance(rec, SegRecord) and p == rec.mask else "image"
+                        raise VembedError(f"{where}: {what} not found: {p}")
+        except VembedError as exc:
+            if not skip_bad:
+                raise
+            problems.append(str(exc))
+            continue
+        records.append(rec)
     if not records and not problems:
         raise VembedError(f"{path}: no records (the file is empty)")
     return RecordSet(path, records, problems)
@@ -160,6 +160,8 @@ def json_object(line: str) -> dict[str, Any] | str:
         obj = json.loads(line)
     except json.JSONDecodeError as exc:
         return f"malformed JSON ({exc.msg}, column {exc.colno})"
+    except RecursionError:
+        return "malformed JSON (nested too deeply)"
     return obj if isinstance(obj, dict) else f"expected a JSON object, got {type(obj).__name__}"
 
 

@@ -1,8 +1,10 @@
 """What every evaluator shares: the contract, labelled embeddings, and the checks on class labels.
 
 The contract (sentence-transformers style): an evaluator is a callable ``evaluator(model) ->
-EvalResult(metrics, primary_metric, greater_is_better)``. Training validation and ``vembed eval`` call
-the same objects; the CLI only renders their results (``vembed.evaluation.compare`` runs ``--compare``).
+EvalResult(metrics, primary_metric, greater_is_better, details)``, built from records and small option
+objects (:mod:`vembed.evaluation.options`). Training validation and ``vembed eval`` call the same
+objects; every ``vembed eval`` subcommand runs one through :func:`vembed.evaluation.compare.compare`
+and only renders the result.
 """
 
 from __future__ import annotations
@@ -20,7 +22,6 @@ from vembed.data.records import ImageRecord, RecordSet, read_records
 from vembed.errors import VembedError
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder, truncate_embeddings
-from vembed.settings import Settings
 
 __all__ = [
     "EmbedOptions",
@@ -28,9 +29,8 @@ __all__ = [
     "Evaluator",
     "LabelledEmbeddings",
     "embed_labelled",
-    "embedder_for",
     "parse_dims",
-    "read_labelled",
+    "read_eval_records",
 ]
 
 
@@ -71,16 +71,13 @@ class Evaluator(Protocol):
 
 @dataclass(frozen=True)
 class EmbedOptions:
-    """How images are embedded for an evaluation (from ``eval.batch_size``, ``data.num_workers`` ...)."""
+    """How images are embedded for an evaluation (``eval.batch_size``, ``data.num_workers`` ...; see
+    :func:`vembed.evaluation.options.embed_options`)."""
 
     batch_size: int = 64
     num_workers: int = 2
     skip_bad: bool = False
     show_progress: bool = True
-
-    @classmethod
-    def from_settings(cls, settings: Settings, *, show_progress: bool = True) -> EmbedOptions:
-        return cls(settings.eval.batch_size, settings.data.num_workers, settings.data.skip_bad, show_progress)
 
 
 @dataclass
@@ -107,10 +104,10 @@ class LabelledEmbeddings:
         return LabelledEmbeddings(emb, self.labels, self.source, self.problems)
 
 
-def read_labelled(path: str | Path, settings: Settings | None = None) -> RecordSet:
-    """Labelled image records of a JSONL file (``data.image_root``, ``data.skip_bad`` respected)."""
-    data = (settings or Settings()).data
-    records = read_records(path, image_root=data.image_root, skip_bad=data.skip_bad, require_label=True)
+def read_eval_records(path: str | Path, *, image_root=None, skip_bad: bool = False) -> RecordSet:
+    """The labelled image records an evaluation scores (bad records logged, or an error without
+    ``skip_bad``; a file with no usable record is an error)."""
+    records = read_records(path, image_root=image_root, skip_bad=skip_bad, require_label=True)
     if records.problems:
         log(f"[yellow]skipped {len(records.problems)} bad record(s)[/]; first: {records.problems[0]}")
     if not records.records:
@@ -142,19 +139,6 @@ def embed_labelled(
     if not out.indices:
         raise VembedError(f"{source or 'records'}: no image could be embedded")
     return LabelledEmbeddings(out.embeddings, [images[i].label for i in out.indices], source, out.problems)
-
-
-def embedder_for(model: str | Path | Embedder, settings: Settings | None = None) -> Embedder:
-    """``model`` itself when it is an :class:`Embedder`, else the model it names (``settings.model``)."""
-    if isinstance(model, Embedder):
-        return model
-    from vembed.models.factory import create_embedder
-
-    return create_embedder(str(model), (settings or Settings()).model)
-
-
-def model_name(model: str | Path | Embedder) -> str:
-    return model.spec.name if isinstance(model, Embedder) else str(model)
 
 
 def parse_dims(value: str | Sequence[int] | None) -> list[int]:

@@ -53,8 +53,11 @@ def model_identity(model: str | Path) -> dict:
     }
 
 
-def cache_key(model: str | Path, settings: ModelSettings, records: RecordSet, *, skip_bad: bool) -> str:
+def cache_key(
+    model: str | Path, settings: ModelSettings | None, records: RecordSet, *, skip_bad: bool
+) -> str:
     """A hex digest of everything the embeddings of ``records`` depend on (see the module docstring)."""
+    settings = settings or ModelSettings()
     digest = hashlib.sha256()
     head = {
         "version": CACHE_VERSION,
@@ -113,7 +116,7 @@ class EmbeddingCache:
 
 def embed_cached(
     model: str | Path,
-    settings: ModelSettings,
+    settings: ModelSettings | None,
     records: RecordSet,
     options: EmbedOptions,
     cache: EmbeddingCache | None,

@@ -7,22 +7,20 @@ classes; when none is known, the run and the data disagree entirely and it is an
 
 from __future__ import annotations
 
-import time
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
 
-from vembed.classify import load_classifier_model, predict_probabilities
+from vembed.classify import predict_probabilities
 from vembed.console import log
+from vembed.data.records import RecordSet
 from vembed.errors import VembedError
-from vembed.evaluation.base import EmbedOptions, class_list, read_labelled
+from vembed.evaluation.base import EmbedOptions, EvalResult, class_list
 from vembed.models.embedder import Embedder
 from vembed.models.heads import ClassifierHead
-from vembed.settings import Settings
 
 
 def label_columns(
@@ -85,6 +83,18 @@ def classification_scores(probabilities: torch.Tensor, truth: Sequence[int], lab
     }
 
 
+def classifier_accuracy(head: ClassifierHead, embeddings: torch.Tensor, labels: Sequence) -> dict[str, float]:
+    """``{"top1", "top5"}`` of ``head`` on the embeddings whose class it knows ({} when it knows none)."""
+    columns = label_columns(head.labels, labels, source="validation", warn=False, strict=False)
+    keep = [i for i, c in enumerate(columns) if c is not None]
+    if not keep:
+        return {}
+    with torch.inference_mode():
+        probs = head.probabilities(embeddings[torch.tensor(keep, dtype=torch.long)])
+    scores = classification_scores(probs, [columns[i] for i in keep], head.labels)
+    return {"top1": scores["top1"], "top5": scores["top5"]}
+
+
 @dataclass
 class ClassifyResult:
     """``vembed eval classify``: the head's accuracy on one records file."""
@@ -114,35 +124,6 @@ class ClassifyResult:
         }
 
 
-def evaluate_classify(
-    model: str | Path,
-    data: str | Path,
-    *,
-    settings: Settings | None = None,
-    show_progress: bool = True,
-) -> ClassifyResult:
-    """Classify every record of ``data`` with ``model``'s head and score the predictions."""
-    start = time.perf_counter()
-    settings = settings or Settings()
-    embedder, head = load_classifier_model(model, settings)
-    records = read_labelled(data, settings).images()
-    label_columns(head.labels, [r.label for r in records], source=str(data), model=str(model))  # fail early
-    options = EmbedOptions.from_settings(settings, show_progress=show_progress)
-    scores, used, skipped = _score(embedder, head, records, options, str(data))
-    return ClassifyResult(
-        model=str(model),
-        data=str(data),
-        top1=scores["top1"],
-        top5=scores["top5"],
-        per_class=scores["per_class"],
-        labels=[str(label) for label in head.labels],
-        confusion=scores["confusion"],
-        queries=used,
-        num_skipped=skipped,
-        seconds=time.perf_counter() - start,
-    )
-
-
 def _score(embedder: Embedder, head: ClassifierHead, records, options: EmbedOptions, source: str):
     """``(scores, records scored, records left out)``; warnings are the caller's (label_columns)."""
     result = predict_probabilities(
@@ -168,26 +149,43 @@ def _score(embedder: Embedder, head: ClassifierHead, records, options: EmbedOpti
 
 
 class ClassifyEvaluator:
-    """The evaluator contract for a classifier head: ``{"top1", "top5"}`` (primary: ``top1``).
+    """``evaluator(model) -> EvalResult``: ``{"top1", "top5"}`` of a classifier head on ``data``.
 
-    ``head`` is fixed (an exported model's) or given per call (the classifier a ``ce`` run is training).
+    ``model`` is an ``(embedder, head)`` pair (:func:`vembed.classify.load_classifier_model`), or an
+    :class:`Embedder` with ``head`` fixed here. ``details["report"]`` is a :class:`ClassifyResult`
+    (per-class precision/recall/F1, the confusion matrix).
     """
 
+    name = "classify"
     primary_metric = "top1"
+    greater_is_better = True
+    metrics = ["top1", "top5"]
 
     def __init__(
-        self, data: str | Path, *, head: ClassifierHead | None = None, settings: Settings | None = None
+        self, data: RecordSet, *, embed: EmbedOptions = EmbedOptions(), head: ClassifierHead | None = None
     ):
-        self.source = str(data)
-        self.records = read_labelled(data, settings).images()
-        self.head = head
-        if head is not None:
-            label_columns(head.labels, [r.label for r in self.records], source=self.source)
-        self.options = EmbedOptions.from_settings(settings or Settings(), show_progress=False)
+        self.source = str(data.path)
+        self.records = data.images()
+        self.embed, self.head = embed, head
 
-    def __call__(self, embedder: Embedder, head: ClassifierHead | None = None) -> dict[str, float]:
-        head = head or self.head
+    def __call__(self, model, *, show_progress: bool = True) -> EvalResult:
+        embedder, head = model if isinstance(model, tuple) else (model, self.head)
         if head is None:
             raise VembedError("ClassifyEvaluator needs a classifier head")
-        scores, _, _ = _score(embedder, head, self.records, self.options, self.source)
-        return {"top1": scores["top1"], "top5": scores["top5"]}
+        name = embedder.spec.name
+        label_columns(head.labels, [r.label for r in self.records], source=self.source, model=name)
+        options = replace(self.embed, show_progress=show_progress)
+        scores, used, skipped = _score(embedder, head, self.records, options, self.source)
+        report = ClassifyResult(
+            model="",
+            data=self.source,
+            top1=scores["top1"],
+            top5=scores["top5"],
+            per_class=scores["per_class"],
+            labels=[str(label) for label in head.labels],
+            confusion=scores["confusion"],
+            queries=used,
+            num_skipped=skipped,
+        )
+        metrics = {"top1": scores["top1"], "top5": scores["top5"]}
+        return EvalResult(metrics, self.primary_metric, self.greater_is_better, details={"report": report})

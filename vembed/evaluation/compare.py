@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from vembed.console import log
@@ -27,6 +27,12 @@ class Scored:
     def metrics(self) -> dict[str, float]:
         return self.result.metrics
 
+    @property
+    def report(self):
+        """The evaluator's report (``details["report"]``) named after this model, with its seconds."""
+        report = self.result.details["report"]
+        return replace(report, model=self.name, seconds=self.seconds)
+
 
 @dataclass
 class Comparison:
@@ -40,6 +46,10 @@ class Comparison:
     greater_is_better: bool
     scored: list[Scored] = field(default_factory=list)
     first_model: Any = None
+
+    def reports(self) -> list:
+        """Every model's report (see :attr:`Scored.report`), in order."""
+        return [s.report for s in self.scored]
 
     @property
     def first(self) -> Scored:

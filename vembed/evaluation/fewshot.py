@@ -16,9 +16,8 @@ classes only, so seen and unseen come from class-disjoint sets.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,21 +25,20 @@ import torch
 import torch.nn.functional as F
 
 from vembed.console import log
+from vembed.data.records import RecordSet
 from vembed.errors import VembedError
 from vembed.evaluation.base import (
     EmbedOptions,
+    EvalResult,
     LabelledEmbeddings,
     class_list,
     drop_unknown_labels,
     embed_labelled,
-    embedder_for,
     label_sort_key,
-    model_name,
-    read_labelled,
+    read_eval_records,
 )
 from vembed.models.embedder import Embedder
 from vembed.neighbours import topk
-from vembed.settings import Settings
 
 SETS = ("seen", "unseen")
 HEATMAP_CLASSES = 8
@@ -144,35 +142,6 @@ def fewshot_accuracy(
     return out
 
 
-class FewShotEvaluator:
-    """The evaluator contract for one support/query pair: ``{"top1@Kshot", "top5@Kshot"}`` per k."""
-
-    def __init__(
-        self,
-        support: str | Path,
-        query: str | Path,
-        ks: Sequence[int] = (1,),
-        *,
-        settings: Settings | None = None,
-        episodes: int = 1,
-        seed: int = 0,
-    ):
-        self.support, self.query = read_labelled(support, settings), read_labelled(query, settings)
-        self.ks, self.episodes, self.seed = list(ks), episodes, seed
-        self.options = EmbedOptions.from_settings(settings or Settings(), show_progress=False)
-        self.primary_metric = f"top1@{self.ks[0]}shot"
-
-    def __call__(self, embedder: Embedder) -> dict[str, float]:
-        support = embed_labelled(embedder, self.support, self.options)
-        query = embed_labelled(embedder, self.query, self.options)
-        scores = fewshot_accuracy(support, query, self.ks, episodes=self.episodes, seed=self.seed)
-        metrics: dict[str, float] = {}
-        for k, score in scores.items():
-            metrics[f"top1@{k}shot"] = score.top1
-            metrics[f"top5@{k}shot"] = score.top5
-        return metrics
-
-
 # --------------------------------------------------------------------------------------------------
 # prepared folders and whole reports
 
@@ -226,59 +195,91 @@ def fewshot_sets(
     return sets
 
 
-def evaluate_fewshot(
-    model: str | Path | Embedder,
-    sets: dict[str, tuple[Path, Path]],
-    *,
-    ks: Sequence[int] = (1, 3, 10),
-    episodes: int = 1,
-    seed: int = 0,
-    dims: Sequence[int] = (),
-    settings: Settings | None = None,
-    show_progress: bool = True,
-) -> FewShotReport:
-    """k-shot prototype accuracy of ``model`` on each support/query set (see :func:`fewshot_sets`)."""
-    start = time.perf_counter()
-    settings = settings or Settings()
-    ks = sorted(set(ks))
-    records = {
-        name: (read_labelled(s, settings), read_labelled(q, settings)) for name, (s, q) in sets.items()
+def read_fewshot_sets(
+    sets: dict[str, tuple[Path, Path]], *, image_root=None, skip_bad: bool = False
+) -> dict[str, tuple[RecordSet, RecordSet]]:
+    """The records of each ``(support, query)`` pair of :func:`fewshot_sets`."""
+    return {
+        name: tuple(read_eval_records(p, image_root=image_root, skip_bad=skip_bad) for p in pair)
+        for name, pair in sets.items()
     }
-    _check_disjoint(records)
-    embedder = embedder_for(model, settings)
-    options = EmbedOptions.from_settings(settings, show_progress=show_progress)
-    embedded = {
-        name: (
-            embed_labelled(embedder, s, options, description=f"embedding {name} support"),
-            embed_labelled(embedder, q, options, description=f"embedding {name} queries"),
-        )
-        for name, (s, q) in records.items()
-    }
-    normalize = embedder.normalize
 
-    def score(dim: int | None) -> dict[str, dict[int, ShotScore]]:
-        return {
-            name: fewshot_accuracy(
-                s.truncated(dim, normalize=normalize),
-                q.truncated(dim, normalize=normalize),
-                ks,
-                episodes=episodes,
-                seed=seed,
-                warn=dim is None,
+
+class FewShotEvaluator:
+    """``evaluator(embedder) -> EvalResult``: k-shot prototype accuracy on each support/query set.
+
+    ``sets`` maps a name (``seen``, ``unseen``, ...) to its ``(support, query)`` records (see
+    :func:`read_fewshot_sets`); metrics are ``{set}/top1@{k}shot`` and ``{set}/top5@{k}shot``, the
+    first set's top-1 at the smallest k ranks models. ``details["report"]`` is a :class:`FewShotReport`
+    (with ``dims`` widths, and the prototype similarities of the first set for the plot).
+    """
+
+    name = "fewshot"
+    greater_is_better = True
+
+    def __init__(
+        self,
+        sets: dict[str, tuple[RecordSet, RecordSet]],
+        *,
+        ks: Sequence[int] = (1, 3, 10),
+        episodes: int = 1,
+        seed: int = 0,
+        dims: Sequence[int] = (),
+        embed: EmbedOptions = EmbedOptions(),
+    ):
+        if not sets:
+            raise VembedError("no k-shot sets to evaluate")
+        _check_disjoint(sets)
+        self.sets, self.ks = dict(sets), sorted(set(ks))
+        self.episodes, self.seed, self.dims, self.embed = episodes, seed, list(dims), embed
+
+    @property
+    def primary_metric(self) -> str:
+        return f"{next(iter(self.sets))}/top1@{self.ks[0]}shot"
+
+    @property
+    def metrics(self) -> list[str]:
+        return [f"{name}/top{t}@{k}shot" for name in self.sets for k in self.ks for t in (1, 5)]
+
+    def __call__(self, embedder: Embedder, *, show_progress: bool = True) -> EvalResult:
+        options = replace(self.embed, show_progress=show_progress)
+        embedded = {
+            name: (
+                embed_labelled(embedder, s, options, description=f"embedding {name} support"),
+                embed_labelled(embedder, q, options, description=f"embedding {name} queries"),
             )
-            for name, (s, q) in embedded.items()
+            for name, (s, q) in self.sets.items()
         }
+        normalize = embedder.normalize
 
-    results = score(None)
-    by_dim = {dim: score(dim) for dim in dims}
-    first_set, (support, _) = next(iter(embedded.items()))
-    return FewShotReport(
-        model=model_name(model),
-        results=results,
-        dims=by_dim,
-        heatmap=prototype_similarity(support, ks[-1], set_name=first_set),
-        seconds=time.perf_counter() - start,
-    )
+        def score(dim: int | None) -> dict[str, dict[int, ShotScore]]:
+            return {
+                name: fewshot_accuracy(
+                    s.truncated(dim, normalize=normalize),
+                    q.truncated(dim, normalize=normalize),
+                    self.ks,
+                    episodes=self.episodes,
+                    seed=self.seed,
+                    warn=dim is None,
+                )
+                for name, (s, q) in embedded.items()
+            }
+
+        results = score(None)
+        first_set, (support, _) = next(iter(embedded.items()))
+        report = FewShotReport(
+            model="",
+            results=results,
+            dims={dim: score(dim) for dim in self.dims},
+            heatmap=prototype_similarity(support, self.ks[-1], set_name=first_set),
+        )
+        metrics = {
+            f"{name}/top{t}@{k}shot": getattr(s, f"top{t}")
+            for name, by_k in results.items()
+            for k, s in by_k.items()
+            for t in (1, 5)
+        }
+        return EvalResult(metrics, self.primary_metric, self.greater_is_better, details={"report": report})
 
 
 def prototype_similarity(support: LabelledEmbeddings, k: int, *, set_name: str = "") -> dict:

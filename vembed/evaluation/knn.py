@@ -8,29 +8,25 @@ among them.
 
 from __future__ import annotations
 
-import time
 from collections.abc import Sequence
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as F
 
+from vembed.data.records import RecordSet
 from vembed.errors import VembedError
 from vembed.evaluation.base import (
     EmbedOptions,
+    EvalResult,
     LabelledEmbeddings,
     accuracy_by_class,
     drop_unknown_labels,
     embed_labelled,
-    embedder_for,
     label_sort_key,
-    model_name,
-    read_labelled,
 )
 from vembed.models.embedder import Embedder
 from vembed.neighbours import topk
-from vembed.settings import Settings
 
 DEFAULT_K = 20
 
@@ -105,48 +101,30 @@ def knn_accuracy(train: LabelledEmbeddings, test: LabelledEmbeddings, *, k: int 
 
 
 class KnnEvaluator:
-    """The evaluator contract: ``{"knn_top1": ...}`` of ``test`` against ``train``."""
+    """``evaluator(embedder) -> EvalResult``: ``{"knn_top1"}`` of the ``test`` records against the
+    ``train`` records' neighbours; ``details["report"]`` is a :class:`KnnResult` (per-class accuracy)."""
 
+    name = "knn"
     primary_metric = "knn_top1"
+    greater_is_better = True
+    metrics = ["knn_top1"]
 
     def __init__(
-        self, train: str | Path, test: str | Path, *, k: int = DEFAULT_K, settings: Settings | None = None
+        self, train: RecordSet, test: RecordSet, *, k: int = DEFAULT_K, embed: EmbedOptions = EmbedOptions()
     ):
-        self.train, self.test = read_labelled(train, settings), read_labelled(test, settings)
-        self.k = k
-        self.options = EmbedOptions.from_settings(settings or Settings(), show_progress=False)
+        if k < 1:
+            raise VembedError(f"--k must be at least 1, got {k}")
+        self.train, self.test, self.k, self.embed = train, test, k, embed
 
-    def __call__(self, embedder: Embedder) -> dict[str, float]:
-        train = embed_labelled(embedder, self.train, self.options)
-        test = embed_labelled(embedder, self.test, self.options)
-        return {"knn_top1": knn_accuracy(train, test, k=self.k)["top1"]}
-
-
-def evaluate_knn(
-    model: str | Path | Embedder,
-    train: str | Path,
-    test: str | Path,
-    *,
-    k: int = DEFAULT_K,
-    settings: Settings | None = None,
-    show_progress: bool = True,
-) -> KnnResult:
-    """Weighted kNN accuracy of ``model``: ``test`` records classified by their ``train`` neighbours."""
-    start = time.perf_counter()
-    settings = settings or Settings()
-    if k < 1:
-        raise VembedError(f"--k must be at least 1, got {k}")
-    train_records, test_records = read_labelled(train, settings), read_labelled(test, settings)
-    embedder = embedder_for(model, settings)
-    options = EmbedOptions.from_settings(settings, show_progress=show_progress)
-    train_emb = embed_labelled(embedder, train_records, options, description="embedding train")
-    test_emb = embed_labelled(embedder, test_records, options, description="embedding test")
-    scores = knn_accuracy(train_emb, test_emb, k=k)
-    return KnnResult(
-        model=model_name(model),
-        train=str(train),
-        test=str(test),
-        k=k,
-        seconds=time.perf_counter() - start,
-        **scores,
-    )
+    def __call__(self, embedder: Embedder, *, show_progress: bool = True) -> EvalResult:
+        options = replace(self.embed, show_progress=show_progress)
+        train = embed_labelled(embedder, self.train, options, description="embedding train")
+        test = embed_labelled(embedder, self.test, options, description="embedding test")
+        scores = knn_accuracy(train, test, k=self.k)
+        report = KnnResult(model="", train=str(self.train.path), test=str(self.test.path), k=self.k, **scores)
+        return EvalResult(
+            {"knn_top1": scores["top1"]},
+            self.primary_metric,
+            self.greater_is_better,
+            details={"report": report},
+        )

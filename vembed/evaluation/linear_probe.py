@@ -12,27 +12,28 @@ accuracy are reported.
 
 from __future__ import annotations
 
-import time
 import warnings
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
+from vembed.data.records import RecordSet
 from vembed.errors import VembedError
 from vembed.evaluation.base import (
     EmbedOptions,
+    EvalResult,
     LabelledEmbeddings,
     accuracy_by_class,
     drop_unknown_labels,
-    embedder_for,
-    model_name,
-    read_labelled,
 )
 from vembed.evaluation.cache import EmbeddingCache, embed_cached
 from vembed.models.embedder import Embedder
-from vembed.settings import Settings
+
+if TYPE_CHECKING:
+    from vembed.settings import ModelSettings
 
 C_VALUES = (0.001, 0.01, 0.1, 1.0, 10.0, 100.0)
 MAX_ITER = 1000
@@ -123,73 +124,73 @@ class ProbeResult:
         }
 
 
-def evaluate_linear_probe(
-    model: str | Path | Embedder,
-    train: str | Path,
-    val: str | Path,
-    test: str | Path,
-    *,
-    settings: Settings | None = None,
-    cache: EmbeddingCache | None = None,
-    c_values: Sequence[float] = C_VALUES,
-    show_progress: bool = True,
-) -> ProbeResult:
-    """Embed the three splits (through ``cache`` when given and ``model`` is a reference), then probe.
-
-    The model is loaded only when some split is not cached.
-    """
-    start = time.perf_counter()
-    settings = settings or Settings()
-    splits = {"train": train, "val": val, "test": test}
-    records = {name: read_labelled(path, settings) for name, path in splits.items()}
-    options = EmbedOptions.from_settings(settings, show_progress=show_progress)
-    loaded: list[Embedder] = []
-
-    def get_embedder() -> Embedder:
-        if not loaded:
-            loaded.append(embedder_for(model, settings))
-        return loaded[0]
-
-    usable_cache = cache if not isinstance(model, Embedder) else None
-    embedded, cached = {}, {}
-    for name, recs in records.items():
-        embedded[name], cached[name] = embed_cached(
-            str(model),
-            settings.model,
-            recs,
-            options,
-            usable_cache,
-            get_embedder,
-            description=f"embedding {name}",
-        )
-    score = fit_linear_probe(
-        embedded["train"], embedded["val"], embedded["test"], c_values=c_values, seed=settings.train.seed
-    )
-    return ProbeResult(
-        model=model_name(model),
-        train=str(train),
-        val=str(val),
-        test=str(test),
-        score=score,
-        cached=cached,
-        seconds=time.perf_counter() - start,
-    )
-
-
 class LinearProbeEvaluator:
-    """The evaluator contract: ``{"probe_top1": ...}`` (no cache: the model changes between calls)."""
+    """``evaluator(model) -> EvalResult``: ``{"probe_top1"}`` of a probe fit on ``train``, C chosen on
+    ``val``, scored on ``test``; ``details["report"]`` is a :class:`ProbeResult`.
 
+    ``model`` is an :class:`Embedder`, or a model reference when ``load`` is given: then each split's
+    embeddings go through ``cache`` (keyed by the reference and ``model_settings``) and the model is
+    loaded (``load(reference)``) only when some split is not cached.
+    """
+
+    name = "linear-probe"
     primary_metric = "probe_top1"
+    greater_is_better = True
+    metrics = ["probe_top1"]
 
     def __init__(
-        self, train: str | Path, val: str | Path, test: str | Path, *, settings: Settings | None = None
+        self,
+        train: RecordSet,
+        val: RecordSet,
+        test: RecordSet,
+        *,
+        embed: EmbedOptions = EmbedOptions(),
+        c_values: Sequence[float] = C_VALUES,
+        seed: int = 0,
+        cache: EmbeddingCache | None = None,
+        model_settings: ModelSettings | None = None,
+        load: Callable[[str], Embedder] | None = None,
     ):
-        self.paths = (train, val, test)
-        self.settings = settings or Settings()
+        self.splits = {"train": train, "val": val, "test": test}
+        self.embed, self.c_values, self.seed = embed, c_values, seed
+        self.cache, self.model_settings, self.load = cache, model_settings, load
 
-    def __call__(self, embedder: Embedder) -> dict[str, float]:
-        result = evaluate_linear_probe(embedder, *self.paths, settings=self.settings, show_progress=False)
-        return {"probe_top1": result.score.top1}
+    def __call__(self, model: Embedder | str | Path, *, show_progress: bool = True) -> EvalResult:
+        options = replace(self.embed, show_progress=show_progress)
+        loaded: list[Embedder] = []
+
+        def get_embedder() -> Embedder:
+            if isinstance(model, Embedder):
+                return model
+            if self.load is None:
+                raise VembedError(f"{model}: a model reference needs LinearProbeEvaluator(load=...)")
+            if not loaded:
+                loaded.append(self.load(str(model)))
+            return loaded[0]
+
+        cache = self.cache if not isinstance(model, Embedder) else None
+        embedded, cached = {}, {}
+        for name, records in self.splits.items():
+            embedded[name], cached[name] = embed_cached(
+                str(model) if cache is not None else "",
+                self.model_settings,
+                records,
+                options,
+                cache,
+                get_embedder,
+                description=f"embedding {name}",
+            )
+        score = fit_linear_probe(
+            embedded["train"], embedded["val"], embedded["test"], c_values=self.c_values, seed=self.seed
+        )
+        train, val, test = (str(r.path) for r in self.splits.values())
+        report = ProbeResult(model="", train=train, val=val, test=test, score=score, cached=cached)
+        return EvalResult(
+            {"probe_top1": score.top1},
+            self.primary_metric,
+            self.greater_is_better,
+            details={"report": report},
+        )
 
 
 def _arrays(data: LabelledEmbeddings) -> tuple[np.ndarray, np.ndarray]:

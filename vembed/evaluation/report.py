@@ -8,7 +8,7 @@ from rich.table import Table
 
 from vembed.evaluation.run import RetrievalReport
 
-COUNT_KEYS = ("num_queries", "num_skipped")
+COUNT_KEYS = ("num_queries", "num_skipped", "num_bad_images")
 
 
 def metric_names(reports: Sequence[RetrievalReport]) -> list[str]:

@@ -1,24 +1,36 @@
-"""Evaluate a model on labelled records: embed, then score with :mod:`vembed.evaluation.retrieval`."""
+"""The retrieval evaluator: embed labelled records, then score them with :mod:`vembed.evaluation.retrieval`.
+
+:class:`RetrievalEvaluator` is what ``vembed eval retrieval`` / ``eval sop`` (through
+:func:`vembed.evaluation.compare.compare`), the quickstart and training validation call; its
+:meth:`RetrievalEvaluator.score` scores embeddings computed elsewhere (a frozen backbone's cached
+features through the head).
+"""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Sequence
+import contextlib
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from vembed.console import log
-from vembed.data.records import RecordSet, read_records
+import torch
+
+from vembed.data.records import ImageRecord, RecordSet
 from vembed.errors import VembedError
+from vembed.evaluation.base import EmbedOptions, EvalResult, read_eval_records
+from vembed.evaluation.options import RecordOptions, RetrievalOptions
 from vembed.evaluation.retrieval import retrieval_metrics
 from vembed.evaluation.sharded_retrieval import sharded_retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.embedder import Embedder, truncate_embeddings
-from vembed.models.factory import create_embedder
-from vembed.models.loader import resolve_ref
 from vembed.neighbours import ranking_device
-from vembed.processes import Processes, device_for
-from vembed.settings import Settings
+from vembed.processes import Processes
+
+if TYPE_CHECKING:
+    from vembed.settings import ModelSettings
+
+__all__ = ["RetrievalEvaluator", "RetrievalReport", "evaluate_retrieval"]
 
 
 @dataclass
@@ -56,138 +68,216 @@ class RetrievalReport:
         ]
 
 
+class RetrievalEvaluator:
+    """``evaluator(embedder) -> EvalResult``: Recall@K and MAP@R of labelled records.
+
+    Without ``gallery`` every image queries all the others, itself excluded (the SOP protocol); with
+    it, the records search the gallery. ``labels`` default to the records' own (training validation
+    passes its dense codes; pairs records share one). With ``classifier`` (a callable returning the
+    classifier head as it is now, e.g. a ``ce`` run's) its top-1/top-5 on the same embeddings are
+    reported too (labels matched by name: ``class_names[label]`` when given).
+
+    ``processes`` (torchrun / accelerate launch): each process embeds a contiguous share of the
+    images and ranking is split across them (:mod:`vembed.evaluation.sharded_retrieval`); every
+    process gets the result of the whole set. ``autocast`` (a context-manager factory, e.g. training's
+    bf16 inference) wraps the embedding only, never the ranking. ``details["report"]`` is a
+    :class:`RetrievalReport`.
+    """
+
+    name = "retrieval"
+    greater_is_better = True
+
+    def __init__(
+        self,
+        records: RecordSet | Sequence[ImageRecord],
+        labels: Sequence | None = None,
+        *,
+        gallery: RecordSet | Sequence[ImageRecord] | None = None,
+        gallery_labels: Sequence | None = None,
+        embed: EmbedOptions = EmbedOptions(),
+        options: RetrievalOptions = RetrievalOptions(),
+        processes: Processes | None = None,
+        classifier: Callable[[], object] | None = None,
+        class_names: Sequence | None = None,
+        description: str = "embedding queries",
+        autocast: Callable[[], object] | None = None,
+    ):
+        self.processes = processes or Processes()
+        if self.processes.world_size > 1 and options.index is not None:
+            raise VembedError("--index ranks in one process; run it without torchrun / accelerate launch")
+        self.data = str(records.path) if isinstance(records, RecordSet) else ""
+        self.gallery_name = None
+        if gallery is not None:
+            self.gallery_name = str(gallery.path) if isinstance(gallery, RecordSet) else ""
+        self.records, self.labels = _labelled(records, labels)
+        self.gallery = _labelled(gallery, gallery_labels) if gallery is not None else None
+        self.embed, self.options = embed, options
+        self.classifier, self.class_names = classifier, class_names
+        self.description, self.autocast = description, autocast
+
+    @property
+    def primary_metric(self) -> str:
+        return "map@r" if self.options.index is None else f"recall@{min(self.options.ks)}"
+
+    @property
+    def metrics(self) -> list[str]:
+        ks = sorted(set(self.options.ks))
+        names = [f"recall@{k}" for k in ks]
+        if self.options.index is None:
+            names.append("map@r")
+        else:
+            names += [f"recall_loss@{k}" for k in ks] + ["neighbour_recall@10"]
+        return names + (["top1", "top5"] if self.classifier is not None else [])
+
+    def __call__(self, embedder: Embedder, *, show_progress: bool = True) -> EvalResult:
+        both = self.gallery is not None
+        q_emb, q_labels, problems = self._embed(
+            embedder, self.records, self.labels, self.description, show_progress
+        )
+        g_emb = g_labels = None
+        if both:
+            g_emb, g_labels, g_problems = self._embed(
+                embedder, *self.gallery, "embedding gallery", show_progress
+            )
+            problems = problems + g_problems
+        if self.processes.world_size > 1:  # every process reports the problems of the whole set
+            problems = [p for part in self.processes.gather(problems) for p in part]
+        return self.score(
+            q_emb,
+            q_labels,
+            gallery_embeddings=g_emb,
+            gallery_labels=g_labels,
+            problems=problems,
+            normalize=embedder.normalize,
+            device=self.options.device or ranking_device(embedder),
+            show_progress=show_progress,
+        )
+
+    def score(
+        self,
+        embeddings: torch.Tensor,
+        labels: Sequence,
+        *,
+        gallery_embeddings: torch.Tensor | None = None,
+        gallery_labels: Sequence | None = None,
+        problems: Sequence[str] = (),
+        normalize: bool = True,
+        device=None,
+        show_progress: bool = False,
+    ) -> EvalResult:
+        """The metrics of embeddings computed elsewhere (this process' share under ``processes``)."""
+        o = self.options
+        procs = self.processes
+
+        def rank(dim: int | None) -> dict[str, float]:
+            kwargs = {}
+            if gallery_embeddings is not None:
+                kwargs = {
+                    "reference_embeddings": _width(gallery_embeddings, dim, normalize),
+                    "reference_labels": gallery_labels,
+                }
+            if o.index is not None:
+                from vembed.evaluation.ann_retrieval import ann_retrieval_metrics
+
+                return ann_retrieval_metrics(
+                    _width(embeddings, dim, normalize), labels, **kwargs,
+                    kind=o.index, settings=o.index_settings, ks=o.ks,
+                )  # fmt: skip
+            metric = retrieval_metrics if procs.world_size == 1 else sharded_retrieval_metrics
+            return metric(
+                _width(embeddings, dim, normalize), labels, **kwargs, ks=o.ks, chunk_size=o.chunk_size,
+                progress=show_progress and dim is None and procs.rank == 0, device=device,
+            )  # fmt: skip
+
+        metrics = rank(None)
+        if self.classifier is not None and procs.world_size == 1:
+            from vembed.evaluation.classify import classifier_accuracy
+
+            names = [self.class_names[label] for label in labels] if self.class_names else list(labels)
+            metrics.update(classifier_accuracy(self.classifier(), embeddings, names))
+        if problems:
+            metrics["num_bad_images"] = len(problems)
+        by_dim = {dim: rank(dim) for dim in o.dims}
+        report = RetrievalReport(
+            model="",
+            data=self.data,
+            metrics=metrics,
+            protocol="query/gallery" if gallery_embeddings is not None else "all-vs-all",
+            gallery=self.gallery_name,
+            problems=list(problems),
+            dims=by_dim,
+        )
+        return EvalResult(metrics, self.primary_metric, self.greater_is_better, details={"report": report})
+
+    def _embed(self, embedder, images, labels, description, show_progress):
+        procs = self.processes
+        start, stop = _share(len(images), procs)
+        images, labels = images[start:stop], labels[start:stop]
+        with self.autocast() if self.autocast is not None else contextlib.nullcontext():
+            out = embed_records(
+                embedder,
+                images,
+                batch_size=self.embed.batch_size,
+                num_workers=self.embed.num_workers,
+                skip_bad=self.embed.skip_bad,
+                show_progress=show_progress and procs.rank == 0,
+                description=description
+                + (f" (process 0's share of {procs.world_size})" if procs.world_size > 1 else ""),
+            )
+        return out.embeddings, [labels[i] for i in out.indices], out.problems
+
+
 def evaluate_retrieval(
     model: str | Path | Embedder,
-    query: str | Path | RecordSet,
+    data: str | Path | RecordSet,
     *,
     gallery: str | Path | RecordSet | None = None,
-    settings: Settings | None = None,
+    model_settings: ModelSettings | None = None,
+    records: RecordOptions = RecordOptions(),
+    embed: EmbedOptions = EmbedOptions(),
+    options: RetrievalOptions = RetrievalOptions(),
     show_progress: bool = True,
-    dims: Sequence[int] = (),
-    index: str | None = None,
-    processes: Processes | None = None,
 ) -> RetrievalReport:
-    """Recall@K (``settings.eval.k``) and MAP@R of ``model`` on labelled records.
+    """One model (a reference, loaded once with ``model_settings``, or an :class:`Embedder`) on one
+    records file: :class:`RetrievalEvaluator` through :func:`~vembed.evaluation.compare.compare`."""
+    from vembed.evaluation.compare import compare
 
-    Without ``gallery`` every image queries all the others, itself excluded (the SOP protocol);
-    with it, ``query`` images search the ``gallery`` images. ``dims`` also scores each of these
-    truncated widths (first N dims, re-normalised) of the same embeddings. ``index`` (a faiss kind:
-    hnsw, ivf, ivfpq, flat) takes the neighbours from that index instead, see :mod:`vembed.evaluation.ann_retrieval`.
+    def read(source):
+        if isinstance(source, RecordSet):
+            return source
+        return read_eval_records(source, image_root=records.image_root, skip_bad=records.skip_bad)
 
-    ``processes`` (started by torchrun / accelerate launch, see :mod:`vembed.processes`): each
-    process embeds a contiguous share of the images on its own device and holds only those embeddings;
-    ranking is split across the processes (:mod:`vembed.evaluation.sharded_retrieval`) and every
-    process returns the report of the whole set.
-    """
-    settings = settings or Settings()
-    procs = processes or Processes()
-    start = time.perf_counter()
-    if procs.world_size > 1 and index is not None:
-        raise VembedError("--index ranks in one process; run it without torchrun / accelerate launch")
-    if not isinstance(model, Embedder):
-        resolve_ref(model)  # an unknown model name fails before any data is read
-    queries = _records(query, settings)
-    references = _records(gallery, settings) if gallery is not None else None
-    if isinstance(model, Embedder):
-        embedder = model
-    else:
-        device = device_for(settings.model.device, procs.local_rank, procs.world_size)
-        embedder = create_embedder(model, settings.model.model_copy(update={"device": device}))
-    name = embedder.spec.name if isinstance(model, Embedder) else str(model)
-
-    def embed(records: RecordSet, what: str):
-        images = _share(records.images(), procs)
-        out = embed_records(
-            embedder,
-            images,
-            batch_size=settings.eval.batch_size,
-            num_workers=settings.data.num_workers,
-            skip_bad=settings.data.skip_bad,
-            show_progress=show_progress and procs.rank == 0,
-            description=f"embedding {what}"
-            + (f" (process 0's share of {procs.world_size})" if procs.world_size > 1 else ""),
-        )
-        return out.embeddings, [images[i].label for i in out.indices], out.problems
-
-    q_emb, q_labels, problems = embed(queries, "queries")
-    r_emb = r_labels = None
-    if references is not None:
-        r_emb, r_labels, r_problems = embed(references, "gallery")
-        problems = problems + r_problems
-
-    def score(dim: int | None) -> dict[str, float]:
-        kwargs = {}
-        if r_emb is not None:
-            kwargs = {"reference_embeddings": _width(r_emb, dim, embedder), "reference_labels": r_labels}
-        if index is not None:
-            from vembed.evaluation.ann_retrieval import ann_retrieval_metrics
-
-            return ann_retrieval_metrics(
-                _width(q_emb, dim, embedder),
-                q_labels,
-                **kwargs,
-                kind=index,
-                settings=settings.index,
-                ks=settings.eval.k,
-            )
-        rank = retrieval_metrics if procs.world_size == 1 else sharded_retrieval_metrics
-        return rank(
-            _width(q_emb, dim, embedder),
-            q_labels,
-            **kwargs,
-            ks=settings.eval.k,
-            chunk_size=settings.eval.chunk_size,
-            progress=show_progress and dim is None and procs.rank == 0,
-            device=ranking_device(embedder),
-        )
-
-    metrics = score(None)
-    by_dim = {dim: score(dim) for dim in dims}
-    if procs.world_size > 1:  # every process reports the problems of the whole set
-        problems = [p for part in procs.gather(problems) for p in part]
-    if problems:
-        log(f"[yellow]skipped {len(problems)} bad image(s)[/]; first: {problems[0]}")
-    return RetrievalReport(
-        model=name,
-        data=_name(query),
-        gallery=_name(gallery) if gallery is not None else None,
-        protocol="query/gallery" if references is not None else "all-vs-all",
-        metrics=metrics,
-        seconds=time.perf_counter() - start,
-        problems=problems,
-        dims=by_dim,
+    evaluator = RetrievalEvaluator(
+        read(data), gallery=read(gallery) if gallery is not None else None, embed=embed, options=options
     )
+    load = None
+    if not isinstance(model, Embedder):
+        from vembed.models.factory import create_embedder
+
+        load = lambda ref: create_embedder(str(ref), model_settings)  # noqa: E731
+    return compare([model], evaluator, load=load, show_progress=show_progress).first.report
 
 
-def _share(images: list, procs: Processes) -> list:
-    """This process' contiguous share of ``images`` (all of them when alone)."""
-    size, extra = divmod(len(images), procs.world_size)
+def _labelled(records, labels) -> tuple[list[ImageRecord], list]:
+    images = records.images() if isinstance(records, RecordSet) else list(records)
+    if labels is None:
+        labels = [r.label for r in images]
+    elif len(labels) != len(images):
+        raise VembedError(f"{len(images)} records but {len(labels)} labels")
+    return images, list(labels)
+
+
+def _share(total: int, procs: Processes) -> tuple[int, int]:
+    """This process' contiguous share ``[start, stop)`` of ``total`` items (all of them when alone)."""
+    size, extra = divmod(total, procs.world_size)
     start = procs.rank * size + min(procs.rank, extra)
-    return images[start : start + size + (procs.rank < extra)]
+    return start, start + size + (procs.rank < extra)
 
 
-def _width(embeddings, dim: int | None, embedder: Embedder):
+def _width(embeddings, dim: int | None, normalize: bool):
     """The embeddings at a ``--dims`` width (None: as they are)."""
     if dim is None:
         return embeddings
     if dim > embeddings.shape[1]:
         raise VembedError(f"--dims {dim} is wider than the model's {embeddings.shape[1]}-d embeddings")
-    return truncate_embeddings(embeddings, dim, normalize=embedder.normalize)
-
-
-def _records(source: str | Path | RecordSet, settings: Settings) -> RecordSet:
-    if isinstance(source, RecordSet):
-        records = source
-    else:
-        records = read_records(
-            source, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad, require_label=True
-        )
-    if records.problems:
-        log(f"[yellow]skipped {len(records.problems)} bad record(s)[/]; first: {records.problems[0]}")
-    if not records.records:
-        raise VembedError(f"{records.path}: no usable records")
-    return records
-
-
-def _name(source) -> str:
-    return str(source.path) if isinstance(source, RecordSet) else str(source)
+    return truncate_embeddings(embeddings, dim, normalize=normalize)

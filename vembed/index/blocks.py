@@ -38,6 +38,7 @@ from vembed.index.sources import (
     path_records,
     records_from_source,
 )
+from vembed.io import decode_line
 
 
 @dataclass
@@ -81,7 +82,8 @@ def iter_blocks(
         yield from _checked(blocks, exclude, empty=no_images_message(path))
     elif path.is_file() and path.suffix.lower() in RECORD_SUFFIXES:
         root = Path(image_root) if image_root is not None else path.parent
-        with open(path, encoding="utf-8-sig") as fh:  # a BOM (Excel, Notepad) is not part of line 1
+        # a BOM (Excel, Notepad) is not part of line 1; bytes that are not UTF-8 are kept for _parse to name
+        with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
             lines = ((lineno, line) for lineno, line in enumerate(fh, start=1) if line.strip())
             blocks = _cut(lines, block_size, owned, lambda chunk: _parse(path, chunk, root, skip_bad))
             yield from _checked(blocks, exclude, empty=f"{path}: no records (the file is empty)")
@@ -140,7 +142,8 @@ def _parse(path: Path, chunk, root: Path, skip_bad: bool) -> tuple[list[ImageRec
     for lineno, line in chunk:
         where = f"{path}:{lineno}"
         try:
-            rec = parse_record(line, root=root, where=where)
+            text = decode_line(line.encode("utf-8", "surrogateescape"), where)
+            rec = parse_record(text, root=root, where=where)
             for image in _paths(rec):
                 if not image.is_file():
                     raise VembedError(f"{where}: image not found: {image}")

@@ -3,7 +3,9 @@
 ``flat`` is exact (faiss's brute force); ``hnsw`` is a graph index, fast to query and needing no
 training; ``ivf`` clusters the vectors and visits ``nprobe`` clusters per query; ``ivfpq`` also
 compresses each vector to ``pq_m`` codes of ``pq_nbits`` bits (optionally after an OPQ rotation), the
-smallest in memory, and re-scores its best ``k·rerank`` candidates exactly from the store's vectors.
+smallest in memory, and re-scores its best ``k·rerank`` candidates (at least 256) exactly from the
+store's vectors. On a small store IVF-PQ lowers ``pq_nbits`` to what the store can train (at least 16
+codes, else it is refused with the reason).
 IVF kinds train on a sample; every kind is built shard by shard (:func:`build_store_index`), and IVF
 kinds can be memory-mapped from disk (``index.mmap``). With faiss-gpu installed and a GPU visible, the
 IVF clustering runs on the GPU. Scores are inner products, i.e. cosine similarities for normalised
@@ -34,6 +36,7 @@ _ADD_CHUNK = 16_384  # vectors added per step (one progress-bar tick)
 _RERANK_CHUNK = 1024  # queries re-scored at once (their candidates' vectors are gathered)
 _TRAIN_POINTS_PER_LIST = 64  # IVF: training sample size per cluster
 _MIN_POINTS_PER_LIST = 39  # faiss warns below this many training points per cluster
+MIN_RERANK_DEPTH = 256  # IVF-PQ re-scores at least this many candidates per query (index.rerank)
 
 
 @dataclass
@@ -63,12 +66,18 @@ class FaissIndex:
             ivf.nprobe = min(settings.nprobe, ivf.nlist)
         if self.kind != "ivfpq" or settings.rerank == 0 or vectors is None:
             return self.index.search(queries, k)
-        found = []
+        found, depth = [], rerank_depth(k, settings.rerank, self.index.ntotal)
         for start in range(0, len(queries), _RERANK_CHUNK):
             block = queries[start : start + _RERANK_CHUNK]
-            _, candidates = self.index.search(block, k * settings.rerank)
+            _, candidates = self.index.search(block, depth)
             found.append(rerank(block, candidates, vectors, k))
         return np.concatenate([f[0] for f in found]), np.concatenate([f[1] for f in found])
+
+
+def rerank_depth(k: int, rerank: int, count: int) -> int:
+    """Candidates re-scored per query: ``k·rerank``, but at least :data:`MIN_RERANK_DEPTH` (a small
+    ``k`` would otherwise trust the compressed codes' order), and at most the index's size."""
+    return max(k, min(max(k * rerank, MIN_RERANK_DEPTH), count))
 
 
 def rerank(queries: np.ndarray, candidates: np.ndarray, vectors, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -202,7 +211,7 @@ def _trained_ivf(n: int, dim: int, sample, kind: str, settings: IndexSettings, i
         m = settings.pq_m or _default_pq_m(dim)
         if dim % m:
             raise VembedError(f"index.pq_m={m} must divide the embedding dim {dim}")
-        nbits = settings.pq_nbits
+        nbits = _pq_nbits(n, settings)
         description = f"{f'OPQ{m},' if settings.opq else ''}IVF{nlist},PQ{m}x{nbits}"
         wanted = max(nlist, 2**nbits) * _TRAIN_POINTS_PER_LIST  # PQ codebooks want >= 39 points per code too
         info.update(pq_m=m, pq_nbits=nbits, opq=settings.opq, rerank=settings.rerank)
@@ -214,18 +223,59 @@ def _trained_ivf(n: int, dim: int, sample, kind: str, settings: IndexSettings, i
         if settings.opq:  # OPQ learns its rotation with codebooks of the index's own size (not always 8 bits)
             keep = faiss.ProductQuantizer(dim, info["pq_m"], info["pq_nbits"])
             faiss.downcast_VectorTransform(index.chain.at(0)).pq = keep
-    if not settings.nlist:  # the default nlist already keeps >= 39 points per cluster when it can
-        ivf.cp.min_points_per_centroid = 1
+    # faiss prints a raw "WARNING clustering N points to K centroids" below 39 points per centroid; the
+    # sizes above are chosen to fit the store, and the line below says when the sample is thin
+    ivf.cp.min_points_per_centroid = 1
+    if kind == "ivfpq":
+        ivf.pq.cp.min_points_per_centroid = 1
+        if keep is not None:
+            keep.cp.min_points_per_centroid = 1
     if faiss.get_num_gpus() > 0 and hasattr(faiss, "index_cpu_to_all_gpus"):
         ivf.clustering_index = faiss.index_cpu_to_all_gpus(faiss.IndexFlatL2(dim))  # k-means on the GPU
         info["trained_on"] = "gpu"
     size = min(n, settings.train_size or wanted)
     rows = np.arange(n) if size == n else np.sort(np.random.default_rng(0).choice(n, size, replace=False))
-    log(f"training {description} on {size} of {n} vectors")
-    index.train(np.ascontiguousarray(sample(rows), dtype=np.float32))
+    centroids = max(nlist, 2 ** info["pq_nbits"]) if kind == "ivfpq" else nlist
+    thin = (
+        f" (under {_MIN_POINTS_PER_LIST} per centroid of {centroids}: fine for a small store, recall may be lower)"
+        if size < centroids * _MIN_POINTS_PER_LIST
+        else ""
+    )
+    log(f"training {description} on {size} of {n} vectors{thin}")
+    try:
+        index.train(np.ascontiguousarray(sample(rows), dtype=np.float32))
+    except RuntimeError as exc:  # a size faiss refuses that the checks above did not foresee
+        first = (str(exc).strip().splitlines() or ["training failed"])[-1]
+        raise VembedError(f"cannot train the {kind} index {description} on {size} vectors: {first}") from None
     del keep  # (referenced by the OPQ matrix until training is done)
     info.update(nlist=nlist, factory=description, train_size=size)
     return index
+
+
+_MIN_PQ_NBITS = 4  # 16 codes per sub-quantizer: below that, product quantization loses too much
+
+
+def _pq_nbits(n: int, settings: IndexSettings) -> int:
+    """Bits per PQ code: ``index.pq_nbits``, lowered (when not set explicitly) so that the store has at
+    least one training vector per code (faiss's hard limit); refused when even 16 codes do not fit."""
+    nbits = settings.pq_nbits
+    if 2**nbits <= n:
+        return nbits
+    fit = max(n.bit_length() - 1, 0)  # the largest b with 2**b <= n
+    if "pq_nbits" in settings.model_fields_set or fit < _MIN_PQ_NBITS:
+        raise VembedError(
+            f"a store of {n} vectors is too small for ivfpq with {2**nbits} codes per sub-quantizer "
+            f"(index.pq_nbits={nbits} needs at least {2**nbits} vectors to train); "
+            + (
+                f"set index.pq_nbits={fit} (--nbits {fit}) or lower, or use --kind flat / hnsw"
+                if fit >= 1
+                else "use --kind flat (exact) or hnsw"
+            )
+        )
+    log(
+        f"index.pq_nbits={fit} instead of {nbits}: {n} vectors train at most {2**fit} codes per sub-quantizer"
+    )
+    return fit
 
 
 def _default_pq_m(dim: int) -> int:

@@ -69,11 +69,14 @@ def search(
     settings: IndexSettings | None = None,
     *,
     show_progress: bool = False,
+    index: FaissIndex | None | str = "choose",
 ) -> tuple[torch.Tensor, torch.Tensor, str]:
     """Top-``k`` store rows for each query embedding: ``(scores, indices, method)``, best first.
 
     ``scores``/``indices`` are ``[Nq, k]`` (``k`` clipped to the store size); an approximate index
-    may find fewer than ``k`` neighbours for a query, marked by index ``-1``.
+    may find fewer than ``k`` neighbours for a query, marked by index ``-1``. ``index``: the one
+    :func:`choose_index` picks (default), or one it picked before (``None``: exact), for a caller that
+    searches many times (``vembed serve``).
     """
     settings = settings or IndexSettings()
     queries = torch.as_tensor(queries, dtype=torch.float32)
@@ -82,7 +85,8 @@ def search(
             f"query embeddings have shape {tuple(queries.shape)}; the store holds {store.dim}-d"
         )
     k = min(k, len(store))
-    index = choose_index(store, settings)
+    if isinstance(index, str):
+        index = choose_index(store, settings)
     if index is None:
         scores, indices = topk(
             queries, store.embeddings, k, chunk_size=settings.chunk_size, progress=show_progress

@@ -22,6 +22,7 @@ new one, never a mix. ``meta.json`` records how to rebuild the model that made t
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,7 +35,7 @@ from safetensors.torch import load_file, save_file
 from vembed import __version__
 from vembed.data.records import ImageRecord, json_object
 from vembed.errors import VembedError
-from vembed.io import atomic_dir, write_json, write_jsonl, write_text
+from vembed.io import atomic_dir, read_json, text_lines, write_json, write_jsonl, write_text
 from vembed.models.embedder import Embedder
 from vembed.models.registry import REGISTRY
 
@@ -191,9 +192,10 @@ def is_store(path: str | Path) -> bool:
     if not meta.is_file():
         return False
     try:
-        return json.loads(meta.read_text(encoding="utf-8")).get("format") == STORE_FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        data = json.loads(meta.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError, OSError):
         return False
+    return isinstance(data, dict) and data.get("format") == STORE_FORMAT
 
 
 def open_store(path: str | Path) -> EmbeddingStore:
@@ -245,11 +247,23 @@ def store_shards(path: str | Path, meta: dict[str, Any] | None = None) -> list[S
     meta = read_store_meta(path) if meta is None else meta
     if "shards" not in meta:
         return [Shard(path / EMBEDDINGS_FILE, path / MANIFEST_FILE)]
+    where = path / META_FILE
+    if not isinstance(meta["shards"], list) or not meta["shards"]:
+        raise VembedError(
+            f"{where}: 'shards' lists no shard files (the store is incomplete or hand-edited); "
+            "re-run `vembed embed` to rebuild it"
+        )
     shards = []
     for i, entry in enumerate(meta["shards"]):
-        if not isinstance(entry, dict) or not {"embeddings", "manifest"} <= set(entry):
-            raise VembedError(f"{path / META_FILE}: shards[{i}] needs 'embeddings' and 'manifest' file names")
-        shards.append(Shard(path / entry["embeddings"], path / entry["manifest"], entry.get("count")))
+        names = [entry.get(key) for key in ("embeddings", "manifest")] if isinstance(entry, dict) else []
+        if len(names) != 2 or not all(isinstance(name, str) and name.strip() for name in names):
+            raise VembedError(f"{where}: shards[{i}] needs 'embeddings' and 'manifest' file names")
+        count = entry.get("count")
+        if count is not None and not _is_count(count):
+            raise VembedError(
+                f"{where}: shards[{i}].count must be a row count (an integer >= 0), got {count!r}"
+            )
+        shards.append(Shard(path / names[0], path / names[1], count))
     return shards
 
 
@@ -269,6 +283,20 @@ def read_shard_embeddings(shard: Shard) -> torch.Tensor:
     return embeddings.float()
 
 
+def read_shard_rows(shard: Shard) -> list[dict[str, Any]]:
+    """The manifest rows of one shard (``{"path", "label", "category"}``), checked."""
+    return _read_manifest(shard.manifest)
+
+
+def iter_store_rows(path: str | Path) -> Iterator[tuple[int, torch.Tensor]]:
+    """``(first row, embeddings)`` shard by shard: one shard in memory at a time."""
+    start = 0
+    for shard in store_shards(path):
+        embeddings = read_shard_embeddings(shard)
+        yield start, embeddings
+        start += len(embeddings)
+
+
 def store_summary(path: str | Path) -> dict[str, Any]:
     """Count, dim, shards and labelled rows of a store, read without loading its embeddings."""
     path = Path(path)
@@ -284,7 +312,7 @@ def store_summary(path: str | Path) -> dict[str, Any]:
     return {
         "meta": meta,
         "count": count,
-        "dim": int(meta["dim"]),
+        "dim": _dim(meta, path),
         "shards": len(shards),
         "labelled": labelled,
     }
@@ -307,6 +335,16 @@ def model_arguments(store: EmbeddingStore) -> dict[str, Any]:
     if not model.get("source"):
         raise VembedError(f"{_where(store)}: 'model.source' is missing; cannot rebuild the model")
     pre = store.meta.get("preprocessing") or {}
+    expected = [(model, "model", key, str) for key in ("source", "revision", "pooling")]
+    expected += [(model, "model", key, int) for key in ("projection_dim", "truncate_dim")]
+    expected += [(model, "model", "normalize", bool), (pre, "preprocessing", "image_size", int)]
+    for section, name, key, kind in expected:
+        value = section.get(key)
+        if value is not None and (not isinstance(value, kind) or (kind is int and isinstance(value, bool))):
+            raise VembedError(
+                f"{_where(store)}: '{name}.{key}' must be {_KIND_NAMES[kind]}, got {value!r}; "
+                "re-run `vembed embed` to rebuild the store"
+            )
     return {
         "model": model["source"],
         "revision": model.get("revision"),
@@ -316,6 +354,9 @@ def model_arguments(store: EmbeddingStore) -> dict[str, Any]:
         "truncate_dim": model.get("truncate_dim"),
         "image_size": pre.get("image_size"),
     }
+
+
+_KIND_NAMES = {str: "a string", int: "an integer", bool: "true or false"}
 
 
 def embedder_for_store(
@@ -370,32 +411,52 @@ def _where(store: EmbeddingStore) -> str:
 def _read_meta(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise VembedError(f"{path.parent} is not a vembed store (no {META_FILE})")
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    meta = read_json(path)
     if not isinstance(meta, dict) or meta.get("format") != STORE_FORMAT:
         raise VembedError(f"{path}: not a vembed store's meta file ('format' is not {STORE_FORMAT!r})")
-    if int(meta.get("format_version", 0)) > STORE_VERSION:
+    version = meta.get("format_version", 0)
+    if not _is_count(version):
+        raise VembedError(f"{path}: 'format_version' must be an integer, got {version!r}")
+    if version > STORE_VERSION:
         raise VembedError(
             f"{path}: store format {meta['format_version']} is newer than this vembed reads "
             f"({STORE_VERSION}); upgrade vembed"
         )
+    for key in ("count", "dim", "num_skipped", "parts"):
+        if meta.get(key) is not None and not _is_count(meta[key]):
+            raise VembedError(f"{path}: '{key}' must be an integer >= 0, got {meta[key]!r}")
+    for key in ("model", "preprocessing"):
+        if meta.get(key) is not None and not isinstance(meta[key], dict):
+            raise VembedError(f"{path}: '{key}' must be an object, got {type(meta[key]).__name__}")
     return meta
+
+
+def _dim(meta: dict[str, Any], path: Path) -> int:
+    if meta.get("dim") is None:
+        raise VembedError(f"{path / META_FILE}: 'dim' is missing; re-run `vembed embed` to rebuild the store")
+    return int(meta["dim"])
+
+
+def _is_count(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
 def _read_manifest(path: Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise VembedError(f"{path}: missing (the store is incomplete)")
     rows = []
-    with open(path, encoding="utf-8") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            row = json_object(line)
-            if isinstance(row, str):
-                raise VembedError(f"{path}:{lineno}: {row}")
-            if not isinstance(row.get("path"), str):
-                raise VembedError(f"{path}:{lineno}: expected an object with a 'path' string")
-            rows.append(row)
+    for lineno, line in text_lines(path):
+        if not line.strip():
+            continue
+        row = json_object(line)
+        if isinstance(row, str):
+            raise VembedError(f"{path}:{lineno}: {row}")
+        if not isinstance(row.get("path"), str):
+            raise VembedError(f"{path}:{lineno}: expected an object with a 'path' string")
+        label, category = row.get("label"), row.get("category")
+        if not (label is None or (isinstance(label, (int, str)) and not isinstance(label, bool))):
+            raise VembedError(f"{path}:{lineno}: 'label' must be an integer or a string, got {label!r}")
+        if not (category is None or isinstance(category, str)):
+            raise VembedError(f"{path}:{lineno}: 'category' must be a string, got {category!r}")
+        rows.append(row)
     return rows

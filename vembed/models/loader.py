@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import torch
 import transformers
 
 from vembed.errors import VembedError
-from vembed.io import read_json, write_json
+from vembed.io import parse_json, read_json, read_text, write_json
 from vembed.models.registry import REGISTRY, ModelSpec, registry_name, spec_from_config
 from vembed.models.weights import check_model_folder, refusal
 
@@ -49,6 +50,23 @@ _FIELDS = (
     "preprocessing",
     "task_head",
 )
+
+
+# the type each vembed.json key must have when present (names in messages)
+_FIELD_TYPES = {
+    **dict.fromkeys(("vembed_version", "base_model", "family", "pooling"), "string"),
+    **dict.fromkeys(("projection_dim", "embed_dim", "truncate_dim"), "positive integer"),
+    "num_prefix_tokens": "integer >= 0",
+    "normalize": "boolean",
+    "lora_targets": "list of strings",
+}
+_PREPROCESSING_TYPES = {
+    "image_size": "positive integer",
+    "crop_pct": "positive number",
+    "mean": "list of 3 numbers",
+    "std": "list of 3 numbers",
+    **dict.fromkeys(("interpolation", "resize"), "string"),
+}
 
 
 @dataclass(frozen=True)
@@ -96,6 +114,8 @@ class ModelConfig:
             raise VembedError(f"{where}: 'preprocessing' must be an object")
         if not isinstance(known.get("task_head", {}), dict):
             raise VembedError(f"{where}: 'task_head' must be an object")
+        _check_types(known, _FIELD_TYPES, where)
+        _check_types(known.get("preprocessing", {}), _PREPROCESSING_TYPES, where, "preprocessing.")
         extra = {key: value for key, value in data.items() if key not in _FIELDS}
         return cls(**known, extra=extra)
 
@@ -273,9 +293,13 @@ def _load_files(ref: ModelRef, *, revision: str | None) -> LoadedModel:
     config_file = find("config.json")
     if config_file is None:
         raise VembedError(f"{ref.name}: not a model directory (no config.json)")
-    config = _json(config_file)
+    config = check_config(_json(config_file), where=str(config_file))
     preprocessor_file = find(PREPROCESSOR_CONFIG)
-    preprocessor = _json(preprocessor_file) if preprocessor_file else None
+    preprocessor = (
+        check_preprocessor(_json(preprocessor_file), where=str(preprocessor_file))
+        if preprocessor_file
+        else None
+    )
     spec = spec_from_config(config, name=ref.name, source=ref.name, preprocessor=preprocessor)
     spec = spec.replace(base_model=ref.name)
     saved_file = find(VEMBED_CONFIG)
@@ -313,7 +337,101 @@ def apply_model_config(spec: ModelSpec, saved: ModelConfig) -> ModelSpec:
 
 
 def _json(path: Path) -> Any:
-    try:
-        return json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as exc:
-        raise VembedError(f"{path}: invalid JSON ({exc.msg} at line {exc.lineno})") from None
+    return parse_json(read_text(path), path)
+
+
+# -- what a config.json / preprocessor_config.json must hold for vembed to read it ------------------
+
+_CONFIG_SIZES = ("hidden_size", "image_size", "patch_size")  # positive integers when present
+
+
+def check_config(config: Any, *, where: str) -> dict:
+    """``config.json`` as vembed reads it: an object whose sizes (also under ``vision_config``) are
+    positive integers; anything else is a :class:`VembedError` naming the file and key."""
+    _expect_object(config, where, "the file")
+    if config.get("model_type") is not None and not isinstance(config["model_type"], str):
+        raise VembedError(f"{where}: 'model_type' must be a string, got {config['model_type']!r}")
+    sections = [(config, "")]
+    if "vision_config" in config:
+        _expect_object(config["vision_config"], where, "'vision_config'")
+        sections.append((config["vision_config"], "vision_config."))
+    for section, prefix in sections:
+        for key in _CONFIG_SIZES:
+            if key in section:
+                _positive_int(section[key], where, prefix + key)
+        if section.get("num_register_tokens") is not None:
+            _positive_int(section["num_register_tokens"], where, prefix + "num_register_tokens", minimum=0)
+    return config
+
+
+def check_preprocessor(processor: Any, *, where: str) -> dict:
+    """``preprocessor_config.json`` as vembed reads it (sizes positive integers, mean/std 3 numbers);
+    returned with a single-number ``image_mean``/``image_std`` widened to three channels."""
+    _expect_object(processor, where, "the file")
+    processor = dict(processor)
+    for key, names in (("size", ("shortest_edge", "height", "width")), ("crop_size", ("height", "width"))):
+        value = processor.get(key)
+        if isinstance(value, dict):
+            for name in names:  # size.shortest_edge / size.height are read when present, even as null
+                if value.get(name) is not None or (key == "size" and name in value and name != "width"):
+                    _positive_int(value[name], where, f"{key}.{name}")
+        elif value is not None:
+            _positive_int(value, where, key)
+    for key in ("image_mean", "image_std"):
+        value = processor.get(key)
+        if _is_number(value):
+            value = processor[key] = [value] * 3
+        if value is not None and not (
+            isinstance(value, list) and len(value) == 3 and all(_is_number(v) for v in value)
+        ):
+            raise VembedError(
+                f"{where}: '{key}' must be a list of 3 numbers (one per channel), got {value!r}"
+            )
+        if key == "image_std" and value is not None and not all(v > 0 for v in value):
+            raise VembedError(f"{where}: 'image_std' must be positive, got {value!r}")
+    if processor.get("resample") is not None and not _is_int(processor["resample"]):
+        raise VembedError(
+            f"{where}: 'resample' must be an integer (a PIL filter), got {processor['resample']!r}"
+        )
+    return processor
+
+
+def _check_types(data: dict, types: dict[str, str], where: str, prefix: str = "") -> None:
+    """Each key of ``types`` present (and not null) in ``data`` has that type, else a VembedError."""
+    checks = {
+        "string": lambda v: isinstance(v, str),
+        "boolean": lambda v: isinstance(v, bool),
+        "positive integer": lambda v: _is_int(v) and v > 0,
+        "integer >= 0": lambda v: _is_int(v) and v >= 0,
+        "positive number": lambda v: _is_number(v) and v > 0,
+        "list of strings": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
+        "list of 3 numbers": lambda v: isinstance(v, list) and len(v) == 3 and all(_is_number(x) for x in v),
+    }
+    for key, kind in types.items():
+        if data.get(key) is not None and not checks[kind](data[key]):
+            raise VembedError(f"{where}: '{prefix}{key}' must be a {kind}, got {json.dumps(data[key])[:60]}")
+
+
+def _expect_object(value: Any, where: str, what: str) -> None:
+    if not isinstance(value, dict):
+        raise VembedError(f"{where}: {what} must be a JSON object, got {_type_name(value)}")
+
+
+def _positive_int(value: Any, where: str, key: str, *, minimum: int = 1) -> int:
+    if not _is_int(value) or value < minimum:
+        wanted = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
+        raise VembedError(f"{where}: '{key}' must be {wanted}, got {json.dumps(value)[:60]}")
+    return value
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _type_name(value: Any) -> str:
+    names = {list: "a list", str: "a string", dict: "an object", type(None): "null", bool: "true/false"}
+    return names.get(type(value), f"the number {value}")

@@ -35,6 +35,49 @@ class Family:
     crop_pct: float = 0.875
     interpolation: str = "bicubic"
     resize: str = "shorter"  # shorter side + centre crop, or "square": both sides, no crop
+    # the image + text model of the family, when it has one (``vembed.models.dual``); empty: vision only
+    dual: DualTowers | None = None
+
+
+@dataclass(frozen=True)
+class DualTowers:
+    """What a dual-encoder family (CLIP, SigLIP) adds to its vision tower: the text tower.
+
+    ``image_modules`` / ``text_modules`` are the module-name prefixes of each tower inside the dual
+    model (projections included), so LoRA, freezing and ``train.towers`` apply per tower;
+    ``lora_targets`` are the Linear names adapted in both towers. ``text_padding``: ``max_length``
+    where the text tower pools the last position (SigLIP was trained with 64-token padded captions),
+    ``longest`` where it finds the end-of-text token (CLIP).
+    """
+
+    model_class: str  # transformers class of the image + text model
+    image_modules: tuple[str, ...]
+    text_modules: tuple[str, ...]
+    lora_targets: tuple[str, ...]
+    image_head: tuple[str, ...]  # the projection of each tower (what method=frozen trains)
+    text_head: tuple[str, ...]
+    text_padding: str = "longest"
+    default_loss: str = "clip"
+
+
+CLIP_TOWERS = DualTowers(
+    "CLIPModel",
+    ("vision_model", "visual_projection"),
+    ("text_model", "text_projection"),
+    ("q_proj", "k_proj", "v_proj", "out_proj"),
+    ("visual_projection",),
+    ("text_projection",),
+)
+SIGLIP_TOWERS = DualTowers(
+    "SiglipModel",
+    ("vision_model",),
+    ("text_model",),
+    ("q_proj", "k_proj", "v_proj", "out_proj"),
+    ("vision_model.head",),
+    ("text_model.head",),
+    text_padding="max_length",
+    default_loss="siglip",
+)
 
 
 FAMILIES: dict[str, Family] = {
@@ -83,6 +126,7 @@ FAMILIES: dict[str, Family] = {
             CLIP_STD,
             ("q_proj", "k_proj", "v_proj", "out_proj"),
             crop_pct=1.0,
+            dual=CLIP_TOWERS,
         ),
         Family(
             "siglip",
@@ -95,6 +139,7 @@ FAMILIES: dict[str, Family] = {
             ("q_proj", "k_proj", "v_proj", "out_proj"),
             crop_pct=1.0,
             resize="square",  # SiglipImageProcessor: 224 x 224 bicubic, no crop
+            dual=SIGLIP_TOWERS,
         ),
     ]
 }
@@ -226,6 +271,17 @@ register(
     )
 )
 register(
+    _spec(
+        "laion-clip-b32",
+        "laion/CLIP-ViT-B-32-laion2B-s34B-b79K",
+        "clip",
+        224,
+        32,
+        768,
+        "LAION-2B CLIP ViT-B/32 vision tower (open_clip weights in transformers format)",
+    )
+)
+register(
     _spec("siglip-base", "google/siglip-base-patch16-224", "siglip", 224, 16, 768, "SigLIP B/16 vision tower")
 )
 register(
@@ -237,6 +293,19 @@ register(
         14,
         1152,
         "SigLIP So400m/14 @384 vision tower",
+    )
+)
+
+
+register(
+    _spec(
+        "siglip2-base",
+        "google/siglip2-base-patch16-224",
+        "siglip",
+        224,
+        16,
+        768,
+        "SigLIP 2 B/16 @224 vision tower (fixed resolution; loads as SigLIP)",
     )
 )
 

@@ -143,7 +143,13 @@ class TrainSettings(Section):
         "retrieval",
         description="What is trained (vembed.tasks.TASKS): retrieval, an embedding model (train.loss); "
         "segmentation, a decoder on the patch tokens, pixel cross-entropy (255 ignored), best model by "
-        "validation mIoU.",
+        "validation mIoU; image_text, a CLIP / SigLIP dual encoder on image-caption pairs (train.loss "
+        "clip or siglip), best by mean_recall@1.",
+    )
+    towers: Literal["both", "image", "text"] = Field(
+        "both",
+        description="train.task=image_text: which towers adapt (train.method applies to them; the "
+        "others stay frozen).",
     )
     method: Literal["lora", "full", "frozen"] = Field(
         "lora", description="lora: adapters on the backbone; full: every weight; frozen: head/proxies only."
@@ -336,7 +342,7 @@ class IndexSettings(Section):
     rerank: int = Field(
         16,
         ge=0,
-        description="IVF-PQ: re-score k·rerank candidates exactly from the store's vectors (0: off).",
+        description="IVF-PQ: re-score k·rerank candidates (at least 256) exactly from the store's vectors (0: off).",
     )
     train_size: int | None = Field(
         None, ge=1, description="IVF/IVF-PQ: vectors sampled to train the clusters; default 64 per cluster."
@@ -408,7 +414,7 @@ def _model_at(loc: tuple) -> type[BaseModel] | None:
 
 def _describe(err: dict) -> str:
     loc = tuple(err["loc"])
-    key = ".".join(str(p) for p in loc)
+    key = ".".join(repr(str(p))[1:-1] for p in loc)  # a key typed with a newline stays on one line
     if err["type"] == "extra_forbidden":
         parent = _model_at(loc[:-1])
         valid = list(parent.model_fields) if parent is not None else []

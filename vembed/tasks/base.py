@@ -26,7 +26,6 @@ if TYPE_CHECKING:
     from torch import nn
 
     from vembed.settings import Settings
-    from vembed.settings.augment import AugmentSettings
 
 
 @runtime_checkable
@@ -86,9 +85,6 @@ class Task(Protocol):
 
     def describe(self, settings: Settings) -> str:
         """The settings that decide :meth:`metrics` (``train.loss=ce, eval.k=1,10``), for messages."""
-
-    def augment(self, settings: Settings) -> AugmentSettings:
-        """``train.augment`` with the task's defaults for the keys left null."""
 
     def setup(self, settings: Settings, accelerator, *, show_progress: bool = True) -> TrainParts:
         """Build the model from ``settings.model`` with ``train.method`` applied, read the records, make

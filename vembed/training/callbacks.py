@@ -7,6 +7,7 @@ A callback has any of ``on_start(trainer)``, ``on_step(trainer)``, ``on_row(trai
 
 from __future__ import annotations
 
+import os
 import signal
 import threading
 import time
@@ -101,11 +102,17 @@ class Trackers(Callback):
 
 
 class StopSignal:
-    """SIGTERM / first Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort."""
+    """SIGTERM / first Ctrl-C: finish the current step, save a checkpoint, stop. Second Ctrl-C: abort.
+
+    DataLoader workers forked while it is installed inherit the handler and get the terminal's Ctrl-C
+    too: there it does nothing (the process that installed it stops the run and the workers with it),
+    so the line is said once.
+    """
 
     def __init__(self):
         self.signal: str | None = None
         self._previous: dict = {}
+        self._pid = os.getpid()
 
     def __enter__(self) -> StopSignal:
         if threading.current_thread() is threading.main_thread():
@@ -118,6 +125,8 @@ class StopSignal:
             signal.signal(sig, handler)
 
     def _handle(self, signum, frame) -> None:
+        if os.getpid() != self._pid:  # a DataLoader worker
+            return
         if self.signal is not None and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.signal = signal.Signals(signum).name

@@ -14,6 +14,8 @@ previous checkpoint as it was; older checkpoints beyond ``keep`` are deleted onl
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import random
@@ -24,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch.optim import Optimizer
 
@@ -80,17 +82,64 @@ def write_main(
     state: dict[str, Any],
 ) -> None:
     """The files only the main process writes: weights, optimiser, trainer state."""
-    save_file(_contiguous(model_state), str(tmp / "model.safetensors"))
+    model_state = _contiguous(model_state)
     tensors, meta = _flatten_optimizer(optimizer.state_dict())
-    save_file(tensors, str(tmp / "optimizer.safetensors"))
-    (tmp / "optimizer.json").write_text(json.dumps(meta))
-    (tmp / "state.json").write_text(json.dumps(state, indent=2, default=_json_default))
+    with disk_full_is_an_error(tmp, needed=_nbytes(model_state) + _nbytes(tensors)):
+        save_file(model_state, str(tmp / "model.safetensors"))
+        save_file(tensors, str(tmp / "optimizer.safetensors"))
+        (tmp / "optimizer.json").write_text(json.dumps(meta))
+        (tmp / "state.json").write_text(json.dumps(state, indent=2, default=_json_default))
 
 
 def write_rng(tmp: Path, rank: int) -> None:
     """This process' random generator states."""
     tensors, meta = capture_rng()
-    save_file(tensors, str(tmp / f"rng-{rank}.safetensors"), metadata=meta)
+    with disk_full_is_an_error(tmp, needed=_nbytes(tensors)):
+        save_file(tensors, str(tmp / f"rng-{rank}.safetensors"), metadata=meta)
+
+
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+
+
+@contextlib.contextmanager
+def disk_full_is_an_error(tmp: Path, *, needed: int):
+    """A full disk (or quota) while writing checkpoint ``tmp`` → a :class:`VembedError` saying what
+    happened, what was kept and how much space it needs; the partial checkpoint is removed."""
+    try:
+        yield
+    except (OSError, SafetensorError) as exc:
+        full = getattr(exc, "errno", None) in _DISK_FULL or any(
+            text in str(exc) for text in ("No space left", "os error 28", "Disk quota", "os error 122")
+        )
+        if not full:
+            raise
+        shutil.rmtree(tmp, ignore_errors=True)
+        run_dir = tmp.parent.parent
+        kept = list_checkpoints(run_dir)
+        earlier = (
+            f"the earlier checkpoints are intact (latest: {kept[-1].name}) and `--resume` continues from it"
+            if kept
+            else "no earlier checkpoint was saved"
+        )
+        step = tmp.name.removeprefix(".").removesuffix(".tmp")
+        free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0
+        raise VembedError(
+            f"{run_dir}: no space left on the disk while writing checkpoint {step}, which was not saved; "
+            f"{earlier}; a checkpoint needs about {_size(needed)} ({_size(free)} free there): free some "
+            "space (or lower train.keep_checkpoints) and resume"
+        ) from None
+
+
+def _nbytes(tensors: dict[str, torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors.values())
+
+
+def _size(nbytes: int) -> str:
+    for unit in ("bytes", "KB", "MB", "GB"):
+        if nbytes < 1000 or unit == "GB":
+            return f"{nbytes:.0f} {unit}" if unit == "bytes" else f"{nbytes:.1f} {unit}"
+        nbytes /= 1000
+    return f"{nbytes:.1f} TB"
 
 
 def commit(tmp: Path, final: Path, *, keep: int) -> None:

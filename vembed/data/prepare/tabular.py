@@ -8,6 +8,7 @@ resolve against ``image_root`` or the file's folder, and every problem names ``f
 from __future__ import annotations
 
 import csv
+import io
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -19,6 +20,7 @@ from vembed.data.prepare.splits import SPLITS, SplitOptions, make_splits
 from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import ImageRecord, json_object
 from vembed.errors import VembedError
+from vembed.io import read_text, text_lines
 
 SPLIT_ALIASES = {"train": "train", "training": "train", "val": "val", "valid": "val", "validation": "val"}
 SPLIT_ALIASES |= {"test": "test", "testing": "test"}
@@ -179,14 +181,13 @@ def parse_row(
 
 
 def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
-    with open(path, encoding="utf-8-sig") as fh:
-        for lineno, line in enumerate(fh, start=1):
-            if line.strip():
-                yield lineno, json_object(line)
+    for lineno, line in text_lines(path):
+        if line.strip():
+            yield lineno, json_object(line)
 
 
 def _csv_rows(path: Path, delimiter: str | None) -> Iterator[tuple[int, dict | str]]:
-    with open(path, encoding="utf-8-sig", newline="") as fh:
+    with io.StringIO(read_text(path), newline="") as fh:
         if delimiter is None:
             sample = fh.read(64 * 1024)
             fh.seek(0)
