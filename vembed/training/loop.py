@@ -278,9 +278,10 @@ class _Trainer:
 
     def _run_validation(self) -> None:
         state = self.state
-        metrics = self.validator(
-            self.embedder, autocast=self.accelerator.autocast, show_progress=self.show_progress
-        )
+        # validation must not move the training RNG streams (a resumed run would diverge)
+        device = self.accelerator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            metrics = self.validator(self.embedder, show_progress=self.show_progress).metrics
         set_train_mode(self.embedder, self.s.method)
         row = {"kind": "val", "step": state.step, "epoch": state.epoch, **metrics}
         if not state.history:

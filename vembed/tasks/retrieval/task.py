@@ -24,7 +24,7 @@ from vembed.tasks.base import TrainParts
 from vembed.training.data import AUGMENT_DEFAULTS, build_batch_sampler, read_labelled, report_problems
 from vembed.training.model import check_objective, loss_kwargs, make_loss, trainable_embedder
 from vembed.training.steps import cache_features, step_runner, uses_feature_cache
-from vembed.training.validation import Validator
+from vembed.training.validation import CachedFeatureValidator, retrieval_validator
 
 
 class RetrievalTask:
@@ -78,16 +78,10 @@ class RetrievalTask:
         evaluator = None
         if val is not None:
             trains_classifier = classifier_of_loss(loss, data.class_names) is not None
-            cached, indices = val_features if val_features is not None else (None, None)
-            evaluator = Validator(
-                val,
-                settings,
-                features=cached,
-                feature_indices=indices,
-                classifier=(lambda: classifier_of_loss(loss, data.class_names))
-                if trains_classifier
-                else None,
-            )
+            classifier = (lambda: classifier_of_loss(loss, data.class_names)) if trains_classifier else None
+            evaluator = retrieval_validator(val, settings, embedder, accelerator=acc, classifier=classifier)
+            if val_features is not None:
+                evaluator = CachedFeatureValidator(evaluator, *val_features, val.labels)
         runner = step_runner(acc, embedder, loss, data, settings, features)
         return TrainParts(embedder, data, loss, sampler, runner, evaluator)
 

@@ -8,7 +8,6 @@ validator reporting ``miou`` (the selection metric) and ``pixel_accuracy``.
 
 from __future__ import annotations
 
-import contextlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,13 +29,13 @@ from vembed.models.segmenter import Segmenter, create_segmenter
 from vembed.settings import AugmentSettings, Settings
 from vembed.tasks.base import TrainParts
 from vembed.tasks.segmentation.data import SegEvalTransform, SegmentationImages, SegTrainTransform
-from vembed.tasks.segmentation.evaluator import evaluate_segmentation
+from vembed.tasks.segmentation.evaluator import SegEvalOptions, SegmentationEvaluator
 from vembed.training.data import EpochLoaders, ShuffledBatchSampler, report_problems
 
 # train.augment's segmentation defaults for the keys left null: on, a 0.5-2x zoom crop, hflip 0.5
 AUGMENT_DEFAULTS = {"enabled": True, "hflip": 0.5}
 SELECT_METRIC = "miou"
-METRICS = ("miou", "pixel_accuracy")  # what SegmentationValidator reports, each can rank models
+METRICS = ("miou", "pixel_accuracy")  # what SegmentationEvaluator reports, each can rank models
 LOSS_NAME = "pixel_ce"
 # train.* keys that only mean something for retrieval: setting one for segmentation is an error
 RETRIEVAL_KEYS = (
@@ -243,29 +242,6 @@ class SegmentationSteps:
         return loss.detach()
 
 
-class SegmentationValidator:
-    """mIoU and pixel accuracy of the model on the validation records (at the model's input size)."""
-
-    def __init__(self, data: MaskRecords, settings: Settings):
-        self.data, self.settings = data, settings
-
-    def __call__(
-        self, model: Segmenter, *, autocast=contextlib.nullcontext, show_progress: bool = True
-    ) -> dict:
-        devices = [model.device] if model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # validation must not move the training RNG
-            m = evaluate_segmentation(
-                model,
-                self.data.records,
-                batch_size=self.settings.eval.batch_size,
-                num_workers=self.settings.data.num_workers,
-                show_progress=show_progress,
-                description="validating",
-                autocast=autocast,
-            )
-        return {"miou": m.miou, "pixel_accuracy": m.pixel_accuracy, "num_images": len(self.data.records)}
-
-
 class SegmentationTask:
     """Everything the loop asks of ``train.task: segmentation``, in the order it asks."""
 
@@ -306,7 +282,14 @@ class SegmentationTask:
             num_replicas=acc.num_processes,
             rank=acc.process_index,
         )
-        validator = SegmentationValidator(val, settings) if val is not None else None
+        validator = None
+        if val is not None:
+            options = SegEvalOptions(
+                batch_size=settings.eval.batch_size, num_workers=settings.data.num_workers
+            )
+            validator = SegmentationEvaluator(
+                val.records, options, description="validating", autocast=accelerator.autocast
+            )
         runner = SegmentationSteps(acc, model, loss, data, settings)
         return TrainParts(model, data, loss, sampler, runner, validator)
 
