@@ -8,6 +8,7 @@ from typer.testing import CliRunner
 from vembed.cli import app
 from vembed.data.records import read_records
 from vembed.errors import VembedError
+from vembed.evaluation.run import evaluate_retrieval
 from vembed.models.factory import create_embedder
 from vembed.quickstart import QuickstartOptions, run_quickstart, write_digits
 
@@ -43,6 +44,10 @@ def test_quickstart_trains_and_recall_rises(tmp_path):
     # the run is a normal run directory; final/ loads like any model
     assert (result.run_dir / "settings.yaml").is_file() and (result.run_dir / "metrics.jsonl").is_file()
     assert create_embedder(str(result.final_dir)).pooling == "mean"
+    # the untrained model folder carries the quickstart's pooling: `--compare runs/quickstart/model`
+    # (default settings) reproduces the "before" row
+    bare = evaluate_retrieval(str(result.model_dir), result.data_dir / "test.jsonl", show_progress=False)
+    assert bare.metrics["recall@1"] == before["recall@1"] and bare.metrics["map@r"] == before["map@r"]
     summary = json.loads(result.summary_path.read_text())
     assert summary["before"]["recall@1"] == before["recall@1"]
     assert summary["after"]["recall@1"] == after["recall@1"]

@@ -34,6 +34,8 @@ from vembed.settings import Settings, load_settings
 
 MARKER = ".vembed-quickstart"
 SUMMARY = "quickstart.json"
+# patch-token mean learns faster than CLS from random weights
+QUICKSTART_POOLING = "mean"
 OWNED = ("images", "data", "model", "run", SUMMARY)  # what a re-run replaces inside --out
 
 
@@ -197,8 +199,11 @@ def write_digits(folder: Path, *, images_per_class: int | None = None, px: int =
 
 
 def build_model(folder: Path, options: QuickstartOptions) -> Path:
-    """A randomly initialised DINOv2-architecture ViT sized by ``options``, saved with ``save_pretrained``."""
+    """A randomly initialised DINOv2-architecture ViT sized by ``options``, saved with ``save_pretrained``
+    plus the ``vembed.json`` that names its pooling (mean)."""
     import transformers
+
+    from vembed.models.factory import load_embedder, save_embedder
 
     config = transformers.Dinov2Config(
         image_size=options.image_px,
@@ -212,6 +217,10 @@ def build_model(folder: Path, options: QuickstartOptions) -> Path:
     model = transformers.Dinov2Model(config)
     with atomic_dir(folder) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
+        # vembed.json: the folder carries the quickstart's pooling, so `--model runs/quickstart/model`
+        # anywhere measures what the quickstart's "before" row measured
+        embedder = load_embedder(tmp, pooling=QUICKSTART_POOLING, device="cpu", dtype="float32")
+        save_embedder(embedder, tmp, extra={"base_model": f"random init ({folder})"})
     params = sum(p.numel() for p in model.parameters())
     log(
         f"model: {options.num_layers} layers, width {options.hidden_size}, {params / 1e3:.0f}k parameters → {folder}"
@@ -227,7 +236,7 @@ def quickstart_settings(
         None,
         values={
             "model.name": str(model_dir),
-            "model.pooling": "mean",  # patch-token mean learns faster than CLS from random weights
+            "model.pooling": QUICKSTART_POOLING,
             "data.train": str(files["train"]),
             "data.val": str(files["val"]),
             "data.test": str(files["test"]),

@@ -10,6 +10,7 @@ from vembed.cli import (  # noqa: F401  (registers commands)
     classify,
     embed,
     eval_classes,
+    eval_image_text,
     evaluate,
     export,
     inspect,

@@ -30,13 +30,18 @@ _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 @app.command("embed")
 def embed_command(
     source: str = typer.Argument(
-        ...,
+        None,
         help="A folder (recursive; sub-folder names become labels), a .jsonl records file, an image, "
         "or - to read image paths from stdin (one per line).",
     ),
     overrides: list[str] = typer.Argument(None, help=OVERRIDES_HELP),
     model: str = typer.Option(None, "--model", "-m", help=MODEL_HELP),
-    out: Path = typer.Option(None, "--out", "-o", help="Write an embedding store (a folder) here."),
+    out: str = typer.Option(
+        None,
+        "--out",
+        "-o",
+        help="Write an embedding store (a folder) here; with --engine ray DIR.parquet or DB/TABLE.lance.",
+    ),
     jsonl: bool = typer.Option(
         False, "--jsonl", help='Stream {"path": ..., "embedding": [...]} lines on stdout instead of a store.'
     ),
@@ -58,6 +63,20 @@ def embed_command(
         False, "--append", help="Add the source's new images to the existing store --out (same model)."
     ),
     shard_size: int = typer.Option(None, "--shard-size", help="Images per store shard (index.shard_size)."),
+    text: str = typer.Option(
+        None,
+        "--text",
+        help="Embed texts instead (one a line from this file, or - for stdin) with a dual encoder's text "
+        'tower: {"text": ..., "embedding": [...]} lines (--jsonl).',
+    ),
+    engine: str = typer.Option(
+        "local",
+        "--engine",
+        help="local (this machine's processes) or ray (Ray Data: tasks decode, actors embed).",
+    ),
+    actors: int = typer.Option(
+        1, "--actors", min=1, help="--engine ray: embedding actors (one GPU each if any)."
+    ),
     config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -71,6 +90,13 @@ def embed_command(
     from vembed.index.sources import records_from_source
     from vembed.models.factory import create_embedder
 
+    if text is not None:
+        if source is not None or out is not None:
+            raise VembedError("--text embeds texts: give no image source and no --out (use --jsonl)")
+        _embed_texts(text, settings_from(config, overrides, model__name=model, model__device=device))
+        return
+    if source is None:
+        raise VembedError("no source: pass a folder, a .jsonl file, an image or - (or --text FILE for texts)")
     if (out is None) == (not jsonl):
         raise VembedError("choose one output: --out STORE (a store folder) or --jsonl (JSON lines on stdout)")
     if index is not None:
@@ -93,8 +119,13 @@ def embed_command(
     data = settings.data
     quiet_transformers()
     name = settings.model.name
+    if engine == "ray":
+        _embed_with_ray(source, out, settings, actors=actors, blocked=jsonl or append or index is not None)
+        return
+    if engine != "local":
+        raise VembedError(f"--engine {engine}: choose local or ray")
     if out is not None:
-        _embed_into_store(source, out, settings, append=append, index=index, quiet=quiet)
+        _embed_into_store(source, Path(out), settings, append=append, index=index, quiet=quiet)
         return
     records, problems = records_from_source(source, image_root=data.image_root, skip_bad=data.skip_bad)
     log(f"embedding {len(records)} images from {source} with [bold]{name}[/]")
@@ -114,15 +145,50 @@ def embed_command(
     log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
 
 
+def _embed_texts(source: str, settings) -> None:
+    """``{"text", "embedding"}`` JSON lines of the texts of ``source`` (a file, or - for stdin)."""
+    from vembed.index.text_search import read_texts, stream_text_jsonl
+
+    texts = read_texts(source)
+    quiet_transformers()
+    log(f"embedding {len(texts)} texts with [bold]{settings.model.name}[/]")
+    with _stdout_pipe():
+        dim = stream_text_jsonl(settings.model.name, texts, sys.stdout, settings)
+    log(f"embedded {len(texts)} texts ({dim}-d)")
+
+
+def _embed_with_ray(source: str, out: str | None, settings, *, actors: int, blocked: bool) -> None:
+    from vembed.integrations.ray import embed_with_ray, output_kind
+    from vembed.serve.server import model_kwargs
+
+    if out is None or blocked:
+        raise VembedError(
+            "--engine ray writes --out DIR.parquet or DB/TABLE.lance (no --jsonl, --append, --index)"
+        )
+    output_kind(out)
+    log(f"embedding {source} with [bold]{settings.model.name}[/] on Ray ({actors} actor(s)) → {out}")
+    run = embed_with_ray(
+        source, out, model=settings.model.name, load_kwargs=model_kwargs(settings.model),
+        batch_size=settings.index.batch_size, actors=actors, image_root=settings.data.image_root,
+        skip_bad=settings.data.skip_bad, max_pixels=settings.data.max_image_pixels,
+    )  # fmt: skip
+    _report_problems(run.problems)
+    log(
+        f"embedded {run.rows} images in {run.seconds:.1f} s ({run.images_per_second:.1f} img/s) → {out} ({run.dim}-d)"
+    )
+
+
 def _embed_into_store(
     source: str, out: Path, settings, *, append: bool, index: str | None, quiet: bool
 ) -> None:
     """Sharded, restartable embedding; several processes when started by torchrun/accelerate launch."""
     from vembed.index.shards import embed_shards
+    from vembed.index.sources import check_source
     from vembed.models.factory import create_embedder
     from vembed.processes import device_for, launched_processes
 
     name = settings.model.name
+    check_source(source)  # before the model loads: a typo is said at once
     with launched_processes() as procs:
         if procs.world_size > 1 and source == "-":
             raise VembedError("several processes cannot share stdin; pass a .jsonl file or a folder")
@@ -196,10 +262,16 @@ def search_command(
         None, "--skip-bad", help="Skip undecodable query images and report the count."
     ),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, mps (model.device)."),
+    text: list[str] = typer.Option(
+        None, "--text", "-t", help="A text query (repeatable); the store's model needs a text tower."
+    ),
+    text_file: str = typer.Option(
+        None, "--text-file", help="Text queries, one a line, from this file (- for stdin)."
+    ),
     config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Nearest neighbours of query images in a store (the store's own model embeds them)."""
+    """Nearest neighbours of query images (or texts: --text) in a store (the store's own model embeds them)."""
     from vembed.index.grid import draw_grid
     from vembed.index.search import search_queries
     from vembed.index.sources import queries_from_args
@@ -216,18 +288,36 @@ def search_command(
         data__skip_bad=skip_bad,
         model__device=device,
     )
-    if not query_items:
-        raise VembedError("no queries: pass image paths, a folder, a .jsonl file, or - to read stdin")
-    emb_store = open_store(store)
-    queries, problems = queries_from_args(
-        query_items, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad
-    )
-    quiet_transformers()
-    report = search_queries(
-        emb_store, queries, settings, exclude_self=exclude_self, show_progress=not quiet and len(queries) > 1
-    )
+    texts = list(text or [])
+    if texts or text_file is not None:
+        from vembed.index.text_search import read_texts, search_texts
+
+        if query_items:
+            raise VembedError("give image queries or text queries (--text / --text-file), not both")
+        texts += read_texts(text_file) if text_file is not None else []
+        quiet_transformers()
+        emb_store = open_store(store)
+        report, problems = search_texts(emb_store, texts, settings), []
+    else:
+        if not query_items:
+            raise VembedError("no queries: pass image paths, a folder, a .jsonl file, or - to read stdin")
+        emb_store = open_store(store)
+        queries, problems = queries_from_args(
+            query_items, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad
+        )
+        quiet_transformers()
+        report = search_queries(
+            emb_store,
+            queries,
+            settings,
+            exclude_self=exclude_self,
+            show_progress=not quiet and len(queries) > 1,
+        )
     _report_problems(problems + report.problems)
-    log(f"searched {len(report.results)} queries against {len(emb_store)} images ({report.method} search)")
+    n = len(report.results)
+    log(
+        f"searched {n} quer{'y' if n == 1 else 'ies'} against {len(emb_store)} images ({report.method} search)"
+    )
     if jsonl:
         with _stdout_pipe():
             for result in report.results:

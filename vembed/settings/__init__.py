@@ -381,12 +381,31 @@ def load_settings(
     if recipe is not None:
         source = str(recipe)
         data = read_recipe(Path(recipe))
+    recipe_steps = data.get("train", {}).get("max_steps") if isinstance(data.get("train"), dict) else None
+    given = set()
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(data, key, value)
+        given.add(key)
     for key, value in (values or {}).items():
         set_dotted(data, key, value)
+        given.add(key)
+    if recipe_steps is not None and "train.epochs" in given and "train.max_steps" not in given:
+        _epochs_win(data, recipe_steps, source)
     return validate_settings(data, source=source)
+
+
+def _epochs_win(data: dict[str, Any], recipe_steps: Any, source: str) -> None:
+    """``train.epochs`` given on the command line over a recipe that sets ``train.max_steps`` (which
+    would overrule it): the epochs asked for win, and the line says so."""
+    from vembed.console import log
+
+    set_dotted(data, "train.max_steps", None)
+    epochs = data["train"].get("epochs")
+    log(
+        f"[yellow]note:[/] train.epochs={epochs} given on the command line: {source}'s "
+        f"train.max_steps={recipe_steps} is dropped (give train.max_steps too to keep a step limit)"
+    )
 
 
 def validate_settings(data: dict[str, Any], *, source: str = "settings") -> Settings:

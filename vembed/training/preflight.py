@@ -6,6 +6,7 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
+from vembed.data.records import folder_given_message
 from vembed.errors import VembedError
 from vembed.settings import Settings
 from vembed.tasks import Task, get_task
@@ -37,6 +38,8 @@ def check_settings(settings: Settings) -> None:
         )
     for key in ("train", "val"):
         path = getattr(settings.data, key)
+        if path is not None and Path(path).is_dir():
+            raise VembedError(f"data.{key}: {folder_given_message(Path(path))}")
         if path is not None and not Path(path).is_file():
             raise VembedError(f"data.{key}: records file not found: {path}")
     task = get_task(s.task)

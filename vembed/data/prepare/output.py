@@ -82,6 +82,8 @@ def write_prepared(
     for name, recs in splits.items():
         if not recs:
             log.add("empty-split", name, "no images ended up in this split; it is not written")
+        elif name in EVAL_SPLITS:
+            _single_image_classes_in(name, recs, log)
     files = {name: f"{name}.jsonl" for name, recs in splits.items() if recs}
     written = {name: out / file for name, file in files.items()}
     extra = [PROBLEMS] if len(log) else []
@@ -107,6 +109,23 @@ def write_prepared(
     for stale in sorted(previous - set(summary["files"])):
         (out / stale).unlink(missing_ok=True)
     return PrepareResult(out, written, summary, list(log))
+
+
+EVAL_SPLITS = ("val", "test")  # evaluated all-vs-all: an image needs another of its class there
+
+
+def _single_image_classes_in(name: str, records: Sequence[ImageRecord], log: ProblemLog) -> None:
+    """One problem for the classes that have a single image in split ``name``."""
+    alone = single_image_classes([rec for rec in records if rec.label is not None])
+    if not alone:
+        return
+    shown = ", ".join(map(str, alone[:5])) + (f" and {len(alone) - 5} more" if len(alone) > 5 else "")
+    log.add(
+        "single-image-in-split",
+        name,
+        f"{len(alone)} class(es) with only one image here ({shown}): never a retrieval query in this split "
+        f"(nothing of its class to find); give those classes more images or raise --{name}-ratio",
+    )
 
 
 def record_row(rec: ImageRecord, out_abs: str) -> dict[str, Any]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,8 +21,8 @@ import torch
 from vembed.console import log
 from vembed.data.captions import CaptionSet, read_captions
 from vembed.errors import VembedError
-from vembed.evaluation.base import EmbedOptions
 from vembed.evaluation.image_text import METRICS, PRIMARY, ImageTextEvaluator
+from vembed.evaluation.options import embed_options
 from vembed.io import atomic_dir
 from vembed.losses.image_text import PAIR_LOSSES, build_pair_loss
 from vembed.models.dual import DualEncoder, apply_method, load_dual_encoder, merged, save_dual_encoder
@@ -104,7 +105,7 @@ class ImageTextTask:
         )
         evaluator = None
         if val is not None:
-            options = EmbedOptions.from_settings(settings, show_progress=show_progress)
+            options = replace(embed_options(settings), show_progress=show_progress)
             evaluator = ImageTextEvaluator(val, options, primary=self.select_metric(settings))
         runner = PairSteps(accelerator, encoder, loss, data, settings)
         return TrainParts(encoder, data, loss, sampler, runner, evaluator)

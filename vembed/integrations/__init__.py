@@ -1,0 +1,1 @@
+"""Glue to engines vembed runs on: :mod:`vembed.integrations.ray` (Ray Data batch embedding)."""
