@@ -13,7 +13,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vembed.data.records import ImageRecord, _resolve, json_object
+from vembed.data.records import ImageRecord, json_object, resolve_path
 from vembed.errors import VembedError
 
 __all__ = ["CaptionRecord", "CaptionSet", "parse_caption_row", "read_captions"]
@@ -91,7 +91,7 @@ def parse_caption_row(line: str, *, root: Path, where: str) -> tuple[Path, list[
             )
         if not caption.strip():
             raise VembedError(f"{where}: caption {name} is empty")
-    return _resolve(image, root), [c.strip() for c in captions]
+    return resolve_path(image, root), [c.strip() for c in captions]
 
 
 def read_captions(
