@@ -155,6 +155,7 @@ def _embed_texts(source: str, settings) -> None:
 
 
 def _embed_with_ray(source: str, out: str | None, settings, *, actors: int, blocked: bool) -> None:
+    from vembed.extras import require
     from vembed.integrations.ray import embed_with_ray, output_kind
     from vembed.serve.server import model_kwargs
 
@@ -162,7 +163,9 @@ def _embed_with_ray(source: str, out: str | None, settings, *, actors: int, bloc
         raise VembedError(
             "--engine ray writes --out DIR.parquet or DB/TABLE.lance (no --jsonl, --append, --index)"
         )
-    output_kind(out)
+    if output_kind(out) == "lance":
+        require("lancedb", "lancedb", what="--out TABLE.lance")
+    require("ray.data", "ray", what="vembed embed --engine ray")
     log(f"embedding {source} with [bold]{settings.model.name}[/] on Ray ({actors} actor(s)) → {out}")
     run = embed_with_ray(
         source, out, model=settings.model.name, load_kwargs=model_kwargs(settings.model),
