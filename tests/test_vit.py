@@ -8,7 +8,7 @@ import pytest
 import torch
 import transformers
 from conftest import save_tiny_model
-from test_training_helpers import make_nuisance_dataset, one_thread, tiny_settings
+from training_data import make_nuisance_dataset, one_thread, tiny_settings
 
 from vembed.data.records import ImageRecord
 from vembed.export import export_model
