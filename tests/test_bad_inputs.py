@@ -431,7 +431,6 @@ def _snapshot(root: Path) -> dict[str, str]:
 def _environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a wrong hub id fails at once instead of retrying
     monkeypatch.setenv("VEMBED_LOG_DIR", str(tmp_path / "logs"))
-    monkeypatch.delenv("VEMBED_MAX_IMAGE_PIXELS", raising=False)
     monkeypatch.delenv("VEMBED_DEBUG", raising=False)
 
 
@@ -651,7 +650,9 @@ def test_a_stopped_training_is_reported_as_interrupted_wherever_it_runs(tmp_path
     from vembed.cli.failures import INTERRUPTED_EXIT, report
     from vembed.training import TrainingInterrupted
 
-    stop = TrainingInterrupted("stopped by SIGTERM at step 5/9; checkpoint c; continue with --resume", tmp_path)
+    stop = TrainingInterrupted(
+        "stopped by SIGTERM at step 5/9; checkpoint c; continue with --resume", tmp_path
+    )
     assert report(stop) == INTERRUPTED_EXIT
     err = capsys.readouterr().err
     assert "stopped by SIGTERM at step 5/9" in err and "bug" not in err
