@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 from vembed.cli import app
 from vembed.errors import VembedError
 from vembed.models import loader
-from vembed.models.factory import create_embedder, save_embedder
-from vembed.models.registry import REGISTRY, list_models, resolve_spec
+from vembed.models.factory import create_embedder, save_model
+from vembed.models.loader import load_spec as resolve_spec
+from vembed.models.registry import REGISTRY, list_models
 from vembed.settings import ModelSettings
 
 REQUIRED = [
@@ -103,7 +104,7 @@ def test_cls_pooling_on_siglip_is_refused(tmp_path):
 def test_saved_embedder_round_trips_with_head(tiny_model, tmp_path):
     emb = create_embedder(str(tiny_model), ModelSettings(pooling="gem", projection_dim=8))
     torch.nn.init.normal_(emb.projection.weight)
-    out = save_embedder(emb, tmp_path / "saved")
+    out = save_model(emb, tmp_path / "saved")
     meta = json.loads((out / "vembed.json").read_text())
     assert meta["pooling"] == "gem" and meta["projection_dim"] == 8
     again = create_embedder(str(out))

@@ -3,13 +3,13 @@
 A spec holds where the weights come from and everything needed to feed and pool the backbone.
 Any hub id or local directory also resolves to a spec, read from its ``config.json`` and
 ``preprocessor_config.json`` (and the ``vembed.json`` vembed writes) by :mod:`vembed.models.loader`.
+This module is data: it imports nothing else of vembed's but its errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 from vembed.errors import VembedError
 
@@ -325,14 +325,12 @@ def family_for_model_type(model_type: str, *, where: str = "") -> Family:
     )
 
 
-def resolve_spec(model: str | Path, *, revision: str | None = None) -> ModelSpec:
-    """A local folder, registry name or hub id → :class:`ModelSpec` (the loader's precedence rule).
-
-    Unknown names are reported with close matches; see :func:`vembed.models.loader.resolve_ref`.
-    """
-    from vembed.models.loader import load_spec
-
-    return load_spec(model, revision=revision)
+def registry_name(source: str) -> str | None:
+    """The registry name whose weights come from ``source`` (``facebook/dinov2-base`` → ``dinov2-base``)."""
+    for spec in REGISTRY.values():
+        if spec.source == source:
+            return spec.name
+    return None
 
 
 def spec_from_config(config: dict, *, name: str, source: str, preprocessor: dict | None = None) -> ModelSpec:
