@@ -153,7 +153,10 @@ def test_automodel_and_the_documented_lines_reproduce_vembed(run_dir, tmp_path):
     assert (scope["emb"] - expected).abs().max() <= FP32_TOL
 
 
-@pytest.mark.parametrize("family,pooling", [("clip", "pooler"), ("siglip", "mean"), ("dinov2", "cls")])
+@pytest.mark.parametrize(
+    "family,pooling",
+    [("clip", "pooler"), ("siglip", "mean"), ("dinov2", "cls"), ("vit", "cls"), ("vit_google", "mean")],
+)
 def test_model_card_lines_reproduce_vembed(tmp_path, family, pooling):
     """The README.md the export writes is specialised to the model; its lines give the same embedding."""
     base = save_tiny_model(tmp_path / "base", family)

@@ -67,7 +67,7 @@ def test_hub_id_reads_config_through_the_hub(monkeypatch, tmp_path):
     assert (spec.family, spec.embed_dim, spec.image_size) == ("dinov2", 48, 224)
 
 
-@pytest.mark.parametrize("family", ["dinov2", "dinov2_with_registers", "clip", "siglip", "dinov3"])
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_with_registers", "clip", "siglip", "dinov3", "vit"])
 def test_local_directory_of_each_family_embeds(tmp_path, family):
     path = save_tiny_model(tmp_path / family, family)
     embedder = create_embedder(str(path))

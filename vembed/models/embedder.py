@@ -125,7 +125,8 @@ class Embedder(nn.Module):
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, before projection and normalisation."""
-        return self.pool(self.backbone(pixel_values=pixel_values))
+        options = self.spec.family_info.forward_options
+        return self.pool(self.backbone(pixel_values=pixel_values, **options))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Projection and normalisation applied to pooled features (cacheable for frozen training)."""

@@ -297,7 +297,9 @@ def load_backbone(
         check_model_folder(spec.source)
     options = {} if attention == "auto" else {"attn_implementation": attention}
     try:
-        return cls.from_pretrained(spec.source, revision=revision, **options)
+        return cls.from_pretrained(
+            spec.source, revision=revision, **dict(spec.family_info.load_options), **options
+        )
     except (ImportError, ValueError) as exc:
         if not options:
             raise

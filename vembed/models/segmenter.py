@@ -27,7 +27,7 @@ from vembed.models.registry import ModelSpec
 
 DECODERS = ("linear", "fpn")
 # families whose position embeddings are interpolated only when asked (any multiple of the patch)
-_INTERPOLATE_KWARG = {"clip", "siglip"}
+_INTERPOLATE_KWARG = {"clip", "siglip", "vit"}
 
 
 LOGITS_ATOL = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}  # export check of the decoder
