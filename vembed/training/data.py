@@ -288,7 +288,12 @@ class EpochLoaders:
 def train_loaders(data: LabelledImages, *, spec: ModelSpec, settings: Settings) -> EpochLoaders:
     """The epoch loaders of the training images, decoding and augmenting in ``data.num_workers`` workers."""
     dataset = AugmentedImages(
-        ImageDataset(data.records, train_transform(spec, settings.train), skip_bad=settings.data.skip_bad)
+        ImageDataset(
+            data.records,
+            train_transform(spec, settings.train),
+            skip_bad=settings.data.skip_bad,
+            max_pixels=settings.data.max_image_pixels,
+        )
     )
     return EpochLoaders(dataset, num_workers=settings.data.num_workers, seed=settings.train.seed)
 
