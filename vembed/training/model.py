@@ -74,6 +74,8 @@ def loss_kwargs(settings: TrainSettings) -> dict:
         options[key] = value
     if settings.matryoshka_dims:
         options["matryoshka_dims"] = list(settings.matryoshka_dims)
+    if settings.memory_bank:
+        options["memory_bank"] = settings.memory_bank
     return options
 
 
