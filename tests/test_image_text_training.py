@@ -72,7 +72,7 @@ def test_image_text_settings_mistakes_are_one_error_before_loading(digits, tmp_p
             f"train.output_dir={tmp_path / 'x'}"]  # fmt: skip
     for override, message in [
         ("train.loss=arcface", "trains with clip or siglip"),
-        ("train.select_metric=map@r", "not a metric image_text validation reports"),
+        ("train.select_metric=map@r", "train.select_metric='map@r' is not a metric"),
         ("train.towers=audio", "train.towers"),
         ("train.margin=0.3", "does not apply to train.task=image_text"),
     ]:
