@@ -106,6 +106,8 @@ NOT_RUN = {
     r"^ruff ": "lints the checkout (.ci/run runs it), not the sandbox",
     r"^python -m bench\b": "benchmarks take minutes to hours; bench's smoke profile is tested in test_bench.py",
     r"^python bench/": "benchmarks take minutes to hours (they train many models)",
+    r"^accelerate launch .*-m vembed train": "8-GPU training: the same recipe trains on one process in "
+    "the block's first line; 2 processes are tested in test_training_distributed.py",
     r"--nnodes=4|--num_machines 4": "a launch across 4 machines (the one-machine form runs, rewritten)",
     r"^RAY_ADDRESS=": "needs a running Ray cluster",
     r"s3://": "needs an S3 bucket",
@@ -122,9 +124,9 @@ REWRITE = [
         "run on one process here (8 processes: the 2-process path is tested in test_scale_embed.py)",
     ),
     (
-        r"^accelerate launch --multi_gpu --num_processes 8 -m vembed ",
+        r"^accelerate launch --multi_gpu --num_processes 8 -m vembed (?=embed|eval)",
         "vembed ",
-        "run on one process here (8 GPUs: the 2-process path is tested in test_training_distributed.py)",
+        "run on one process here (8 GPUs: the 2-process path is tested in test_scale_embed.py)",
     ),
 ]
 
@@ -368,8 +370,11 @@ def build_dataset(kind: str, where: Path) -> Path:
 
         from test_prepare_segmentation import make_voc
 
-        names = [f"2007_{i:06d}" for i in range(8)]
+        names = [f"2007_{i:06d}" for i in range(12)]
         make_voc(where / "voc", names=names)
+        lists = where / "voc" / "VOCdevkit" / "VOC2012" / "ImageSets" / "Segmentation"
+        (lists / "train.txt").write_text("\n".join(names[:9]) + "\n")  # a batch of 8 and more
+        (lists / "val.txt").write_text("\n".join(names[9:]) + "\n")
         archive = where / "VOCtrainval.tar"
         with tarfile.open(archive, "w") as tar:
             tar.add(where / "voc" / "VOCdevkit", arcname="VOCdevkit")
