@@ -129,3 +129,35 @@ def split_held_out(items):
         (train if key in seen else held).append(item)
         seen.add(key)
     return train, held
+
+
+def captioned_digits(root: Path, count: int = 600):
+    """``(train.jsonl, held_out.jsonl)`` of captioned digits under ``root``."""
+    train, held = split_held_out(digit_captions(seed=0, count=count))
+    return write_captioned(root, train, "train.jsonl"), write_captioned(root, held, "held_out.jsonl")
+
+
+def train_by_hand(settings, epochs: int):
+    """The image_text task's parts driven by a bare loop (no scheduler, no checkpoints): the fine-tuned
+    model in ``train.output_dir/final`` (for tests of what uses a trained model)."""
+    from accelerate import Accelerator
+
+    from vembed.tasks.image_text import ImageTextTask
+    from vembed.training.data import epoch_batches
+
+    task = ImageTextTask()
+    task.check(settings)
+    accelerator = Accelerator(cpu=True)
+    parts = task.setup(settings, accelerator, show_progress=False)
+    params = [p for p in parts.model.parameters() if p.requires_grad] + list(parts.loss.parameters())
+    optimizer = torch.optim.AdamW(params, lr=settings.train.lr)
+    _, optimizer = parts.runner.prepare(optimizer)
+    for epoch in range(epochs):
+        for inputs, labels in parts.runner.micro_batches(epoch, epoch_batches(parts.sampler, epoch), 0):
+            parts.runner.forward_backward(inputs, labels)
+            optimizer.step()
+            optimizer.zero_grad()
+    parts.runner.close()
+    final = Path(settings.train.output_dir) / "final"
+    task.save(final, parts, {"step": epochs})
+    return final

@@ -35,7 +35,10 @@ def _write(tmp_path, text, name="factory.yaml"):
 
 def test_factory_config_maps_with_a_note(tmp_path, capsys):
     s = load_settings(_write(tmp_path, FACTORY_SOP))
-    assert s.model.name == "dinov2-base"  # the hub id of a registry model → its registry name
+    assert s.model.name == "facebook/dinov2-base"
+    from vembed.models.loader import resolve_ref
+
+    assert resolve_ref(s.model.name).name == "dinov2-base"  # the hub id of a registry model → its entry
     assert (s.train.method, s.train.loss, s.train.epochs, s.train.batch_size, s.train.lr) == (
         "lora",
         "infonce",
@@ -111,7 +114,7 @@ max_image_size: 224
     "text,line,match",
     [
         ("model_name: x\nlearnig_rate: 0.1\n", 2, "learnig_rate: not a vembed-factory key.*'learning_rate'"),
-        ("model_name: x\nretrieval_mode: t2i\n", 2, "vembed trains image-to-image"),
+        ("model_name: x\nretrieval_mode: t2t\n", 2, "vembed trains image-to-image"),
         ("model_name: x\nloss_type: cosent\n", 2, "'cosent' is not a loss vembed has"),
         ("model_name: x\nteacher_model_name: big\n", 2, "distillation"),
         ("text_model_name: bert\nimage_model_name: vit\n", 1, "text encoder"),

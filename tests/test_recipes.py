@@ -21,6 +21,7 @@ def test_the_promised_recipes_exist():
         "factory_example.yaml",
         "cotton_dinov2s_linear_probe.yaml",
         "cotton_dinov2s_full_ft.yaml",
+        "sop_dino_vits16_oml.yaml",
     } <= names
 
 
@@ -57,8 +58,10 @@ def test_factory_example_is_the_same_seed_setting():
     assert is_factory_config(_read_yaml_raw(folder / "factory_example.yaml"))
     factory = load_settings(folder / "factory_example.yaml")
     native = load_settings(folder / "sop_dinov2_base_lora.yaml")
+    from vembed.models.loader import resolve_ref
+
+    assert resolve_ref(factory.model.name).name == resolve_ref(native.model.name).name  # the same model
     for section, key in [
-        ("model", "name"),
         ("data", "train"),
         ("data", "val"),
         ("train", "method"),
@@ -86,7 +89,10 @@ def _read_yaml_raw(path: Path) -> dict:
 def test_read_yaml_maps_factory_configs(tmp_path):
     path = tmp_path / "f.yaml"
     path.write_text("model_name: facebook/dinov2-small\nretrieval_mode: i2i\n")
-    assert read_recipe(path)["model"]["name"] == "dinov2-small"
+    from vembed.models.loader import resolve_ref
+
+    name = read_recipe(path)["model"]["name"]
+    assert name == "facebook/dinov2-small" and resolve_ref(name).name == "dinov2-small"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -98,8 +104,15 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
     from vembed.models.factory import create_embedder
     from vembed.training import train
 
-    segmentation = load_settings(recipe).train.task == "segmentation"
-    if segmentation:  # image + mask records and classes.txt, from the segfolder prepare
+    task = load_settings(recipe).train.task
+    segmentation = task == "segmentation"
+    model_name = str(tiny_model)
+    if task == "image_text":  # a tiny CLIP with its tokenizer, captioned digits
+        from dual_helpers import captioned_digits, save_tiny_dual
+
+        model_name = str(save_tiny_dual(tmp_path / "clip", "clip"))
+        train_file, val_file = captioned_digits(tmp_path / "captions", count=60)
+    elif segmentation:  # image + mask records and classes.txt, from the segfolder prepare
         from vembed.data.prepare import prepare_segfolder
         from vembed.data.shapes import write_shapes
 
@@ -112,7 +125,7 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
     settings = load_settings(
         recipe,
         values={
-            "model.name": str(tiny_model),
+            "model.name": model_name,
             "model.image_size": None,
             "model.device": "cpu",
             "data.train": str(train_file),
@@ -121,6 +134,8 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
             "data.num_workers": 0,
             "train.output_dir": str(tmp_path / "run"),
             "train.batch_size": 8,
+            "train.samples_per_class": None,  # P x K sizes follow the tiny batch; the records have no category
+            "train.categories_per_batch": None,
             "train.max_steps": 2,
             "train.precision": "no",
             "train.grad_cache_chunk": None,
@@ -130,11 +145,14 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
     result = train(settings, show_progress=False)
     assert result.steps == 2
     if segmentation:
-        from vembed.models.segfactory import create_segmenter
+        from vembed.models.segmenter import create_segmenter
 
         assert create_segmenter(result.final_dir).decoder_name == settings.model.decoder
         return
     model = create_embedder(str(result.final_dir))
+    if task == "image_text":  # the image tower alone: the dual encoder's projected image embeddings
+        assert model.embed_dim == 24
+        return
     assert model.embed_dim == (settings.model.projection_dim or 32)
 
 
@@ -147,3 +165,25 @@ def test_cotton_recipes_say_what_the_study_did():
     assert (linear.train.batch_size, linear.train.epochs) == (32, 20)
     assert linear.train.cache_features and not linear.model.normalize  # the head sees raw CLS features
     assert (full.train.method, full.train.loss, full.train.lr, full.train.epochs) == ("full", "ce", 1e-4, 20)
+
+
+def test_oml_recipe_is_open_metric_learnings_sop_setting():
+    """recipes/sop_dino_vits16_oml.yaml: DINO ViT-S/16, triplet 0.15 + hard miner, 32 x 6 from 3 categories."""
+    from vembed.models.registry import REGISTRY
+
+    s = load_settings(RECIPES[0].parent / "sop_dino_vits16_oml.yaml")
+    assert REGISTRY[s.model.name].source == "facebook/dino-vits16"
+    t = s.train
+    assert (t.method, t.loss, t.margin, t.mining, t.lr, t.weight_decay) == (
+        "full",
+        "triplet",
+        0.15,
+        "hard",
+        1e-5,
+        0,
+    )
+    assert (t.batch_size // t.samples_per_class, t.samples_per_class, t.categories_per_batch) == (32, 6, 3)
+    assert (
+        t.select_metric == "recall@1"
+        and "86.6" in (RECIPES[0].parent / "sop_dino_vits16_oml.yaml").read_text()
+    )

@@ -160,6 +160,36 @@ def test_a_full_disk_while_checkpointing_says_what_was_kept_and_what_is_needed(t
     assert not (run / "checkpoints" / ".step-0000020.tmp").exists()  # the partial checkpoint is gone
 
 
+def test_a_full_disk_during_training_is_one_line_and_keeps_the_earlier_checkpoint(
+    tmp_path, tiny, monkeypatch
+):
+    from conftest import make_image_dataset
+    from safetensors import SafetensorError
+
+    from vembed.training import checkpoint as ckpt
+
+    real = ckpt.save_file
+
+    def fills_up(tensors, filename, metadata=None):
+        if "step-0000002" in filename:
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        return real(tensors, filename, metadata=metadata)
+
+    monkeypatch.setattr(ckpt, "save_file", fills_up)
+    records = make_image_dataset(tmp_path / "data", num_classes=2, per_class=4)
+    run = tmp_path / "run"
+    args = ["train", "--data", str(records), "--model", str(tiny), "--output-dir", str(run), "-q"]
+    args += [
+        "train.max_steps=3",
+        "train.checkpoint_every=1",
+        "train.batch_size=8",
+        "train.samples_per_class=4",
+    ]
+    result = runner.invoke(app, [*args, "data.num_workers=0"])
+    one_line_error(result, str(run), "no space left", "step-0000002", "step-0000001", "--resume")
+    assert ckpt.list_checkpoints(run) == [ckpt.checkpoint_dir(run, 1)]
+
+
 # -- item 2: IVF-PQ on small stores -----------------------------------------------------------------
 
 
@@ -278,3 +308,179 @@ def test_ctrl_c_in_a_dataloader_worker_is_left_to_the_main_process():
         assert stop.signal is None
         os.kill(os.getpid(), signal.SIGINT)  # the main process still stops the run
         assert stop.signal == "SIGINT"
+
+
+# -- item 5: a hub id with no network ---------------------------------------------------------------
+
+
+def test_an_unreachable_hub_is_said_at_once(tmp_path, monkeypatch):
+    """Only the network boundary is mocked: every TCP connection is refused. The hub client used to
+    retry five times (``Retrying in 8s [Retry 5/5]``) before any message; a sleep now fails the test."""
+    import socket
+    import time
+
+    from huggingface_hub import constants
+
+    from vembed.models import loader
+
+    Image.new("RGB", (30, 30)).save(tmp_path / "a.png")
+    attempts = []
+
+    def refused(address, *args, **kwargs):
+        attempts.append(address)
+        raise ConnectionRefusedError(111, "Connection refused")
+
+    monkeypatch.setattr(socket, "create_connection", refused)
+    monkeypatch.setattr(time, "sleep", lambda seconds: pytest.fail(f"retried after {seconds} s"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    loader.hub_reachable.cache_clear()
+    try:
+        result = runner.invoke(
+            app, ["embed", str(tmp_path / "a.png"), "--model", "someorg/some-vit", "--jsonl"]
+        )
+    finally:
+        loader.hub_reachable.cache_clear()
+    text = one_line_error(result, "'someorg/some-vit'", "unreachable", "HF_HUB_OFFLINE=1", "local cache")
+    assert len(attempts) == 1, attempts  # one quick attempt, no retries
+    assert "Retrying" not in text
+
+
+# -- item 6: two embeds into one store at once ------------------------------------------------------
+
+
+def test_a_second_embed_into_a_store_being_written_names_the_writing_process(tmp_path, tiny):
+    import socket
+    import subprocess
+    import sys
+
+    from vembed.index.shards import lock_file
+
+    Image.new("RGB", (30, 30), (200, 10, 10)).save(tmp_path / "a.png")
+    Image.new("RGB", (30, 30), (10, 200, 10)).save(tmp_path / "b.png")
+    store = tmp_path / "store"
+    base = ["embed", "--model", str(tiny), "--out", str(store), "-q"]
+    assert runner.invoke(app, ["embed", str(tmp_path / "a.png"), *base[1:]]).exit_code == 0
+    writer = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    try:
+        host = socket.gethostname().split(".")[0]
+        lock_file(store).write_text(f"{host} {writer.pid}\n")  # the first embed, still running
+        result = runner.invoke(app, ["embed", str(tmp_path / "b.png"), *base[1:], "--append"])
+        text = one_line_error(result, f"another process (pid {writer.pid})", str(store))
+        assert "unfinished embed" not in text
+        assert lock_file(store).read_text() == f"{host} {writer.pid}\n"  # not taken from its holder
+    finally:
+        writer.kill()
+        writer.wait()
+    # the writer is gone (killed): its lock is taken over, the append runs and lets the lock go
+    result = runner.invoke(app, ["embed", str(tmp_path / "b.png"), *base[1:], "--append"])
+    assert result.exit_code == 0, result.output
+    assert not lock_file(store).exists()
+    assert json.loads((store / "meta.json").read_text())["count"] == 2
+
+
+# -- item 7: train.epochs on the command line over a recipe's train.max_steps -----------------------
+
+
+def test_epochs_given_on_the_command_line_win_over_the_recipes_max_steps(capsys):
+    from vembed.settings import load_settings
+
+    recipe = Path(__file__).parent.parent / "recipes" / "tiny_cpu.yaml"
+    assert load_settings(recipe).train.max_steps == 300
+    train = load_settings(recipe, ["train.lr=3e-4", "train.epochs=1"]).train
+    assert (train.epochs, train.max_steps, train.lr) == (1, None, 3e-4)
+    err = " ".join(capsys.readouterr().err.split())
+    assert "train.epochs=1 given on the command line" in err and "train.max_steps=300 is dropped" in err
+    both = load_settings(recipe, ["train.epochs=1", "train.max_steps=20"]).train
+    assert (both.epochs, both.max_steps) == (1, 20)
+    assert load_settings(recipe, ["train.lr=1e-4"]).train.max_steps == 300
+    assert load_settings(recipe, values={"train.epochs": 2}).train.max_steps is None  # a flag is typed too
+
+
+# -- item 9: small things a new user trips on --------------------------------------------------------
+
+
+def test_a_folder_given_as_data_says_which_records_files_it_holds(tmp_path, tiny):
+    from conftest import make_image_dataset
+
+    prepared = tmp_path / "data" / "p"
+    prepared.mkdir(parents=True)
+    for name in ("train", "val", "test"):
+        (prepared / f"{name}.jsonl").write_text("")
+    result = runner.invoke(app, ["train", "--data", str(prepared), "--model", str(tiny), "-q"])
+    one_line_error(
+        result, f"{prepared}: is a folder", "train.jsonl, val.jsonl", str(prepared / "train.jsonl")
+    )
+    result = runner.invoke(app, ["eval", "retrieval", "--model", str(tiny), "--data", str(prepared)])
+    one_line_error(result, "is a folder", str(prepared / "train.jsonl"))
+    images = make_image_dataset(tmp_path / "photos", num_classes=2, per_class=2).parent / "images"
+    result = runner.invoke(app, ["eval", "retrieval", "--model", str(tiny), "--data", str(images)])
+    one_line_error(result, "is a folder of images", f"vembed prepare imagefolder {images}")
+
+
+def test_a_csv_without_the_label_column_is_said_once(tmp_path):
+    Image.new("RGB", (30, 30)).save(tmp_path / "a.png")
+    table = tmp_path / "t.csv"
+    table.write_text("image,labels\n" + "".join(f"a.png,c{i % 2}\n" for i in range(10)))
+    result = runner.invoke(app, ["prepare", "csv", str(table), "--out", str(tmp_path / "out")])
+    text = one_line_error(result, str(table), "no 'label' column", "'image', 'labels'", "--label-key labels")
+    assert "--skip-bad" not in text
+
+
+def test_embed_checks_the_source_before_loading_the_model(tmp_path, tiny, monkeypatch):
+    import vembed.models.factory as factory
+
+    monkeypatch.setattr(factory, "create_embedder", lambda *a, **k: pytest.fail("the model was loaded first"))
+    result = runner.invoke(
+        app, ["embed", str(tmp_path / "typo"), "--model", str(tiny), "--out", str(tmp_path / "s")]
+    )
+    one_line_error(result, f"source not found: {tmp_path / 'typo'}")
+
+
+def test_prepare_imagefolder_says_which_val_and_test_classes_have_one_image(tmp_path):
+    from conftest import make_image_dataset
+
+    images = make_image_dataset(tmp_path / "photos", num_classes=3, per_class=5).parent / "images"
+    args = ["prepare", "imagefolder", str(images), "--out", str(tmp_path / "out")]
+    result = runner.invoke(app, [*args, "--val-ratio", "0.2", "--test-ratio", "0.2"])
+    assert result.exit_code == 0, result.output
+    assert "single-image-in-split" in result.output
+    problems = (tmp_path / "out" / "problems.txt").read_text().splitlines()
+    for name in ("val", "test"):
+        records = [json.loads(line) for line in (tmp_path / "out" / f"{name}.jsonl").read_text().splitlines()]
+        labels = [row["label"] for row in records]
+        alone = [label for label in dict.fromkeys(labels) if labels.count(label) == 1]
+        assert alone  # 5 images per class, 20 % each: some class has one image in val and in test
+        said = [line for line in problems if line.startswith(f"single-image-in-split\t{name}: ")]
+        assert len(said) == 1 and f"{len(alone)} class(es) with only one image here" in said[0]
+        assert all(label in said[0] for label in alone) and f"--{name}-ratio" in said[0]
+
+
+def test_a_batch_larger_than_the_training_set_gets_a_note():
+    from vembed.settings import load_settings
+    from vembed.training.state import TrainState, plan
+
+    train = load_settings(None, ["train.batch_size=128", "train.epochs=2"]).train
+    message = plan(train, TrainState(total_steps=2, steps_per_epoch=1), 1, 80)
+    assert "an epoch is 1 step, 128 of the 80 training images" in message
+    assert "a batch of 128 images is more than the whole training set (80 images)" in message
+    assert "train.batch_size of at most 80" in message
+    assert "note" not in plan(train, TrainState(total_steps=20, steps_per_epoch=10), 1, 1280)
+
+
+def test_search_with_one_query_says_query(tmp_path, tiny):
+    for i, colour in enumerate([(200, 10, 10), (10, 200, 10), (10, 10, 200)]):
+        Image.new("RGB", (30, 30), colour).save(tmp_path / f"{i}.png")
+    store = tmp_path / "store"
+    (tmp_path / "photos").mkdir()
+    for i in range(3):
+        shutil.move(tmp_path / f"{i}.png", tmp_path / "photos" / f"{i}.png")
+    assert (
+        runner.invoke(
+            app, ["embed", str(tmp_path / "photos"), "--model", str(tiny), "--out", str(store), "-q"]
+        ).exit_code
+        == 0
+    )
+    result = runner.invoke(app, ["search", str(store), str(tmp_path / "photos" / "0.png"), "--k", "1"])
+    assert result.exit_code == 0, result.output
+    assert "searched 1 query against 3 images" in " ".join(result.output.split())

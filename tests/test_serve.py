@@ -26,6 +26,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from vembed.cli import app
+from vembed.index.store import open_store
 
 httpx = pytest.importorskip(
     "httpx", reason="the serve tests need vembed[serve] (pip install 'vembed[serve]')"
@@ -363,3 +364,43 @@ def test_api_key_and_graceful_sigterm(setup, tmp_path):
 def test_refuses_to_listen_on_the_network_without_an_api_key(setup):
     result = cli("serve", setup["model"], "--host", "0.0.0.0", code=2)
     assert "--api-key" in result.stderr
+
+
+def test_a_dual_encoder_serves_texts_in_the_image_space(setup, tmp_path):
+    """A CLIP-style model with a text tower: /v1/embed takes texts, /v1/search a text query."""
+    from dual_helpers import save_tiny_dual
+
+    from vembed.models.dual import load_dual_encoder, save_dual_encoder
+
+    raw = save_tiny_dual(tmp_path / "raw", "clip")  # as from the hub: image features ≠ image-text space
+    dual = save_dual_encoder(load_dual_encoder(raw, dtype="float32", device="cpu"), tmp_path / "clip")
+    from vembed.serve.server import load_service
+    from vembed.settings import load_settings
+
+    settings = load_settings(None, [F32, "model.device=cpu"])
+    assert not load_service(raw, settings=settings).has_text_tower  # its vision features: images only
+    assert load_service(dual, settings=settings).has_text_tower
+    images = setup["root"] / "data" / "images"
+    cli("embed", images, "--model", dual, "--out", tmp_path / "store", "-q", F32)
+    texts = ["a red chair", "a blue car"]
+    want = load_dual_encoder(dual, dtype="float32", device="cpu").encode_text(texts)
+    server = Server(dual, "--store", tmp_path / "store", F32)
+    try:
+        info = httpx.get(server.url + "/v1/info", timeout=30).json()
+        assert info["text"] is True
+        r = httpx.post(server.url + "/v1/embed", json={"texts": texts}, timeout=60)
+        assert r.status_code == 200, r.text
+        got = r.json()["embeddings"]
+        assert all(cosine(g, w) >= 0.9999 for g, w in zip(got, want, strict=True))
+        r = httpx.post(server.url + "/v1/search", json={"text": texts[0], "k": 3}, timeout=60)
+        assert r.status_code == 200, r.text
+        store = open_store(tmp_path / "store")
+        order = (store.embeddings @ want[0]).argsort(descending=True)[:3].tolist()
+        assert [h["path"] for h in r.json()["results"]] == [store.paths[i] for i in order]
+        query = setup["images"][0]
+        r = httpx.post(
+            server.url + "/v1/search", files={"image": (query.name, query.read_bytes())}, data={"k": "1"}
+        )
+        assert r.json()["results"][0]["path"] == str(query.resolve())  # images still find themselves
+    finally:
+        server.stop()

@@ -195,6 +195,58 @@ def not_utf8(exc: UnicodeDecodeError) -> str:
     return f"not UTF-8 text (byte 0x{byte} cannot be decoded); save the file as UTF-8"
 
 
+@contextlib.contextmanager
+def process_lock(path: str | os.PathLike, *, what: str) -> Iterator[Path]:
+    """Hold the lock file ``path`` (it holds this host and process id) while the block runs.
+
+    Another live process holding it is a :class:`~vembed.errors.VembedError` naming ``what`` and that
+    process' id; a lock left by a process that no longer runs (``kill -9``) is taken over.
+    """
+    from vembed.errors import VembedError
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    for _ in range(3):
+        try:
+            fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o666 & ~_umask())
+        except FileExistsError:
+            holder = _lock_holder(path)
+            if holder is None:  # its process is gone
+                path.unlink(missing_ok=True)
+                continue
+            host, pid = holder
+            where = "" if host in (_host(), "") else f" on {host}"
+            raise VembedError(
+                f"{what}: another process (pid {pid}{where}) is writing it; wait for it to finish, or remove "
+                f"{path} if that process is gone"
+            ) from None
+        with os.fdopen(fd, "w") as fh:
+            fh.write(f"{_host()} {os.getpid()}\n")
+        break
+    else:
+        raise VembedError(f"{what}: cannot take the lock {path}")
+    try:
+        yield path
+    finally:
+        if _lock_holder(path) == (_host(), os.getpid()):
+            path.unlink(missing_ok=True)
+
+
+def _lock_holder(path: Path) -> tuple[str, int | str] | None:
+    """``(host, pid)`` of the process holding lock ``path``; ``None`` when it no longer runs (or the
+    lock is gone). A lock being written (empty) or of another host counts as held."""
+    try:
+        parts = path.read_text(encoding="utf-8", errors="replace").split()
+    except FileNotFoundError:
+        return None
+    if len(parts) != 2 or not parts[1].isdigit():
+        return ("", "unknown")
+    host, pid = parts[0], int(parts[1])
+    if host == _host() and not _alive(pid):
+        return None
+    return host, pid
+
+
 def make_readable(folder: str | os.PathLike) -> None:
     """Give the files in ``folder`` the umask's permissions (libraries such as transformers 5 and
     safetensors save files as 0600, which hides a model folder or a store from the other users it is

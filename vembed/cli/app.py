@@ -10,6 +10,9 @@ import typer
 from vembed.cli.failures import VembedGroup
 from vembed.settings import Settings, load_settings
 
+CONFIG_HELP = "YAML recipe."
+OVERRIDES_HELP = "key=value settings overrides (e.g. index.batch_size=128 model.device=cpu)."
+
 # `vembed --help` lists commands in the order a user runs them; helpers (and any others) come last.
 COMMAND_ORDER = (
     "prepare",
@@ -60,8 +63,6 @@ def settings_from(config: Path | None, overrides: list[str] | None, **explicit) 
     """
     values = {key.replace("__", "."): value for key, value in explicit.items() if value is not None}
     settings = load_settings(config, list(overrides or []), values)
-    # read by vembed.data.images.load_image, here and in data-loading worker processes
-    os.environ["VEMBED_MAX_IMAGE_PIXELS"] = str(settings.data.max_image_pixels)
     return settings
 
 

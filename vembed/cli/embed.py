@@ -1,4 +1,4 @@
-"""``vembed embed``, ``vembed search`` and ``vembed index``: embedding stores and nearest neighbours."""
+"""``vembed embed`` and ``vembed search``: embedding stores and nearest neighbours (``vembed index``: cli/index.py)."""
 
 from __future__ import annotations
 
@@ -13,24 +13,19 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vembed.cli.app import app, quiet_transformers, settings_from
+from vembed.cli.app import CONFIG_HELP, OVERRIDES_HELP, app, quiet_transformers, settings_from
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.settings import settings_to_yaml
 
-index_app = typer.Typer(help="Faiss indexes inside embedding stores.", no_args_is_help=True)
-app.add_typer(index_app, name="index")
-
 MODEL_HELP = "Registry name, hub id or local model folder (e.g. a run's final/). Default: model.name."
-CONFIG_HELP = "YAML recipe."
-OVERRIDES_HELP = "key=value settings overrides (e.g. index.batch_size=128 model.device=cpu)."
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 
 
 @app.command("embed")
 def embed_command(
     source: str = typer.Argument(
-        ...,
+        None,
         help="A folder (recursive; sub-folder names become labels), a .jsonl records file, an image, "
         "or - to read image paths from stdin (one per line).",
     ),
@@ -63,6 +58,12 @@ def embed_command(
         False, "--append", help="Add the source's new images to the existing store --out (same model)."
     ),
     shard_size: int = typer.Option(None, "--shard-size", help="Images per store shard (index.shard_size)."),
+    text: str = typer.Option(
+        None,
+        "--text",
+        help="Embed texts instead (one a line from this file, or - for stdin) with a dual encoder's text "
+        'tower: {"text": ..., "embedding": [...]} lines (--jsonl).',
+    ),
     engine: str = typer.Option(
         "local",
         "--engine",
@@ -84,10 +85,19 @@ def embed_command(
     from vembed.index.sources import records_from_source
     from vembed.models.factory import create_embedder
 
+    if text is not None:
+        if source is not None or out is not None:
+            raise VembedError("--text embeds texts: give no image source and no --out (use --jsonl)")
+        _embed_texts(text, settings_from(config, overrides, model__name=model, model__device=device))
+        return
+    if source is None:
+        raise VembedError("no source: pass a folder, a .jsonl file, an image or - (or --text FILE for texts)")
     if (out is None) == (not jsonl):
         raise VembedError("choose one output: --out STORE (a store folder) or --jsonl (JSON lines on stdout)")
     if index is not None:
-        _check_index_kind(index)
+        from vembed.index.faiss_index import check_index_kind
+
+        check_index_kind(index)
         if out is None:
             raise VembedError("--index builds a faiss index inside a store; it needs --out STORE")
     if append and out is None:
@@ -125,6 +135,7 @@ def embed_command(
             batch_size=settings.index.batch_size,
             num_workers=data.num_workers,
             skip_bad=data.skip_bad,
+            max_pixels=data.max_image_pixels,
             problems=problems,
             show_progress=not quiet,
         )
@@ -132,7 +143,20 @@ def embed_command(
     log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
 
 
+def _embed_texts(source: str, settings) -> None:
+    """``{"text", "embedding"}`` JSON lines of the texts of ``source`` (a file, or - for stdin)."""
+    from vembed.index.text_search import read_texts, stream_text_jsonl
+
+    texts = read_texts(source)
+    quiet_transformers()
+    log(f"embedding {len(texts)} texts with [bold]{settings.model.name}[/]")
+    with _stdout_pipe():
+        dim = stream_text_jsonl(settings.model.name, texts, sys.stdout, settings)
+    log(f"embedded {len(texts)} texts ({dim}-d)")
+
+
 def _embed_with_ray(source: str, out: str | None, settings, *, actors: int, blocked: bool) -> None:
+    from vembed.extras import require
     from vembed.integrations.ray import embed_with_ray, output_kind
     from vembed.serve.server import model_kwargs
 
@@ -140,7 +164,9 @@ def _embed_with_ray(source: str, out: str | None, settings, *, actors: int, bloc
         raise VembedError(
             "--engine ray writes --out DIR.parquet or DB/TABLE.lance (no --jsonl, --append, --index)"
         )
-    output_kind(out)
+    if output_kind(out) == "lance":
+        require("lancedb", "lancedb", what="--out TABLE.lance")
+    require("ray.data", "ray", what="vembed embed --engine ray")
     log(f"embedding {source} with [bold]{settings.model.name}[/] on Ray ({actors} actor(s)) → {out}")
     run = embed_with_ray(
         source, out, model=settings.model.name, load_kwargs=model_kwargs(settings.model),
@@ -158,10 +184,12 @@ def _embed_into_store(
 ) -> None:
     """Sharded, restartable embedding; several processes when started by torchrun/accelerate launch."""
     from vembed.index.shards import embed_shards
+    from vembed.index.sources import check_source
     from vembed.models.factory import create_embedder
     from vembed.processes import device_for, launched_processes
 
     name = settings.model.name
+    check_source(source)  # before the model loads: a typo is said at once
     with launched_processes() as procs:
         if procs.world_size > 1 and source == "-":
             raise VembedError("several processes cannot share stdin; pass a .jsonl file or a folder")
@@ -187,6 +215,7 @@ def _embed_into_store(
             batch_size=settings.index.batch_size,
             num_workers=settings.data.num_workers,
             skip_bad=settings.data.skip_bad,
+            max_pixels=settings.data.max_image_pixels,
             image_root=settings.data.image_root,
             settings_yaml=settings_to_yaml(settings),
             show_progress=not quiet and main,
@@ -200,7 +229,9 @@ def _embed_into_store(
             f"→ {out} ({run.num_blocks} shard(s), {embedder.embed_dim}-d, {embedder.pooling} pooling)"
         )
         if index is not None:
-            _build_index(out, index, settings)
+            from vembed.cli.index import build_index
+
+            build_index(out, index, settings)
 
 
 @app.command("search")
@@ -235,10 +266,16 @@ def search_command(
         None, "--skip-bad", help="Skip undecodable query images and report the count."
     ),
     device: str = typer.Option(None, "--device", help="auto, cpu, cuda, cuda:1, mps (model.device)."),
+    text: list[str] = typer.Option(
+        None, "--text", "-t", help="A text query (repeatable); the store's model needs a text tower."
+    ),
+    text_file: str = typer.Option(
+        None, "--text-file", help="Text queries, one a line, from this file (- for stdin)."
+    ),
     config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
-    """Nearest neighbours of query images in a store (the store's own model embeds them)."""
+    """Nearest neighbours of query images (or texts: --text) in a store (the store's own model embeds them)."""
     from vembed.index.grid import draw_grid
     from vembed.index.search import search_queries
     from vembed.index.sources import queries_from_args
@@ -255,18 +292,36 @@ def search_command(
         data__skip_bad=skip_bad,
         model__device=device,
     )
-    if not query_items:
-        raise VembedError("no queries: pass image paths, a folder, a .jsonl file, or - to read stdin")
-    emb_store = open_store(store)
-    queries, problems = queries_from_args(
-        query_items, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad
-    )
-    quiet_transformers()
-    report = search_queries(
-        emb_store, queries, settings, exclude_self=exclude_self, show_progress=not quiet and len(queries) > 1
-    )
+    texts = list(text or [])
+    if texts or text_file is not None:
+        from vembed.index.text_search import read_texts, search_texts
+
+        if query_items:
+            raise VembedError("give image queries or text queries (--text / --text-file), not both")
+        texts += read_texts(text_file) if text_file is not None else []
+        quiet_transformers()
+        emb_store = open_store(store)
+        report, problems = search_texts(emb_store, texts, settings), []
+    else:
+        if not query_items:
+            raise VembedError("no queries: pass image paths, a folder, a .jsonl file, or - to read stdin")
+        emb_store = open_store(store)
+        queries, problems = queries_from_args(
+            query_items, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad
+        )
+        quiet_transformers()
+        report = search_queries(
+            emb_store,
+            queries,
+            settings,
+            exclude_self=exclude_self,
+            show_progress=not quiet and len(queries) > 1,
+        )
     _report_problems(problems + report.problems)
-    log(f"searched {len(report.results)} queries against {len(emb_store)} images ({report.method} search)")
+    n = len(report.results)
+    log(
+        f"searched {n} quer{'y' if n == 1 else 'ies'} against {len(emb_store)} images ({report.method} search)"
+    )
     if jsonl:
         with _stdout_pipe():
             for result in report.results:
@@ -279,119 +334,6 @@ def search_command(
     if grid is not None:
         draw_grid(report.results, grid, thumb=thumb)
         log(f"wrote {grid}")
-
-
-@index_app.command("build")
-def index_build_command(
-    store: Path = typer.Argument(..., help="A store written by `vembed embed --out`."),
-    overrides: list[str] = typer.Argument(
-        None, help="key=value overrides, e.g. index.hnsw_m=48 index.nlist=1024 index.train_size=100000."
-    ),
-    kind: str = typer.Option(
-        "hnsw",
-        "--kind",
-        help="flat (exact), hnsw (graph), ivf (clusters) or ivfpq (clusters + compressed codes).",
-    ),
-    nlist: int = typer.Option(
-        None, "--nlist", help="IVF kinds: number of clusters (index.nlist; default ~4·sqrt(N))."
-    ),
-    m: int = typer.Option(
-        None, "--m", help="ivfpq: sub-quantizers per vector, dividing the dim (index.pq_m)."
-    ),
-    nbits: int = typer.Option(
-        None, "--nbits", help="ivfpq: bits per sub-quantizer code (index.pq_nbits, 8)."
-    ),
-    opq: bool = typer.Option(None, "--opq", help="ivfpq: learn an OPQ rotation first (index.opq)."),
-    config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-) -> None:
-    """Build a faiss index and save it in the store (shard by shard); `vembed search` then uses it."""
-    settings = settings_from(
-        config, overrides, index__nlist=nlist, index__pq_m=m, index__pq_nbits=nbits, index__opq=opq
-    )
-    _build_index(store, kind, settings)
-
-
-@index_app.command("info")
-def index_info_command(
-    store: Path = typer.Argument(..., help="A store folder."),
-    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. index.nprobe=32."),
-    sample: int = typer.Option(
-        1000,
-        "--sample",
-        help="Store vectors used as queries to measure the index's recall and QPS (0: skip).",
-    ),
-    k: int = typer.Option(10, "--k", "-k", help="Recall@k against exact search."),
-    config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-) -> None:
-    """Show what a store holds (count, dim, model, shards) and its faiss index: size, recall@k against
-    exact search on a sample, queries per second."""
-    from vembed.index.faiss_index import INDEX_FILE, load_index, measure_index
-    from vembed.index.store import store_summary
-
-    settings = settings_from(config, overrides)
-    summary = store_summary(store)
-    meta = summary["meta"]
-    table = Table(title=str(store), show_header=False)
-    table.add_column("key", style="bold")
-    table.add_column("value", overflow="fold")
-    rows = {
-        "images": summary["count"],
-        "dim": summary["dim"],
-        "shards": summary["shards"],
-        "normalized": meta.get("normalize"),
-        "model": meta.get("model", {}).get("source"),
-        "pooling": meta.get("model", {}).get("pooling"),
-        "image size": meta.get("preprocessing", {}).get("image_size"),
-        "labelled": summary["labelled"],
-        "skipped when embedded": meta.get("num_skipped"),
-        "created": meta.get("created"),
-        "vembed": meta.get("vembed_version"),
-    }
-    index = load_index(store, count=summary["count"], dim=summary["dim"], mmap=settings.index.mmap)
-    if index is None:
-        rows["faiss index"] = "none (exact search)"
-    else:
-        rows["faiss index"] = json.dumps({key: v for key, v in index.info.items() if key != "dim"})
-        size = (store / INDEX_FILE).stat().st_size
-        rows["index size"] = (
-            f"{size / 2**20:.1f} MiB ({size / max(summary['count'], 1):.1f} bytes per vector)"
-        )
-        if sample > 0:
-            measured = measure_index(store, index, settings.index, sample=sample, k=k)
-            rows[f"recall@{k} vs exact"] = (
-                f"{measured[f'recall@{k}']:.4f} on {measured['queries']} store vectors"
-            )
-            rows["queries per second"] = (
-                f"{measured['qps']:.0f} (exact: {measured['exact_qps']:.0f}; {measured['speedup']:.1f}x)"
-            )
-    for key, value in rows.items():
-        table.add_row(key, str(value))
-    Console().print(table)
-
-
-def _build_index(store: Path, kind: str, settings) -> None:
-    import time
-
-    from vembed.index.faiss_index import build_store_index, save_index
-
-    kind = _check_index_kind(kind)
-    start = time.perf_counter()
-    index = build_store_index(store, kind, settings.index)
-    save_index(index, store)
-    log(
-        f"built the {kind} index over {index.info['count']} vectors in {time.perf_counter() - start:.1f} s → {store}"
-    )
-
-
-def _check_index_kind(kind: str) -> str:
-    """A faiss index kind to build (``auto`` means hnsw)."""
-    from vembed.index.faiss_index import KINDS
-
-    kind = "hnsw" if kind == "auto" else kind
-    if kind not in KINDS:
-        hint = " (exact search needs no index)" if kind == "exact" else ""
-        raise VembedError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}{hint}")
-    return kind
 
 
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:

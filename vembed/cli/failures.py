@@ -2,7 +2,7 @@
 
 - :class:`~vembed.errors.VembedError` (a mistake the user can fix) and an ``OSError`` naming a file
   (missing, unreadable, a folder where a file was expected, disk full) → one red line, exit status 2.
-- Ctrl-C → ``interrupted``, exit status 130.
+- Ctrl-C → ``interrupted``, exit status 130; a closed pipe (``vembed ... | head``) → silence, 141.
 - Anything else is a bug → one line naming the exception and a log file holding the full traceback,
   exit status 1. ``--debug`` (anywhere on the command line) or ``VEMBED_DEBUG=1`` prints the
   traceback instead.
@@ -24,11 +24,12 @@ from rich.markup import escape
 from typer.core import TyperGroup, TyperOption
 
 from vembed.console import console
-from vembed.errors import VembedError
+from vembed.errors import Interrupted, VembedError
 
 EXPECTED_EXIT = 2
 BUG_EXIT = 1
 INTERRUPTED_EXIT = 130
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
 DEBUG_FLAG = "--debug"
 
 
@@ -48,6 +49,9 @@ def report(exc: BaseException) -> int:
     """Print what the user should see for ``exc``; return the exit status."""
     if isinstance(exc, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")
+        return INTERRUPTED_EXIT
+    if isinstance(exc, Interrupted):  # stopped by a signal, its state saved (e.g. a training checkpoint)
+        console.print(f"[yellow]{escape(str(exc))}[/]", highlight=False, soft_wrap=True)
         return INTERRUPTED_EXIT
     if isinstance(exc, VembedError):
         _error_line(str(exc))
@@ -91,6 +95,10 @@ class VembedGroup(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # `vembed ... | head`: the reader left; stop quietly, as a pipe expects
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python's final flush must not raise again
+            raise typer.Exit(BROKEN_PIPE_EXIT) from None
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 (the one place that reports)
             if _is_click(exc):  # usage errors, typer.Exit, typer.Abort: click reports them itself
                 raise

@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.table import Table
 
 from vembed.cli.app import app, quiet_transformers, settings_from
-from vembed.console import console
 
 
 @app.command("train")
@@ -32,7 +31,7 @@ def train_command(
     Writes settings.yaml, metrics.jsonl and checkpoints/ into the run directory; validates on data.val
     at each epoch end and keeps the best model. A stopped run continues with --resume.
     """
-    from vembed.training import TrainingInterrupted, train  # torch: imported on use
+    from vembed.training import train  # torch: imported on use
 
     settings = settings_from(
         config,
@@ -44,26 +43,18 @@ def train_command(
         data__val=val,
     )
     quiet_transformers()
-    try:
-        result = train(settings, show_progress=not quiet)
-    except TrainingInterrupted as exc:
-        console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+    result = train(settings, show_progress=not quiet)  # a stop signal: cli/failures.py says where it saved
     if result.main_process:
-        Console().print(_summary(result))
+        from vembed.tasks import get_task
+
+        Console().print(_summary(result, get_task(settings.train.task).metrics(settings)))
 
 
-def _summary(result) -> Table:
+def _summary(result, reported: list[str]) -> Table:
+    """The validations (the task's reported metrics, in its order) with the selected row marked."""
     table = Table(title=f"vembed train: {result.run_dir}")
     table.add_column("step")
-    metric_keys = []
-    for row in result.history:
-        for key in row:
-            if (
-                key.startswith(("recall@", "map@", "top", "miou", "pixel_accuracy"))
-                and key not in metric_keys
-            ):
-                metric_keys.append(key)
+    metric_keys = [key for key in reported if any(key in row for row in result.history)]
     for key in metric_keys:
         table.add_column(key, justify="right")
     table.add_column("")

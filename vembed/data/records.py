@@ -120,6 +120,8 @@ def read_records(
     missing image; with ``skip_bad`` such lines are skipped and listed in ``RecordSet.problems``.
     """
     path = Path(path)
+    if path.is_dir():
+        raise VembedError(folder_given_message(path))
     if not path.is_file():
         raise VembedError(f"records file not found: {path}")
     root = Path(image_root) if image_root is not None else path.parent
@@ -154,6 +156,23 @@ def read_records(
     return RecordSet(path, records, problems)
 
 
+def folder_given_message(folder: Path) -> str:
+    """What to give instead of ``folder`` where a records file (JSONL) was expected."""
+    found = sorted(p.name for p in folder.glob("*.jsonl") if p.is_file())
+    if found:
+        first = next((name for name in ("train.jsonl", "val.jsonl", "test.jsonl") if name in found), found[0])
+        return (
+            f"{folder}: is a folder; give one of its records files ({', '.join(found[:6])}), "
+            f"e.g. {folder / first}"
+        )
+    if next(walk_images(folder), None) is not None:
+        return (
+            f"{folder}: is a folder of images, not a records file; make records from it with "
+            f"`vembed prepare imagefolder {folder} --out data/NAME` (one sub-folder per class)"
+        )
+    return f"{folder}: is a folder, not a records file (a JSONL file of images and labels)"
+
+
 def json_object(line: str) -> dict[str, Any] | str:
     """One JSONL line → its object, or the problem with it as text (the caller adds file:line)."""
     try:
@@ -182,7 +201,9 @@ def parse_record(line: str, *, root: Path, where: str, require_label: bool = Fal
                 raise VembedError(
                     f"{where}: {_bad_field(obj, key)} (a pair record needs query_image and positive)"
                 )
-        return PairRecord(_resolve(obj["query_image"], root), _resolve(obj["positive"], root), label, where)
+        return PairRecord(
+            resolve_path(obj["query_image"], root), resolve_path(obj["positive"], root), label, where
+        )
     image = obj.get("image")
     if not isinstance(image, str) or not image:
         raise VembedError(
@@ -192,17 +213,17 @@ def parse_record(line: str, *, root: Path, where: str, require_label: bool = Fal
         mask = obj["mask"]
         if not isinstance(mask, str) or not mask:
             raise VembedError(f"{where}: 'mask' must be a path (a one-channel PNG of class indices)")
-        return SegRecord(_resolve(image, root), _resolve(mask, root), where)
+        return SegRecord(resolve_path(image, root), resolve_path(mask, root), where)
     category = obj.get("category")
     resized = obj.get("resized")
     if resized is not None and (not isinstance(resized, str) or not resized):
         raise VembedError(f"{where}: 'resized' must be a path (a string), got {resized!r}")
     return ImageRecord(
-        _resolve(image, root),
+        resolve_path(image, root),
         label,
         None if category is None else str(category),
         where,
-        None if resized is None else _resolve(resized, root),
+        None if resized is None else resolve_path(resized, root),
     )
 
 
@@ -324,8 +345,12 @@ def record_to_json(rec: Record, *, relative_to: Path | None = None) -> dict[str,
     return out
 
 
-def _resolve(value: str, root: Path) -> Path:
-    p = Path(value).expanduser()
+def resolve_path(value: str, root: Path) -> Path:
+    """``value`` (``~`` expanded) against ``root``; ``~name`` of no such user is a plain file name."""
+    try:
+        p = Path(value).expanduser()
+    except RuntimeError:  # "~y.png": no user y
+        return root.absolute() / value
     return p if p.is_absolute() else root / p
 
 

@@ -11,7 +11,6 @@ index). ``rsum`` is the sum of the six recalls in percent (0–600), as the pape
 from __future__ import annotations
 
 import contextlib
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +82,7 @@ class ImageTextEvaluator:
                 batch_size=options.batch_size,
                 num_workers=options.num_workers,
                 skip_bad=options.skip_bad,
+                max_pixels=options.max_pixels,
                 show_progress=show_progress and options.show_progress,
                 description="embedding images",
             )
@@ -92,7 +92,10 @@ class ImageTextEvaluator:
             texts, owners = data.flat_captions()
             text_embeddings = model.encode_text(texts, batch_size=max(options.batch_size, 64))
         metrics = image_text_metrics(found.embeddings, text_embeddings, owners)
-        return EvalResult(metrics, self.primary_metric, True, {"problems": found.problems})
+        report = ImageTextReport(
+            getattr(model.spec, "name", ""), str(self.data.path), metrics, 0.0, found.problems
+        )
+        return EvalResult(metrics, self.primary_metric, True, {"report": report, "problems": found.problems})
 
 
 def dual_encoder_for(model: str | Path | DualEncoder, settings=None) -> DualEncoder:
@@ -128,30 +131,40 @@ class ImageTextReport:
         }
 
 
-def evaluate_image_text(
-    model: str | Path | DualEncoder, data: str | Path | CaptionSet, *, settings=None, show_progress=True
-) -> ImageTextReport:
-    """t2i / i2t Recall@1/5/10 and ``rsum`` of ``model`` on a captions JSONL file."""
+def read_eval_captions(path: str | Path, settings=None) -> CaptionSet:
+    """The captions file an evaluation scores (bad rows logged with ``data.skip_bad``, else an error)."""
+    from vembed.settings import Settings
+
+    data = (settings or Settings()).data
+    captions = read_captions(path, image_root=data.image_root, skip_bad=data.skip_bad)
+    if captions.problems:
+        log(f"[yellow]skipped {len(captions.problems)} bad row(s)[/]; first: {captions.problems[0]}")
+    return captions
+
+
+def compare_image_text(models: Sequence, data: str | Path | CaptionSet, *, settings=None, show_progress=True):
+    """:func:`vembed.evaluation.compare.compare` of the image–text evaluator over ``models``."""
+    from dataclasses import replace
+
+    from vembed.evaluation.compare import compare
+    from vembed.evaluation.options import embed_options
     from vembed.settings import Settings
 
     settings = settings or Settings()
-    captions = (
-        data
-        if isinstance(data, CaptionSet)
-        else read_captions(data, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad)
+    captions = data if isinstance(data, CaptionSet) else read_eval_captions(data, settings)
+    options = replace(embed_options(settings), show_progress=show_progress)
+    return compare(
+        models,
+        ImageTextEvaluator(captions, options),
+        load=lambda ref: dual_encoder_for(ref, settings),
+        show_progress=show_progress,
+        announce=lambda name: f"image-text evaluation of [bold]{name}[/] on {captions.path}",
     )
-    if captions.problems:
-        log(f"[yellow]skipped {len(captions.problems)} bad row(s)[/]; first: {captions.problems[0]}")
-    start = time.perf_counter()
-    encoder = dual_encoder_for(model, settings)
-    evaluator = ImageTextEvaluator(
-        captions, EmbedOptions.from_settings(settings, show_progress=show_progress)
-    )
-    result = evaluator(encoder, show_progress=show_progress)
-    name = encoder.spec.name if isinstance(model, DualEncoder) else str(model)
-    return ImageTextReport(
-        name, str(captions.path), result.metrics, time.perf_counter() - start, result.details["problems"]
-    )
+
+
+def evaluate_image_text(model, data, *, settings=None, show_progress=True) -> ImageTextReport:
+    """t2i / i2t Recall@1/5/10 and ``rsum`` of ``model`` on a captions JSONL file."""
+    return compare_image_text([model], data, settings=settings, show_progress=show_progress).first.report
 
 
 def comparison_json(reports: Sequence[ImageTextReport]) -> dict:

@@ -11,6 +11,7 @@ model or shard size refuses to mix with it.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import time
@@ -90,6 +91,7 @@ def embed_shards(
     batch_size: int = 64,
     num_workers: int = 2,
     skip_bad: bool = False,
+    max_pixels: int | None = None,
     image_root: str | Path | None = None,
     settings_yaml: str | None = None,
     show_progress: bool = True,
@@ -98,18 +100,73 @@ def embed_shards(
     """Embed this process' blocks of ``source`` into shards, then (process 0) assemble the store ``out``.
 
     ``barrier`` waits for every process (``torch.distributed.barrier`` under torchrun/accelerate).
+    Process 0 holds the lock :func:`lock_file` meanwhile: a second command writing the same store is
+    refused, naming the process that is writing it.
     ``finalize=False`` stops after this process' shards (the store is assembled by a later run).
     """
+    out = Path(out)
+    with contextlib.ExitStack() as stack:
+        if rank == 0:  # one command writing the store at a time (its other processes share this one's job)
+            stack.enter_context(vembed.io.process_lock(lock_file(out), what=f"store {out}"))
+        return _embed_shards(
+            embedder,
+            source,
+            out,
+            model=model,
+            revision=revision,
+            shard_size=shard_size,
+            append=append,
+            rank=rank,
+            world_size=world_size,
+            barrier=barrier,
+            batch_size=batch_size,
+            num_workers=num_workers,
+            skip_bad=skip_bad,
+            max_pixels=max_pixels,
+            image_root=image_root,
+            settings_yaml=settings_yaml,
+            show_progress=show_progress,
+            finalize=finalize,
+        )
+
+
+def lock_file(out: str | Path) -> Path:
+    """The lock an embed into ``out`` holds (host and process id), beside the store."""
+    out = Path(out)
+    return out.parent / f".{out.name}.lock"
+
+
+def _embed_shards(
+    embedder: Embedder,
+    source: str | Path,
+    out: Path,
+    *,
+    model: str | Path,
+    revision: str | None,
+    shard_size: int,
+    append: bool,
+    rank: int,
+    world_size: int,
+    barrier: Callable[[], None],
+    batch_size: int,
+    num_workers: int,
+    skip_bad: bool,
+    max_pixels: int | None,
+    image_root: str | Path | None,
+    settings_yaml: str | None,
+    show_progress: bool,
+    finalize: bool,
+) -> ShardRun:
     start = time.perf_counter()
     options = dict(
         shard_size=shard_size,
         batch_size=batch_size,
         num_workers=num_workers,
         skip_bad=skip_bad,
+        max_pixels=max_pixels,
         image_root=image_root,
         show_progress=show_progress,
     )
-    out = Path(out)
     exclude, part = set(), 0
     if append:
         base = _check_append_target(out, embedder, model)
@@ -162,6 +219,7 @@ def _embed_blocks(
     batch_size,
     num_workers,
     skip_bad,
+    max_pixels,
     image_root,
     show_progress,
 ) -> ShardRun:
@@ -192,6 +250,7 @@ def _embed_blocks(
             batch_size=batch_size,
             num_workers=num_workers,
             skip_bad=skip_bad,
+            max_pixels=max_pixels,
             show_progress=show_progress,
             description=f"shard {block.number}",
         ):

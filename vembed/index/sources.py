@@ -46,6 +46,19 @@ def records_from_source(
         return found.images(), list(found.problems)
     if path.is_file() and path.suffix.lower() in IMAGE_EXTENSIONS:
         return records_from_paths([path]).images(), []
+    check_source(source)
+    raise VembedError(f"source not found: {path}")
+
+
+def check_source(source: str | Path) -> None:
+    """What is wrong with ``source`` that shows without reading it — a path that does not exist, a file
+    that is neither records nor an image — raised before any model is loaded."""
+    text = str(source)
+    path = Path(text).expanduser()
+    if text == STDIN or path.is_dir():
+        return
+    if path.is_file() and path.suffix.lower() in (*RECORD_SUFFIXES, *IMAGE_EXTENSIONS):
+        return
     if path.is_file():
         raise VembedError(
             f"{path}: not a folder, a records file ({', '.join(RECORD_SUFFIXES)}) or an image "

@@ -36,6 +36,7 @@ from vembed import __version__
 from vembed.data.records import ImageRecord, json_object
 from vembed.errors import VembedError
 from vembed.io import atomic_dir, read_json, text_lines, write_json, write_jsonl, write_text
+from vembed.models.dual import embeds_for_text
 from vembed.models.embedder import Embedder
 from vembed.models.registry import REGISTRY
 
@@ -120,6 +121,7 @@ def store_meta(
             "projection_dim": embedder.projection.out_features if embedder.projection is not None else None,
             "normalize": embedder.normalize,
             "truncate_dim": embedder.truncate_dim,
+            "text_tower": embeds_for_text(embedder, model),  # text queries allowed (vembed.index.text_search)
         },
         "preprocessing": spec.preprocessing(),
         "source": source,

@@ -228,6 +228,21 @@ def is_saved_dual_encoder(loaded: LoadedModel) -> bool:
     return loaded.config is not None and DUAL_KEY in loaded.config.extra
 
 
+def embeds_for_text(embedder: Embedder, model: str | Path) -> bool:
+    """Whether ``embedder``'s image embeddings share a space with a text tower: a :class:`DualEncoder`,
+    or the image tower of a dual encoder vembed saved (a local folder or run directory)."""
+    if isinstance(embedder, DualEncoder):
+        return True
+    from vembed.models.loader import read_model_config, resolve_ref
+
+    try:
+        ref = resolve_ref(model)
+    except VembedError:
+        return False
+    saved = read_model_config(ref.folder) if ref.folder is not None else None
+    return saved is not None and DUAL_KEY in saved.extra
+
+
 def _config_json(loaded: LoadedModel) -> dict | None:
     from vembed.models.loader import _json, hub_file
 

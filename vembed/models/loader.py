@@ -16,15 +16,22 @@ models through :func:`load_model`.
 from __future__ import annotations
 
 import difflib
+import functools
 import json
 import math
+import socket
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+
 from vembed.errors import VembedError
 from vembed.io import parse_json, read_json, read_text, write_json
-from vembed.models.registry import REGISTRY, ModelSpec, spec_from_config
+from vembed.models.registry import REGISTRY, ModelSpec, registry_name, spec_from_config
+from vembed.models.weights import check_model_folder, refusal
 
 VEMBED_CONFIG = "vembed.json"
 HEAD_WEIGHTS = "vembed_head.safetensors"
@@ -166,6 +173,8 @@ def resolve_ref(model: str | Path) -> ModelRef:
         raise VembedError(f"{path}: is a file, not a model folder")
     if text in REGISTRY:
         return ModelRef(text, "registry", text)
+    if registry_name(text) is not None:  # facebook/dinov2-base → dinov2-base (its eval preprocessing)
+        return ModelRef(text, "registry", registry_name(text))
     if looks_like_hub_id(text):
         return ModelRef(text, "hub", text)
     if "/" in text or "\\" in text or text.startswith((".", "~")):
@@ -185,17 +194,37 @@ def hub_file(
 ) -> Path | None:
     """A file of a hub repository (downloaded or cached); ``None`` when an optional file is absent.
 
-    The one place the loader talks to the hub; tests replace it.
+    The one place the loader talks to the hub; tests replace it. When the hub cannot be reached (one
+    quick connection attempt, :func:`hub_reachable`) the process switches to the local cache at once
+    (as ``HF_HUB_OFFLINE=1`` does) instead of a minute of retries, and a model that is not cached is an
+    error saying so.
     """
-    from huggingface_hub import hf_hub_download
-    from huggingface_hub.errors import EntryNotFoundError, HFValidationError
+    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, HFValidationError, LocalEntryNotFoundError
 
+    if not constants.HF_HUB_OFFLINE and not hub_reachable():
+        constants.HF_HUB_OFFLINE = True  # transformers' from_pretrained reads it too: no retries there
+        from vembed.console import log
+
+        log(
+            f"[yellow]note:[/] the Hugging Face Hub ({constants.ENDPOINT}) is unreachable: using the local cache"
+        )
     try:
         return Path(hf_hub_download(hub_id, filename, revision=revision))
-    except EntryNotFoundError as exc:  # not in the repository (or, offline, not in the cache)
+    except LocalEntryNotFoundError as exc:  # offline, and not in the cache
         if not required:
             return None
+        if constants.HF_HUB_OFFLINE:
+            raise VembedError(
+                f"cannot load {hub_id!r}: the Hugging Face Hub is unreachable (or HF_HUB_OFFLINE=1 is set) "
+                f"and its {filename} is not in the local cache; connect once to download it, or give a "
+                "local model folder"
+            ) from None
         error: Exception = exc
+    except EntryNotFoundError as exc:  # not in the repository
+        if not required:
+            return None
+        error = exc
     except (HFValidationError, OSError, ValueError) as exc:  # network, auth, missing repo or revision
         error = exc
     reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
@@ -203,6 +232,21 @@ def hub_file(
         f"cannot load {filename} of {hub_id!r} from the Hugging Face Hub ({reason}); "
         f"{hub_id!r} is neither a local folder nor a registry name"
     )
+
+
+@functools.cache
+def hub_reachable(timeout: float = 3.0) -> bool:
+    """Whether a connection to the hub's host (``HF_ENDPOINT``) opens within ``timeout`` seconds;
+    asked once per process."""
+    from huggingface_hub import constants
+
+    url = urllib.parse.urlsplit(constants.ENDPOINT)
+    port = url.port or (443 if url.scheme == "https" else 80)
+    try:
+        socket.create_connection((url.hostname or "huggingface.co", port), timeout=timeout).close()
+    except OSError:
+        return False
+    return True
 
 
 @dataclass
@@ -236,14 +280,41 @@ def load_model(
     else:
         loaded = _load_files(ref, revision=revision)
     if weights:
-        from vembed.models.factory import load_backbone
-
         loaded.backbone = load_backbone(loaded.spec, revision=revision, attention=attention)
     return loaded
 
 
+def load_backbone(
+    spec: ModelSpec, *, revision: str | None = None, attention: str = "auto"
+) -> torch.nn.Module:
+    """Load the vision tower named by ``spec`` through ``from_pretrained`` (hub id or folder).
+
+    ``attention`` is transformers' ``attn_implementation`` (``auto``: transformers' default).
+    """
+    cls = getattr(transformers, spec.family_info.model_class)
+    transformers.utils.logging.disable_progress_bar()
+    if Path(spec.source).is_dir():
+        check_model_folder(spec.source)
+    options = {} if attention == "auto" else {"attn_implementation": attention}
+    try:
+        return cls.from_pretrained(
+            spec.source, revision=revision, **dict(spec.family_info.load_options), **options
+        )
+    except (ImportError, ValueError) as exc:
+        if not options:
+            raise
+        raise VembedError(f"model.attention={attention}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise VembedError(f"cannot load model weights from {spec.source!r}: {exc}") from None
+    except Exception as exc:  # a pickle refused by weights_only, a broken safetensors file
+        error = refusal(spec.source, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
 def load_spec(model: str | Path, *, revision: str | None = None) -> ModelSpec:
-    """Just the spec of ``model`` (no weights): what ``resolve_spec`` returns."""
+    """Just the spec of ``model`` (no weights, no head files beyond what identifies it)."""
     return load_model(model, revision=revision, weights=False).spec
 
 

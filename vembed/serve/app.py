@@ -138,15 +138,13 @@ def create_app(service: EmbedService) -> FastAPI:
             form = await _form(request, options.max_images)
             items = [await _upload(f, i) for i, f in enumerate(form.getlist("images"))]
             if not items and form.getlist("texts"):
-                return _embeddings(
-                    service, await run_in_threadpool(service.encode_texts, form.getlist("texts"))
-                )
+                return _embeddings(service, await batcher.run(service.encode_texts, form.getlist("texts")))
             if not items:
                 raise RequestError(400, "no 'images' files in the form (curl -F images=@photo.jpg)")
         else:
             body = await _json(request)
             if "texts" in body:
-                return _embeddings(service, await run_in_threadpool(service.encode_texts, body["texts"]))
+                return _embeddings(service, await batcher.run(service.encode_texts, body["texts"]))
             items = await _json_images(service, body)
         pixels = await run_in_threadpool(service.pixels_batch, items)
         return _embeddings(service, await batcher.embed(pixels))
@@ -181,7 +179,7 @@ def create_app(service: EmbedService) -> FastAPI:
                 raise RequestError(400, "the JSON body needs 'image' (base64), 'text' or 'path'")
         k = _k(fields.get("k"))
         if item is None:
-            embedding = (await run_in_threadpool(service.encode_texts, [text]))[0]
+            embedding = (await batcher.run(service.encode_texts, [text]))[0]
         else:
             pixels = await run_in_threadpool(service.pixels_batch, [item])
             embedding = (await batcher.embed(pixels))[0]

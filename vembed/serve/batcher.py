@@ -101,6 +101,10 @@ class DynamicBatcher:
             self.stats.waiting -= len(pixels)
         return torch.cat(parts) if len(parts) != 1 else parts[0]
 
+    async def run(self, fn: Callable, *args):
+        """``fn(*args)`` in the model thread (a text tower's forward, never beside an image batch)."""
+        return await asyncio.get_running_loop().run_in_executor(self._pool, fn, *args)
+
     async def _work(self) -> None:
         assert self._queue is not None
         loop = asyncio.get_running_loop()

@@ -36,10 +36,9 @@ def load_service(
     """The model (``model.*`` settings: device, dtype, ...) and the store, loaded once and checked:
     the model must be the one that made the store (dim, preprocessing and probe embedding)."""
     from vembed.index.store import check_store_model, open_store
-    from vembed.models.factory import load_embedder
 
     settings = settings or Settings()
-    embedder = load_embedder(str(model), **model_kwargs(settings.model))
+    embedder = _load_model(str(model), settings.model)
     emb_store = None
     if store is not None:
         emb_store = open_store(store)
@@ -52,6 +51,39 @@ def load_service(
         options or ServeOptions(),
         max_pixels=settings.data.max_image_pixels,
     )
+
+
+def _load_model(model: str, settings: ModelSettings):
+    """The image embedder every other command loads (``vembed embed`` gives the same embeddings); when
+    the model also has a text tower whose image embeddings are these same ones (a folder ``vembed
+    train`` / ``export`` wrote for an image-text run), the dual encoder instead: ``/v1/embed`` then takes
+    ``texts``. A raw CLIP / SigLIP checkpoint's vision features are not its shared image-text space, so
+    it serves images only (said at start)."""
+    import torch
+
+    from vembed.index.store import probe_embedding
+    from vembed.models.dual import has_text_tower, load_dual_encoder
+    from vembed.models.factory import load_embedder
+    from vembed.models.loader import load_model
+
+    embedder = load_embedder(model, **model_kwargs(settings))
+    if not has_text_tower(load_model(model, revision=settings.revision, weights=False)):
+        return embedder
+    dual = load_dual_encoder(
+        model, revision=settings.revision, device=settings.device, dtype=settings.dtype,
+        attention=settings.attention,
+    )  # fmt: skip
+    if dual.embed_dim == embedder.embed_dim and dual.spec.preprocessing() == embedder.spec.preprocessing():
+        cosine = torch.nn.functional.cosine_similarity(
+            probe_embedding(dual), probe_embedding(embedder)
+        ).item()
+        if cosine >= 0.9999:
+            return dual
+    log(
+        f"[yellow]note:[/] {model} has a text tower, but its image embeddings as vembed embeds them are the "
+        "vision tower's own features, not the image-text space; serving images only ('texts' → 400)"
+    )
+    return embedder
 
 
 def is_loopback(host: str) -> bool:

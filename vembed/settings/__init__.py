@@ -18,7 +18,6 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from vembed.errors import VembedError
@@ -57,7 +56,10 @@ class ModelSettings(Section):
     name: str = Field("dinov2-small", description="Registry name, hub id, or local model directory.")
     pooling: Pooling | None = Field(None, description="Token pooling; default: the model spec's.")
     projection_dim: int | None = Field(None, ge=1, description="Add a linear projection to this width.")
-    normalize: bool = Field(True, description="L2-normalise embeddings.")
+    normalize: bool | None = Field(
+        None,
+        description="L2-normalise embeddings; default: what a saved model says (its vembed.json), else true.",
+    )
     truncate_dim: int | None = Field(
         None,
         ge=1,
@@ -137,11 +139,12 @@ class TrainSettings(Section):
     """
 
     output_dir: Path = Field(Path("runs/vembed"), description="Run directory.")
-    task: Literal["retrieval", "segmentation", "image_text"] = Field(
+    task: str = Field(
         "retrieval",
-        description="retrieval: an embedding model (train.loss); segmentation: a decoder on the patch "
-        "tokens, pixel cross-entropy (255 ignored), best model by validation mIoU; image_text: a CLIP / "
-        "SigLIP dual encoder on image-caption pairs (train.loss clip or siglip), best by mean_recall@1.",
+        description="What is trained (vembed.tasks.TASKS): retrieval, an embedding model (train.loss); "
+        "segmentation, a decoder on the patch tokens, pixel cross-entropy (255 ignored), best model by "
+        "validation mIoU; image_text, a CLIP / SigLIP dual encoder on image-caption pairs (train.loss "
+        "clip or siglip), best by mean_recall@1.",
     )
     towers: Literal["both", "image", "text"] = Field(
         "both",
@@ -151,7 +154,10 @@ class TrainSettings(Section):
     method: Literal["lora", "full", "frozen"] = Field(
         "lora", description="lora: adapters on the backbone; full: every weight; frozen: head/proxies only."
     )
-    loss: str = Field("infonce", description="infonce, supcon, arcface, cosface, triplet, ce.")
+    loss: str = Field(
+        "infonce",
+        description="infonce, supcon, arcface, cosface, triplet, ce, multi_similarity, proxy_anchor.",
+    )
     epochs: int = Field(2, ge=1)
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimiser steps (overrides epochs)."
@@ -204,11 +210,18 @@ class TrainSettings(Section):
     # loss options (null: the loss's own default)
     temperature: float | None = Field(None, gt=0, description="infonce / supcon temperature.")
     learnable_temperature: bool = Field(False, description="infonce / supcon: learn the temperature.")
-    margin: float | None = Field(None, ge=0, description="arcface / cosface / triplet margin.")
+    margin: float | None = Field(None, ge=0, description="arcface / cosface / triplet / proxy_anchor margin.")
     scale: float | None = Field(None, gt=0, description="arcface / cosface / ce (normalized) logit scale.")
-    mining: Literal["hard", "semihard", "all"] | None = Field(
+    mining: Literal["hard", "semihard", "all", "multi_similarity"] | None = Field(
         None,
-        description="Miner of triplet (default hard), infonce and supcon (default none): hard, semihard, all.",
+        description="Miner of triplet (default hard), infonce and supcon (default none), multi_similarity "
+        "(default multi_similarity): hard, semihard, all, multi_similarity.",
+    )
+    memory_bank: int | None = Field(
+        None,
+        ge=1,
+        description="Cross-batch memory: the last N training embeddings (detached, with labels) as extra "
+        "pairs for infonce, supcon, triplet and multi_similarity (XBM); kept in checkpoints.",
     )
     loss_options: dict[str, Any] = Field(
         default_factory=dict, description="Other keyword options of the loss (e.g. label_smoothing)."
@@ -266,22 +279,6 @@ class TrainSettings(Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
     _split_dims = field_validator("matryoshka_dims", mode="before")(_split_ints)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _segmentation_augment(cls, data: Any) -> Any:
-        """The task's augmentation defaults for the keys not given (``scale: null`` is not given)."""
-        aug = data.get("augment", {}) if isinstance(data, dict) else None
-        aug = {"enabled": aug} if isinstance(aug, bool) else aug
-        if isinstance(aug, dict):
-            if aug and "enabled" not in aug:  # keys given without the switch are meant to apply
-                aug = {"enabled": True, **aug}
-            if data.get("task") == "segmentation":
-                aug = {"enabled": True, "scale": None, "hflip": 0.5, **aug}
-            elif "scale" in aug and aug["scale"] is None:
-                aug = {k: v for k, v in aug.items() if k != "scale"}
-            data = {**data, "augment": aug}
-        return data
 
     @field_validator("step_epochs", mode="before")
     @classmethod
@@ -394,12 +391,31 @@ def load_settings(
     if recipe is not None:
         source = str(recipe)
         data = read_recipe(Path(recipe))
+    recipe_steps = data.get("train", {}).get("max_steps") if isinstance(data.get("train"), dict) else None
+    given = set()
     for item in overrides or []:
         key, value = parse_override(item)
         set_dotted(data, key, value)
+        given.add(key)
     for key, value in (values or {}).items():
         set_dotted(data, key, value)
+        given.add(key)
+    if recipe_steps is not None and "train.epochs" in given and "train.max_steps" not in given:
+        _epochs_win(data, recipe_steps, source)
     return validate_settings(data, source=source)
+
+
+def _epochs_win(data: dict[str, Any], recipe_steps: Any, source: str) -> None:
+    """``train.epochs`` given on the command line over a recipe that sets ``train.max_steps`` (which
+    would overrule it): the epochs asked for win, and the line says so."""
+    from vembed.console import log
+
+    set_dotted(data, "train.max_steps", None)
+    epochs = data["train"].get("epochs")
+    log(
+        f"[yellow]note:[/] train.epochs={epochs} given on the command line: {source}'s "
+        f"train.max_steps={recipe_steps} is dropped (give train.max_steps too to keep a step limit)"
+    )
 
 
 def validate_settings(data: dict[str, Any], *, source: str = "settings") -> Settings:

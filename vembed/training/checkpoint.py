@@ -119,7 +119,7 @@ def disk_full_is_an_error(tmp: Path, *, needed: int):
         earlier = (
             f"the earlier checkpoints are intact (latest: {kept[-1].name}) and `--resume` continues from it"
             if kept
-            else "no earlier checkpoint was saved"
+            else "no earlier checkpoint was saved (rerun the command once there is space)"
         )
         step = tmp.name.removeprefix(".").removesuffix(".tmp")
         free = shutil.disk_usage(tmp.parent).free if tmp.parent.exists() else 0

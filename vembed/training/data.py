@@ -26,6 +26,10 @@ from vembed.losses import loss_class
 from vembed.models.registry import ModelSpec
 from vembed.settings import Settings, TrainSettings
 
+# train.augment's retrieval defaults for the keys left null: off; switched on, crops of 90-100 % of the
+# image and no flips (the better augmentation on both small sets measured, docs/training.md)
+AUGMENT_DEFAULTS = {"enabled": False, "scale": (0.9, 1.0), "hflip": 0.0}
+
 
 @dataclass
 class LabelledImages:
@@ -94,6 +98,17 @@ class ShuffledBatchSampler:
             range(size), num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=True
         )
         self.batches = BatchSampler(self.sampler, batch_size, drop_last=True)
+
+    @classmethod
+    def for_run(cls, size: int, settings: TrainSettings, accelerator) -> ShuffledBatchSampler:
+        """``train.batch_size`` per process, ``train.seed``, this process' share under ``accelerator``."""
+        return cls(
+            size,
+            settings.batch_size,
+            seed=settings.seed,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+        )
 
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
@@ -210,7 +225,7 @@ class AugmentedImages(Dataset):
 
 def train_transform(spec: ModelSpec, settings: TrainSettings):
     """The training images' transform from ``train.augment`` (the eval transform when it is off)."""
-    aug = settings.augment
+    aug = settings.augment.with_defaults(**AUGMENT_DEFAULTS)
     if not aug.enabled:
         return EvalTransform(spec)
     return TrainTransform(
@@ -284,6 +299,18 @@ class EpochLoaders:
 def train_loaders(data: LabelledImages, *, spec: ModelSpec, settings: Settings) -> EpochLoaders:
     """The epoch loaders of the training images, decoding and augmenting in ``data.num_workers`` workers."""
     dataset = AugmentedImages(
-        ImageDataset(data.records, train_transform(spec, settings.train), skip_bad=settings.data.skip_bad)
+        ImageDataset(
+            data.records,
+            train_transform(spec, settings.train),
+            skip_bad=settings.data.skip_bad,
+            max_pixels=settings.data.max_image_pixels,
+        )
     )
     return EpochLoaders(dataset, num_workers=settings.data.num_workers, seed=settings.train.seed)
+
+
+def report_problems(data, val) -> None:
+    """One line per data set with records that were skipped (``data.skip_bad``)."""
+    for what, found in (("training", data), ("validation", val)):
+        if found is not None and found.problems:
+            log(f"[yellow]skipped {len(found.problems)} bad {what} records[/] (first: {found.problems[0]})")

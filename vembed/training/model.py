@@ -8,7 +8,7 @@ from torch import nn
 from vembed.errors import VembedError
 from vembed.losses import build_loss, loss_options
 from vembed.models.embedder import Embedder
-from vembed.models.factory import load_embedder
+from vembed.models.factory import create_embedder
 from vembed.models.lora import apply_lora
 from vembed.settings import Settings, TrainSettings
 
@@ -16,7 +16,7 @@ from vembed.settings import Settings, TrainSettings
 LOSS_KEYS = ("temperature", "learnable_temperature", "margin", "scale", "mining")
 
 
-def build_embedder(settings: Settings) -> Embedder:
+def trainable_embedder(settings: Settings) -> Embedder:
     """Load the backbone (float32 master weights on the CPU; accelerate places it) and apply the method.
 
     ``method=lora`` raises :class:`VembedError` here, before any data is read, when no LoRA target
@@ -24,17 +24,7 @@ def build_embedder(settings: Settings) -> Embedder:
     """
     model = settings.model
     dtype = "float32" if model.dtype == "auto" else model.dtype
-    embedder = load_embedder(
-        model.name,
-        pooling=model.pooling,
-        projection_dim=model.projection_dim,
-        normalize=model.normalize,
-        image_size=model.image_size,
-        revision=model.revision,
-        device="cpu",
-        dtype=dtype,
-        attention=model.attention,
-    )
+    embedder = create_embedder(model.name, model.model_copy(update={"device": "cpu", "dtype": dtype}))
     train = settings.train
     if train.grad_checkpointing and train.method != "frozen":
         _enable_checkpointing(embedder.backbone)
@@ -84,6 +74,8 @@ def loss_kwargs(settings: TrainSettings) -> dict:
         options[key] = value
     if settings.matryoshka_dims:
         options["matryoshka_dims"] = list(settings.matryoshka_dims)
+    if settings.memory_bank:
+        options["memory_bank"] = settings.memory_bank
     return options
 
 
@@ -92,16 +84,31 @@ def make_loss(settings: TrainSettings, *, embed_dim: int, num_classes: int) -> n
 
 
 def check_objective(settings: TrainSettings, embedder: Embedder) -> None:
-    """Loss name and options, and that ``method=frozen`` has something to train — without any data."""
+    """Loss name and options, and that ``method=frozen`` trains something the saved model keeps.
+
+    A frozen backbone without a projection (or GeM) head has no trainable weight in the embedding: only a
+    loss whose parameters are kept with the model (``ce``'s classifier, ``trains_classifier``) is then
+    worth training. ArcFace/CosFace proxies or a learnable temperature would train, but change nothing
+    the saved model computes.
+    """
     with torch.random.fork_rng(devices=[]):  # the probe must not shift the seeded initialisation
         probe = make_loss(settings, embed_dim=embedder.embed_dim, num_classes=2)
-    trainable = [p for p in embedder.parameters() if p.requires_grad] + list(probe.parameters())
-    if not trainable:
-        raise VembedError(
-            f"method=frozen with loss '{settings.loss}' has nothing to train: set model.projection_dim "
-            "(a projection head), use a loss with parameters (arcface, cosface, ce) or "
-            "train.learnable_temperature=true"
-        )
+    if any(p.requires_grad for p in embedder.parameters()):
+        return
+    if getattr(probe, "trains_classifier", False):
+        return  # the classifier is kept with the model (vembed classify)
+    learns = (
+        "only the loss's own parameters (class proxies, temperature) would learn, and the saved model would "
+        "not change"
+        if any(True for _ in probe.parameters())
+        else "nothing would learn"
+    )
+    raise VembedError(
+        f"method=frozen with loss '{settings.loss}' has nothing to train that reaches the embedding: the "
+        f"backbone is frozen and the model has no head, so {learns}. Set model.projection_dim (e.g. "
+        "model.projection_dim=256: a linear head trained on the frozen features), use train.method=lora or "
+        "full, or train.loss=ce (a classifier kept with the model)"
+    )
 
 
 def trainable_state(embedder: Embedder, loss: nn.Module) -> dict[str, torch.Tensor]:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from torch import nn
 from torch.optim import AdamW, Optimizer
@@ -15,13 +14,6 @@ from vembed.settings import TrainSettings
 _NO_DECAY = re.compile(r"(cls_token|class_embedding|mask_token|register_tokens|position_embedding)")
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 _EMBEDDINGS = re.compile(r"(?:^|\.)(embeddings|pre_layrnorm)\.")
-
-
-@dataclass(frozen=True)
-class ParamGroupSpec:
-    name: str
-    lr: float
-    weight_decay: float
 
 
 def head_lr(settings: TrainSettings) -> float:
@@ -65,8 +57,8 @@ def param_groups(
             scale = settings.layer_decay ** (num_layers + 1 - layer_id(name, num_layers))
         add("backbone", name, param, settings.lr * scale)
     for name, param in head:
-        if param.requires_grad:
-            add("head", name, param, head_lr(settings))
+        if param.requires_grad:  # a loss may give a parameter its own rate (proxy_anchor's proxies)
+            add("head", name, param, head_lr(settings) * getattr(param, "lr_scale", 1.0))
     return [
         {"params": params, "lr": lr, "weight_decay": decay, "name": f"{kind}/lr={lr:.3g}/wd={decay:g}"}
         for (kind, lr, decay), params in groups.items()

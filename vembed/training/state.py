@@ -100,8 +100,20 @@ def plan(train, state: TrainState, processes: int, images: int) -> str:
     batch = train.batch_size * train.grad_accum * processes
     per_epoch = state.steps_per_epoch * batch
     source = f"train.max_steps={train.max_steps}" if train.max_steps else f"train.epochs={train.epochs}"
-    return (
-        f"{source}: {state.total_steps:,} steps of {batch} images = {state.total_steps * batch:,} images "
-        f"({state.total_steps / state.steps_per_epoch:.3g} epochs; an epoch is {state.steps_per_epoch} "
-        f"steps, {per_epoch:,} of the {images:,} training images)"
+    epochs = state.total_steps / state.steps_per_epoch
+    text = (
+        f"{source}: {_count(state.total_steps, 'step')} of {batch} images = {state.total_steps * batch:,} images "
+        f"({epochs:.3g} epoch{'' if epochs == 1 else 's'}; an epoch is {_count(state.steps_per_epoch, 'step')}, "
+        f"{per_epoch:,} of the {images:,} training images)"
     )
+    if batch > images:
+        text += (
+            f"\nnote: a batch of {batch} images is more than the whole training set ({images:,} images), so "
+            f"every batch repeats images; a train.batch_size of at most {images // (train.grad_accum * processes) or 1} "
+            "draws each image once per step"
+        )
+    return text
+
+
+def _count(n: int, noun: str) -> str:
+    return f"{n:,} {noun}" if n == 1 else f"{n:,} {noun}s"

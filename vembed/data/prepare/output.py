@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,17 @@ class PrepareResult:
     files: dict[str, Path]
     summary: dict[str, Any]
     problems: list[Problem]
+    # the rich table of the summary (segmentation data sets show classes and pixels)
+    table: Callable[..., Any] | None = None
 
     @property
     def summary_path(self) -> Path:
         return self.out / SUMMARY
+
+    def summary_table(self):
+        from vembed.data.prepare.summary import summary_table
+
+        return (self.table or summary_table)(self.summary, out=str(self.out))
 
 
 def clean_records(records: Sequence[ImageRecord], log: ProblemLog, checks: CheckOptions) -> list[ImageRecord]:
@@ -75,6 +82,8 @@ def write_prepared(
     for name, recs in splits.items():
         if not recs:
             log.add("empty-split", name, "no images ended up in this split; it is not written")
+        elif name in EVAL_SPLITS:
+            _single_image_classes_in(name, recs, log)
     files = {name: f"{name}.jsonl" for name, recs in splits.items() if recs}
     written = {name: out / file for name, file in files.items()}
     extra = [PROBLEMS] if len(log) else []
@@ -100,6 +109,23 @@ def write_prepared(
     for stale in sorted(previous - set(summary["files"])):
         (out / stale).unlink(missing_ok=True)
     return PrepareResult(out, written, summary, list(log))
+
+
+EVAL_SPLITS = ("val", "test")  # evaluated all-vs-all: an image needs another of its class there
+
+
+def _single_image_classes_in(name: str, records: Sequence[ImageRecord], log: ProblemLog) -> None:
+    """One problem for the classes that have a single image in split ``name``."""
+    alone = single_image_classes([rec for rec in records if rec.label is not None])
+    if not alone:
+        return
+    shown = ", ".join(map(str, alone[:5])) + (f" and {len(alone) - 5} more" if len(alone) > 5 else "")
+    log.add(
+        "single-image-in-split",
+        name,
+        f"{len(alone)} class(es) with only one image here ({shown}): never a retrieval query in this split "
+        f"(nothing of its class to find); give those classes more images or raise --{name}-ratio",
+    )
 
 
 def record_row(rec: ImageRecord, out_abs: str) -> dict[str, Any]:

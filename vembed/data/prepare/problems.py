@@ -21,6 +21,7 @@ KINDS: dict[str, bool] = {
     "conflicting-duplicate": True,  # the same image listed with two labels
     "duplicate": False,  # the same image listed twice with the same label: the copy is dropped
     "single-image-class": False,  # a class with one image: never a retrieval query
+    "single-image-in-split": False,  # classes with one image in val/test: never a query there
     "small-class": False,  # a class too small for the k-shot support it was asked for
     "empty-split": False,  # a split asked for came out empty: not written
     "unlabelled": False,  # an image outside any class folder: ignored

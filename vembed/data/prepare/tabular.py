@@ -8,6 +8,7 @@ resolve against ``image_root`` or the file's folder, and every problem names ``f
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 from collections.abc import Iterator
 from pathlib import Path
@@ -18,7 +19,7 @@ from vembed.data.prepare.output import PrepareResult, clean_records, write_prepa
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.splits import SPLITS, SplitOptions, make_splits
 from vembed.data.prepare.validate import CheckOptions
-from vembed.data.records import ImageRecord, json_object
+from vembed.data.records import ImageRecord, json_object, resolve_path
 from vembed.errors import VembedError
 from vembed.io import read_text, text_lines
 
@@ -35,7 +36,13 @@ def prepare_csv(
     file: str | Path, out: str | Path, *, delimiter: str | None = None, **options: Any
 ) -> PrepareResult:
     """Validate, normalise and split a CSV (or TSV) file with a header row; see :func:`prepare_table`."""
-    return prepare_table(file, out, rows=lambda path: _csv_rows(path, delimiter), fmt="csv", **options)
+    required = {
+        "--image-key": options.get("image_key", "image"),
+        "--label-key": options.get("label_key", "label"),
+    }
+    return prepare_table(
+        file, out, rows=lambda path: _csv_rows(path, delimiter, required), fmt="csv", **options
+    )
 
 
 def prepare_table(
@@ -175,8 +182,7 @@ def parse_row(
         if split is None:
             log.add("bad-record", where, f"'{keys.split}' must be train, val or test, got {raw_split!r}")
             return None
-    path = Path(image.strip()).expanduser()
-    path = path if path.is_absolute() else root / path
+    path = resolve_path(image.strip(), root)
     return ImageRecord(path, label, category, where), split
 
 
@@ -186,7 +192,11 @@ def _jsonl_rows(path: Path) -> Iterator[tuple[int, dict | str]]:
             yield lineno, json_object(line)
 
 
-def _csv_rows(path: Path, delimiter: str | None) -> Iterator[tuple[int, dict | str]]:
+def _csv_rows(
+    path: Path, delimiter: str | None, required: dict[str, str] | None = None
+) -> Iterator[tuple[int, dict | str]]:
+    """The rows of a CSV file; a column of ``required`` (option → column name) that the header lacks
+    is one error for the file (every row would lack it)."""
     with io.StringIO(read_text(path), newline="") as fh:
         if delimiter is None:
             sample = fh.read(64 * 1024)
@@ -198,6 +208,15 @@ def _csv_rows(path: Path, delimiter: str | None) -> Iterator[tuple[int, dict | s
         reader = csv.DictReader(fh, delimiter=delimiter)
         if not reader.fieldnames:
             raise VembedError(f"{path}: no header row")
+        for option, column in (required or {}).items():
+            if column not in reader.fieldnames:
+                close = difflib.get_close_matches(column, reader.fieldnames, n=1, cutoff=0.5)
+                hint = (
+                    f" (did you mean {option} {close[0]}?)" if close else f"; name the column with {option}"
+                )
+                raise VembedError(
+                    f"{path}: no '{column}' column; the header has {', '.join(map(repr, reader.fieldnames))}{hint}"
+                )
         for row in reader:
             if None in row:
                 yield reader.line_num, f"{len(row[None])} more field(s) than the header has"

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import difflib
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -20,8 +21,8 @@ import torch
 from vembed.console import log
 from vembed.data.captions import CaptionSet, read_captions
 from vembed.errors import VembedError
-from vembed.evaluation.base import EmbedOptions
 from vembed.evaluation.image_text import METRICS, PRIMARY, ImageTextEvaluator
+from vembed.evaluation.options import embed_options
 from vembed.io import atomic_dir
 from vembed.losses.image_text import PAIR_LOSSES, build_pair_loss
 from vembed.models.dual import DualEncoder, apply_method, load_dual_encoder, merged, save_dual_encoder
@@ -65,18 +66,13 @@ class ImageTextTask:
                 "train.sampler=pk needs class labels; image_text batches are shuffled images, each with "
                 "one of its captions"
             )
-        metric = self.select_metric(settings)
-        if metric not in METRICS:
-            close = difflib.get_close_matches(metric, METRICS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise VembedError(
-                f"train.select_metric={metric!r} is not a metric image_text validation reports{hint}; "
-                f"it reports: {', '.join(METRICS)}"
-            )
         build_pair_loss(name, **self._loss_options(settings, None))  # bad loss options, before any load
 
     def metrics(self, settings: Settings) -> list[str]:
         return list(METRICS)
+
+    def describe(self, settings: Settings) -> str:
+        return f"train.task={self.name}"
 
     def select_metric(self, settings: Settings) -> str:
         s = settings.train
@@ -91,17 +87,10 @@ class ImageTextTask:
         encoder.to(accelerator.device)
         loss = build_pair_loss(self.loss_name(settings), **self._loss_options(settings, encoder))
         loss = loss.to(accelerator.device)
-        s = settings.train
-        sampler = ShuffledBatchSampler(
-            len(data.records),
-            s.batch_size,
-            seed=s.seed,
-            num_replicas=accelerator.num_processes,
-            rank=accelerator.process_index,
-        )
+        sampler = ShuffledBatchSampler.for_run(len(data.records), settings.train, accelerator)
         evaluator = None
         if val is not None:
-            options = EmbedOptions.from_settings(settings, show_progress=show_progress)
+            options = replace(embed_options(settings), show_progress=show_progress)
             evaluator = ImageTextEvaluator(val, options, primary=self.select_metric(settings))
         runner = PairSteps(accelerator, encoder, loss, data, settings)
         return TrainParts(encoder, data, loss, sampler, runner, evaluator)
