@@ -298,7 +298,8 @@ def build_fixture(path: Path, kind: str, root: Path) -> Path:
         for label in range(3):
             (path / f"class_{label}").mkdir(parents=True, exist_ok=True)
             for i in range(3):
-                class_image(label, i, size=40).save(path / f"class_{label}" / f"{i}.jpg")
+                # unique names across folders: predict-masks writes one flat folder by file name
+                class_image(label, i, size=40).save(path / f"class_{label}" / f"{label}_{i}.jpg")
     elif kind in ("records", "records_class_key"):
         images = build_fixture(root / "home" / "images-for-records", "image_folder", root)
         lines = []
