@@ -192,6 +192,7 @@ def test_a_ce_run_keeps_its_classifier_and_validates_top1(tiny_model, tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     val_rows = [r for r in rows if r.get("kind") == "val"]
     assert val_rows and all({"top1", "top5", "recall@1"} <= set(r) for r in val_rows)
+    assert max(r["top1"] for r in val_rows[1:]) > val_rows[0]["top1"]  # the (standardised) head learns
     head = require_classifier(result.final_dir)
     assert sorted(map(str, head.labels)) == sorted({str(r.label) for r in read_records(train_file).images()})
     report = evaluate_classify(str(result.final_dir), val_file)

@@ -111,7 +111,7 @@ max_image_size: 224
     "text,line,match",
     [
         ("model_name: x\nlearnig_rate: 0.1\n", 2, "learnig_rate: not a vembed-factory key.*'learning_rate'"),
-        ("model_name: x\nretrieval_mode: t2i\n", 2, "vembed trains image-to-image"),
+        ("model_name: x\nretrieval_mode: t2t\n", 2, "vembed trains image-to-image"),
         ("model_name: x\nloss_type: cosent\n", 2, "'cosent' is not a loss vembed has"),
         ("model_name: x\nteacher_model_name: big\n", 2, "distillation"),
         ("text_model_name: bert\nimage_model_name: vit\n", 1, "text encoder"),

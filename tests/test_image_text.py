@@ -264,3 +264,43 @@ def test_vision_only_model_is_refused_for_text(tmp_path):
     clip_vision = save_tiny_model(tmp_path / "clipv", "clip")
     with pytest.raises(VembedError, match="without a text tower"):
         load_dual_encoder(str(clip_vision), device="cpu")
+
+
+def test_reader_takes_vembed_factory_t2i_and_i2t_rows(tmp_path):
+    path = _write(
+        tmp_path,
+        [
+            {"query": "a red chair", "positive": "images/c.jpg"},
+            {"query": "images/d.png", "positive": "a dog"},
+        ],
+    )
+    found = read_captions(path)
+    assert [(r.image.name, r.captions) for r in found.records] == [
+        ("c.jpg", ("a red chair",)),
+        ("d.png", ("a dog",)),
+    ]
+
+
+def test_vembed_factory_t2i_config_maps_onto_the_image_text_task(tmp_path):
+    from vembed.compat import translate_factory_config
+
+    out, notes = translate_factory_config(
+        {
+            "model_name_or_path": "openai/clip-vit-base-patch32",
+            "retrieval_mode": "t2i",
+            "use_lora": True,
+            "use_gradient_cache": True,
+            "gradient_cache_chunk_size": 128,
+            "data_path": "train.jsonl",
+        }
+    )
+    assert out["train"]["task"] == "image_text" and out["train"]["loss"] == "clip"
+    assert out["model"]["name"] == "clip-vit-b32" and out["train"]["grad_cache_chunk"] == 128
+    assert any("retrieval_mode t2i" in line for line in notes)
+    out, _ = translate_factory_config({"retrieval_mode": "i2t", "loss_type": "siglip"})
+    assert out["train"]["loss"] == "siglip"
+    for mode in ("t2t", "m2i"):
+        with pytest.raises(VembedError, match="text-to-text and multimodal"):
+            translate_factory_config({"retrieval_mode": mode})
+    with pytest.raises(VembedError, match="does not train an image-text dual encoder"):
+        translate_factory_config({"retrieval_mode": "t2i", "loss_type": "arcface"})

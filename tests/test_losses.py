@@ -275,7 +275,7 @@ def test_cosface_hand_computed():
 
 
 def test_ce_hand_computed():
-    ce = CrossEntropyLoss(2, 2)
+    ce = CrossEntropyLoss(2, 2, standardize=False)
     with torch.no_grad():
         ce.classifier.weight.copy_(torch.eye(2))
         ce.classifier.bias.zero_()
@@ -283,7 +283,7 @@ def test_ce_hand_computed():
     # logits (1, 0): -log p0 = log(1 + e^-1) = 0.313262, -log p1 = log(1 + e) = 1.313262
     assert ce(x, y).item() == pytest.approx(math.log(1 + math.exp(-1)), abs=1e-6)
     # label smoothing 0.1: 0.9 * 0.313262 + 0.1 * (0.313262 + 1.313262) / 2 = 0.363262
-    smooth = CrossEntropyLoss(2, 2, label_smoothing=0.1)
+    smooth = CrossEntropyLoss(2, 2, label_smoothing=0.1, standardize=False)
     smooth.load_state_dict(ce.state_dict())
     assert smooth(x, y).item() == pytest.approx(0.9 * 0.313262 + 0.05 * (0.313262 + 1.313262), abs=1e-5)
     # cosine classifier, scale 20: logits (20, 0) -> log(1 + e^-20) = 2.06e-9
@@ -291,6 +291,45 @@ def test_ce_hand_computed():
     with torch.no_grad():
         cos.classifier.weight.copy_(torch.eye(2) * 3.0)  # the weight norm must not matter
     assert cos(x * 7.0, y).item() == pytest.approx(math.log1p(math.exp(-20)), abs=1e-7)
+
+
+def test_ce_standardises_its_input_by_default():
+    """The linear classifier sees (x - mean) / std of the batch; the running statistics follow."""
+    ce = CrossEntropyLoss(2, 2)
+    with torch.no_grad():
+        ce.classifier.weight.copy_(torch.eye(2))
+        ce.classifier.bias.zero_()
+    # dim 0: values 11, 13 (mean 12, population std 1) -> -1, +1; dim 1: 5, 5 (std 0) -> 0, 0
+    x, y = torch.tensor([[11.0, 5.0], [13.0, 5.0]]), torch.tensor([0, 0])
+    # logits (-1, 0) and (1, 0) (eps 1e-5 aside): (log(1 + e) + log(1 + e^-1)) / 2
+    expected = (math.log1p(math.e) + math.log1p(math.exp(-1))) / 2
+    assert ce(x, y).item() == pytest.approx(expected, abs=1e-4)
+    # the first batch sets the running statistics (unbiased variance: 2 for dim 0, 0 for dim 1)
+    assert torch.allclose(ce.standardizer.running_mean, torch.tensor([12.0, 5.0]))
+    assert torch.allclose(ce.standardizer.running_var, torch.tensor([2.0, 0.0]))
+    ce(torch.tensor([[1.0, 1.0], [3.0, 3.0]]), y)  # the second one averages in with weight 1/2
+    assert torch.allclose(ce.standardizer.running_mean, torch.tensor([(12 + 2) / 2, (5 + 2) / 2]))
+    assert int(ce.standardizer.num_batches_tracked) == 2
+    assert "standardizer.running_mean" in ce.state_dict()  # checkpoints carry the statistics
+    assert CrossEntropyLoss(2, 2, normalized=True).standardizer is None  # the cosine classifier: no
+    with pytest.raises(VembedError, match="standardize=true needs the linear classifier"):
+        CrossEntropyLoss(2, 2, normalized=True, standardize=True)
+
+
+def test_ce_head_folds_the_standardisation_into_one_linear_layer():
+    """ClassifierHead.from_loss: W' e + b' equals what the loss computed in eval mode, for any input."""
+    from vembed.models.heads import ClassifierHead
+
+    torch.manual_seed(0)
+    ce = CrossEntropyLoss(5, 3)
+    for _ in range(30):
+        ce(3.0 + 0.01 * torch.randn(16, 5), torch.randint(0, 3, (16,)))  # nearly collinear features
+    head = ClassifierHead.from_loss(ce, ["a", "b", "c"])
+    assert set(head.state_dict()) == {"classifier.weight", "classifier.bias"}
+    ce.eval()
+    e = 3.0 + 0.01 * torch.randn(8, 5)
+    assert torch.allclose(head(e), ce.logits(e), atol=1e-4)
+    assert not torch.allclose(ce.classifier(e), ce.logits(e), atol=1e-2)  # the folding did something
 
 
 # -- triplet --------------------------------------------------------------------------------------------

@@ -52,7 +52,11 @@ LOSS_OPTIONS = {
     "triplet": [],
     "arcface": ["train.margin=0.1", "train.scale=16"],
     "cosface": ["train.margin=0.1", "train.scale=16"],
-    "ce": [],
+    # This test measures the retrieval embedding. ce's default standardised head is invariant to the
+    # embedding's mean and scale, so on this 4-d projection it trades map@r for top-1 (0.75 vs 0.86 map@r,
+    # 0.94 vs 0.84 top-1 here): the raw linear head keeps the embedding's geometry in the loss.
+    # The default head is measured where it matters, by top-1 (test_classify, docs/training.md).
+    "ce": ["train.loss_options={standardize: false}"],
 }
 
 
@@ -207,6 +211,15 @@ def _lora_unmatched_model(tiny_model, tmp_path):
         (["train.loss=infonce", "train.margin=0.3"], r"train\.margin does not apply to loss 'infonce'"),
         (["train.lora.targets=[q_proj,qkv]"], r"train\.lora\.targets: no Linear module named qkv.*fc1, fc2"),
         (["train.method=frozen"], r"method=frozen with loss 'infonce' has nothing to train"),
+        (
+            ["train.method=frozen", "train.loss=arcface"],
+            r"method=frozen with loss 'arcface' has nothing to train that reaches the embedding.*class proxies"
+            r".*model\.projection_dim",
+        ),
+        (
+            ["train.method=frozen", "train.learnable_temperature=true"],
+            r"loss 'infonce' has nothing to train that reaches the embedding.*temperature",
+        ),
         (["train.loss_options={label_smooth: 0.1}", "train.loss=ce"], r"unknown option 'label_smooth'"),
         (["data.val=missing.jsonl"], r"data\.val: records file not found"),
     ],

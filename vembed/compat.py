@@ -86,8 +86,10 @@ IGNORED: dict[str, str] = {
 FACTORY_DEFAULTS: dict[str, Any] = {"temperature": 0.05, "warmup_ratio": 0.1, "weight_decay": 0.01}
 
 LOSSES = {"infonce": "infonce", "triplet": "triplet", "supcon": "supcon", "arcface": "arcface"}
-LOSSES.update({"cosface": "cosface", "ce": "ce", "mrl": "infonce"})
+LOSSES.update({"cosface": "cosface", "ce": "ce", "mrl": "infonce", "clip": "clip", "siglip": "siglip"})
 I2I_MODES = {"i2i", "image", "image_to_image"}
+IMAGE_TEXT_MODES = {"t2i", "i2t", "text_to_image", "image_to_text"}
+IMAGE_TEXT_LOSSES = {None: "clip", "infonce": "clip", "clip": "clip", "siglip": "siglip"}
 PRECISIONS = {"no": "no", "fp16": "fp16", "bf16": "bf16", "none": "no", "fp32": "no"}
 DTYPES = {"float16", "bfloat16", "float32", "auto"}
 
@@ -154,8 +156,16 @@ def translate_factory_config(
                 put(key, dotted, translated)
     for key, dotted, value in _combined(data, fail):
         put(key, dotted, value)
+    if _get(out, "train.task") == "image_text":  # infonce of text-image pairs = the clip loss
+        loss = _get(out, "train.loss")
+        if loss not in IMAGE_TEXT_LOSSES:
+            raise fail(
+                "loss_type", f"{loss!r} does not train an image-text dual encoder; use infonce or siglip"
+            )
+        _put(out, "train.loss", IMAGE_TEXT_LOSSES[loss])
+        mapped.append(f"retrieval_mode {data['retrieval_mode']} + loss {loss or 'default'} → train.loss")
     defaults = {k: v for k, v in FACTORY_DEFAULTS.items() if data.get(k) is None}
-    if _get(out, "train.loss") not in (None, "infonce", "supcon"):
+    if _get(out, "train.loss") not in (None, "infonce", "supcon", "clip", "siglip"):
         defaults.pop("temperature", None)  # only the contrastive losses have one
     for key, value in defaults.items():
         _put(out, DIRECT[key], value)
@@ -237,11 +247,15 @@ def _passed_on(value: Any, fail: Fail):
 
 
 def _retrieval_mode(value: Any, fail: Fail):
-    if str(value).lower() not in I2I_MODES:
+    mode = str(value).lower()
+    if mode in IMAGE_TEXT_MODES:  # text->image / image->text: a CLIP / SigLIP dual encoder
+        yield "train.task", "image_text"
+    elif mode not in I2I_MODES:
         raise fail(
-            f"{value!r} is not supported: vembed trains image-to-image embeddings (retrieval_mode: i2i)"
+            f"{value!r} is not supported: vembed trains image-to-image embeddings (retrieval_mode: i2i) and "
+            "image-text dual encoders (t2i, i2t); text-to-text and multimodal (m2i) queries need a text or "
+            "multimodal encoder vembed does not train"
         )
-    return iter(())
 
 
 def _encoder_mode(value: Any, fail: Fail):

@@ -117,6 +117,10 @@ def export_model(
     out = Path(out).expanduser()
     _check_inputs(model, run_dir, out, dtype, onnx)
     log(f"exporting [bold]{model}[/] → {out} ({dtype}{', onnx' if onnx else ''})")
+    from vembed.export_dual import export_if_dual  # a dual encoder: both towers
+
+    if (dual := export_if_dual(source, model, run_dir, out, dtype, onnx, opset, start)) is not None:
+        return dual
     loaded = load_model(model)
     embedder = build_embedder(loaded, device="cpu", dtype="float32", truncate_dim=truncate_dim)
     saved = loaded.config or ModelConfig()

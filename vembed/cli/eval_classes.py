@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 
 from vembed.cli.app import quiet_transformers, settings_from
-from vembed.cli.evaluate import MODEL_HELP, check_models, eval_app, load_embedder
+from vembed.cli.evaluate import MODEL_HELP, check_models, eval_app, eval_model
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.io import write_json, write_text
@@ -69,7 +69,7 @@ def fewshot_command(
     result = compare_models(
         models,
         evaluator,
-        load=lambda name: load_embedder(name, settings),
+        load=lambda name: eval_model(name, settings),
         announce=lambda name: f"k-shot evaluation of [bold]{name}[/] on {', '.join(sets)}",
     )
     reports = result.reports()
@@ -111,7 +111,7 @@ def knn_command(
         k=settings.eval.knn_k,
         embed=embed_options(settings),
     )
-    result = compare(models, evaluator, load=lambda name: load_embedder(name, settings)).first.report
+    result = compare(models, evaluator, load=lambda name: eval_model(name, settings)).first.report
     rows = [("top-1 %", f"{100 * result.top1:.2f}"), ("k", str(result.k)), ("queries", str(result.queries))]
     Console().print(accuracy_table(f"kNN of {result.model} on {test}", rows, result.per_class))
     _write(json_out, result.to_json(), settings)
@@ -154,7 +154,7 @@ def linear_probe_command(
         seed=settings.train.seed,
         cache=cache,
         model_settings=settings.model,
-        load=lambda name: load_embedder(name, settings),
+        load=lambda name: eval_model(name, settings),
     )
     result = compare(models, evaluator).first.report  # the evaluator loads the model, if it must
     hits = [name for name, hit in result.cached.items() if hit]

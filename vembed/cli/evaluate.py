@@ -141,7 +141,7 @@ def _evaluate(
         result = compare(
             models,
             evaluator,
-            load=lambda name: load_embedder(name, settings, device=device),
+            load=lambda name: eval_model(name, settings, device=device),
             announce=lambda name: f"evaluating [bold]{name}[/] on {data}{where}",
         )
     if procs.rank > 0:
@@ -168,7 +168,7 @@ def check_models(models: list[str]) -> None:
         resolve_ref(name)
 
 
-def load_embedder(name: str, settings: Settings, *, device: str | None = None):
+def eval_model(name: str, settings: Settings, *, device: str | None = None):
     """The embedding model ``name`` with the ``model.*`` settings (on ``device`` when given)."""
     from vembed.models.factory import create_embedder
 

@@ -3,7 +3,8 @@
 Several captions per image (Flickr30k and COCO have five) come as a ``captions`` list or as several rows
 naming the same image: the rows of one image are merged, in file order. Relative paths resolve against
 ``image_root`` or the JSONL file's folder; an empty or non-string caption is an error naming file:line.
-Other keys (``label``, ``category`` ...) are kept aside and ignored.
+Other keys (``label``, ``category`` ...) are ignored. vembed-factory's t2i / i2t rows
+``{"query": "a caption", "positive": "img.jpg"}`` (or the image as ``query``) are read as ``{"image", "text"}``.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from vembed.data.records import ImageRecord, _resolve, json_object
+from vembed.data.records import IMAGE_EXTENSIONS, ImageRecord, _suffix, json_object, resolve_path
 from vembed.errors import VembedError
 
 __all__ = ["CaptionRecord", "CaptionSet", "parse_caption_row", "read_captions"]
@@ -66,6 +67,8 @@ def parse_caption_row(line: str, *, root: Path, where: str) -> tuple[Path, list[
     obj = json_object(line)
     if isinstance(obj, str):
         raise VembedError(f"{where}: {obj}")
+    if "image" not in obj and "query" in obj and "positive" in obj:
+        obj = _factory_row(obj)
     image = obj.get("image")
     if not isinstance(image, str) or not image:
         raise VembedError(f"{where}: {'missing' if image in (None, '') else 'non-string'} field 'image'")
@@ -91,7 +94,15 @@ def parse_caption_row(line: str, *, root: Path, where: str) -> tuple[Path, list[
             )
         if not caption.strip():
             raise VembedError(f"{where}: caption {name} is empty")
-    return _resolve(image, root), [c.strip() for c in captions]
+    return resolve_path(image, root), [c.strip() for c in captions]
+
+
+def _factory_row(obj: dict) -> dict:
+    """vembed-factory's t2i rows ``{"query": text, "positive": image}`` (and i2t, the other way round)."""
+    query, positive = obj["query"], obj["positive"]
+    if isinstance(query, str) and _suffix(query) in IMAGE_EXTENSIONS:
+        return {"image": query, "text": positive}
+    return {"image": positive, "text": query}
 
 
 def read_captions(

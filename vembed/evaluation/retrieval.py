@@ -89,17 +89,11 @@ def retrieval_metrics(
     """
     ks = check_ks(ks)
     check_positive_int(chunk_size, "chunk_size")
-    queries = as_embeddings(query_embeddings, "query_embeddings", device=device)
+    queries, references = embedding_inputs(query_embeddings, reference_embeddings, reference_labels, device)
     all_vs_all = reference_embeddings is None
     if all_vs_all:
-        if reference_labels is not None:
-            raise VembedError("reference_labels was given without reference_embeddings")
-        references = queries
         query_codes = reference_codes = labels_to_codes(query_labels)
     else:
-        if reference_labels is None:
-            raise VembedError("reference_embeddings was given without reference_labels")
-        references = as_embeddings(reference_embeddings, "reference_embeddings", device=queries.device)
         check_same_dim(queries, "query_embeddings", references, "reference_embeddings")
         query_codes, reference_codes = joint_codes(query_labels, reference_labels)
     check_same_length(queries, "query_embeddings", query_codes, "query_labels")
@@ -292,6 +286,21 @@ def ranked_before(scores: torch.Tensor, best: torch.Tensor, first: torch.Tensor)
         columns = torch.arange(scores.shape[1], device=scores.device)
         before[rows] += ((scores[rows] == best[rows]) & (columns < first[rows])).sum(dim=1)
     return before
+
+
+def embedding_inputs(
+    query_embeddings, reference_embeddings, reference_labels, device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(queries, references)`` as float32 on ``device`` (the same tensor in all-vs-all, i.e. without
+    ``reference_embeddings``); references without their labels, or the reverse, are an error."""
+    queries = as_embeddings(query_embeddings, "query_embeddings", device=device)
+    if reference_embeddings is None:
+        if reference_labels is not None:
+            raise VembedError("reference_labels was given without reference_embeddings")
+        return queries, queries
+    if reference_labels is None:
+        raise VembedError("reference_embeddings was given without reference_labels")
+    return queries, as_embeddings(reference_embeddings, "reference_embeddings", device=queries.device)
 
 
 def as_labels(labels, name: str) -> np.ndarray:

@@ -27,12 +27,13 @@ from vembed.evaluation.retrieval import (
     as_labels,
     check_ks,
     check_same_length,
+    embedding_inputs,
     joint_codes,
     labels_to_codes,
     ranked_before,
     ranked_metrics,
 )
-from vembed.neighbours import as_embeddings, check_positive_int, select_top
+from vembed.neighbours import check_positive_int, select_top
 
 __all__ = ["ShardedNeighbours", "sharded_retrieval_metrics"]
 
@@ -56,18 +57,11 @@ def sharded_retrieval_metrics(
     """
     ks = check_ks(ks)
     check_positive_int(chunk_size, "chunk_size")
-    queries = as_embeddings(query_embeddings, "query_embeddings", device=device)
+    queries, references = embedding_inputs(query_embeddings, reference_embeddings, reference_labels, device)
     all_vs_all = reference_embeddings is None
     local_query_labels = as_labels(query_labels, "query_labels")
     check_same_length(queries, "query_embeddings", local_query_labels, "query_labels")
-    if all_vs_all:
-        if reference_labels is not None:
-            raise VembedError("reference_labels was given without reference_embeddings")
-        references = queries
-    else:
-        if reference_labels is None:
-            raise VembedError("reference_embeddings was given without reference_labels")
-        references = as_embeddings(reference_embeddings, "reference_embeddings", device=queries.device)
+    if not all_vs_all:
         local_reference_labels = as_labels(reference_labels, "reference_labels")
         check_same_length(references, "reference_embeddings", local_reference_labels, "reference_labels")
 

@@ -9,7 +9,8 @@ weights (``classifier.weight`` and, for a linear head, ``classifier.bias``) in
 
 ``labels[i]`` is the class name of logit ``i``. ``logits = W e + b`` on the model's embedding ``e``
 (``normalized``: ``scale * cos(e, w_i)``), exactly what :class:`vembed.losses.classification.CrossEntropyLoss`
-computed during training.
+computed during training: the loss's standardisation (:class:`Standardize`) is folded into ``W`` and
+``b`` when the head is taken from the loss.
 """
 
 from __future__ import annotations
@@ -36,6 +37,45 @@ def classifier_logits(
     return linear(embeddings)
 
 
+class Standardize(nn.Module):
+    """Per-dimension standardisation with running statistics: a BatchNorm without scale or shift.
+
+    Training batches (of 2 or more) are standardised with their own mean and variance, which update the
+    running ones; evaluation (and a batch of one) uses the running statistics. The running statistics
+    start as a cumulative average (the first batch sets them) and become an exponential one with weight
+    ``momentum`` after ``1 / momentum`` batches, so an early validation is already meaningful.
+    """
+
+    def __init__(self, dim: int, *, momentum: float = 0.1, eps: float = 1e-5):
+        super().__init__()
+        self.momentum, self.eps = float(momentum), float(eps)
+        self.register_buffer("running_mean", torch.zeros(dim))
+        self.register_buffer("running_var", torch.ones(dim))
+        self.register_buffer("num_batches_tracked", torch.zeros((), dtype=torch.long))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training and x.shape[0] > 1:
+            mean, var = x.mean(dim=0), x.var(dim=0, unbiased=False)
+            with torch.no_grad():
+                weight = (1.0 / (self.num_batches_tracked + 1).float()).clamp(min=self.momentum)
+                self.running_mean.lerp_(mean.detach().float(), weight)
+                self.running_var.lerp_(x.detach().float().var(dim=0, unbiased=True), weight)
+                self.num_batches_tracked += 1
+            return (x - mean) * (var + self.eps).rsqrt()
+        return (x - self.running_mean) * (self.running_var + self.eps).rsqrt()
+
+    def fold(self, linear: nn.Linear) -> dict[str, torch.Tensor]:
+        """``linear``'s weights with this standardisation folded in: ``W' e + b' = W std(e) + b``."""
+        inv_std = (self.running_var.double() + self.eps).rsqrt()
+        weight = linear.weight.detach().double() * inv_std[None, :]
+        bias = linear.bias.detach().double() if linear.bias is not None else 0.0
+        bias = bias - weight @ self.running_mean.double()
+        return {"weight": weight.float().cpu(), "bias": bias.float().cpu()}
+
+    def extra_repr(self) -> str:
+        return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}"
+
+
 class ClassifierHead(nn.Module):
     """Class logits (and probabilities) from embeddings, with the class names of the logits."""
 
@@ -58,7 +98,8 @@ class ClassifierHead(nn.Module):
 
     @classmethod
     def from_loss(cls, loss: nn.Module, labels: Sequence) -> ClassifierHead:
-        """A copy of the classifier a ``ce`` loss trained (its ``classifier``, ``normalized``, ``scale``)."""
+        """A copy of the classifier a ``ce`` loss trained (its ``classifier``, ``normalized``, ``scale``),
+        with the loss's input standardisation (``standardizer``) folded into the linear layer."""
         linear = getattr(loss, "classifier", None)
         if not isinstance(linear, nn.Linear):
             raise VembedError(f"loss {type(loss).__name__} has no classifier to keep")
@@ -67,7 +108,12 @@ class ClassifierHead(nn.Module):
                 f"the classifier has {linear.out_features} outputs but {len(labels)} class names"
             )
         head = cls(linear.in_features, labels, normalized=loss.normalized, scale=loss.scale)
-        head.classifier.load_state_dict({k: v.detach().float().cpu() for k, v in linear.state_dict().items()})
+        standardizer = getattr(loss, "standardizer", None)
+        if standardizer is not None:
+            state = standardizer.fold(linear)
+        else:
+            state = {k: v.detach().float().cpu() for k, v in linear.state_dict().items()}
+        head.classifier.load_state_dict(state)
         return head
 
     def forward(self, embeddings: torch.Tensor) -> torch.Tensor:

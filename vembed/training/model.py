@@ -92,16 +92,31 @@ def make_loss(settings: TrainSettings, *, embed_dim: int, num_classes: int) -> n
 
 
 def check_objective(settings: TrainSettings, embedder: Embedder) -> None:
-    """Loss name and options, and that ``method=frozen`` has something to train — without any data."""
+    """Loss name and options, and that ``method=frozen`` trains something the saved model keeps.
+
+    A frozen backbone without a projection (or GeM) head has no trainable weight in the embedding: only a
+    loss whose parameters are kept with the model (``ce``'s classifier, ``trains_classifier``) is then
+    worth training. ArcFace/CosFace proxies or a learnable temperature would train, but change nothing
+    the saved model computes.
+    """
     with torch.random.fork_rng(devices=[]):  # the probe must not shift the seeded initialisation
         probe = make_loss(settings, embed_dim=embedder.embed_dim, num_classes=2)
-    trainable = [p for p in embedder.parameters() if p.requires_grad] + list(probe.parameters())
-    if not trainable:
-        raise VembedError(
-            f"method=frozen with loss '{settings.loss}' has nothing to train: set model.projection_dim "
-            "(a projection head), use a loss with parameters (arcface, cosface, ce) or "
-            "train.learnable_temperature=true"
-        )
+    if any(p.requires_grad for p in embedder.parameters()):
+        return
+    if getattr(probe, "trains_classifier", False):
+        return  # the classifier is kept with the model (vembed classify)
+    learns = (
+        "only the loss's own parameters (class proxies, temperature) would learn, and the saved model would "
+        "not change"
+        if any(True for _ in probe.parameters())
+        else "nothing would learn"
+    )
+    raise VembedError(
+        f"method=frozen with loss '{settings.loss}' has nothing to train that reaches the embedding: the "
+        f"backbone is frozen and the model has no head, so {learns}. Set model.projection_dim (e.g. "
+        "model.projection_dim=256: a linear head trained on the frozen features), use train.method=lora or "
+        "full, or train.loss=ce (a classifier kept with the model)"
+    )
 
 
 def trainable_state(embedder: Embedder, loss: nn.Module) -> dict[str, torch.Tensor]:
