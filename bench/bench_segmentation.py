@@ -27,7 +27,8 @@ from vembed.data.records import read_records
 from vembed.data.shapes import write_shapes
 from vembed.evaluation.compare import compare
 from vembed.io import write_json
-from vembed.models.segfactory import create_segmenter, save_segmenter
+from vembed.models.factory import save_model
+from vembed.models.segmenter import create_segmenter
 from vembed.settings import load_settings
 from vembed.tasks.segmentation.corruptions import CORRUPTIONS
 from vembed.tasks.segmentation.evaluator import SegEvalOptions, SegmentationEvaluator
@@ -87,7 +88,7 @@ def main() -> None:
         test = read_records(root / "data" / "test.jsonl").masks()
         names = ["background", "square", "disc"]
         before_model = create_segmenter(encoder, settings.model, num_classes=3, class_names=names)
-        save_segmenter(before_model, root / "before")
+        save_model(before_model, root / "before", head=before_model.head())
         start = time.perf_counter()
         result = train(settings, show_progress=False)
         seconds = time.perf_counter() - start

@@ -115,7 +115,7 @@ def run(profile: Profile) -> list[Figure]:
     from vembed.data.prepare.output import PrepareResult
     from vembed.data.prepare.resize import resize_prepared
     from vembed.data.records import read_records
-    from vembed.models.registry import resolve_spec
+    from vembed.models.loader import load_spec as resolve_spec
     from vembed.settings import default_num_workers
 
     root = profile.workdir / "photos"

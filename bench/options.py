@@ -19,8 +19,8 @@ ORDER = 50
 
 
 def _backbone(path, device, attention="auto"):
-    from vembed.models.factory import load_backbone
-    from vembed.models.registry import resolve_spec
+    from vembed.models.loader import load_backbone
+    from vembed.models.loader import load_spec as resolve_spec
 
     return load_backbone(resolve_spec(str(path)), attention=attention).to(device)
 

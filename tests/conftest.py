@@ -31,6 +31,21 @@ def save_tiny_model(path: Path, family: str = "dinov2", seed: int = 0, image_siz
         model = tf.SiglipVisionModel(tf.SiglipVisionConfig(image_size=image_size, patch_size=14, **common))
     elif family == "dinov3":
         model = tf.DINOv3ViTModel(tf.DINOv3ViTConfig(image_size=image_size, patch_size=14, **common))
+    elif family in ("vit", "vit_google"):
+        # "vit": shaped like facebook/dino-vits16 (ViTModel, no pooler, DINO's resize 256 / crop 224
+        # preprocessing, ImageNet mean/std); "vit_google": like google/vit-base-patch16-224 (a pooler,
+        # square bilinear resize, mean/std 0.5).
+        config = tf.ViTConfig(image_size=image_size, patch_size=14, **common)
+        model = tf.ViTModel(config, add_pooling_layer=family == "vit_google")
+        if family == "vit":
+            processor = {"do_center_crop": True, "crop_size": image_size, "size": round(image_size / 0.875)}
+            processor.update(image_mean=[0.485, 0.456, 0.406], image_std=[0.229, 0.224, 0.225], resample=3)
+        else:
+            processor = {"size": {"height": image_size, "width": image_size}, "resample": 2}
+            processor.update(image_mean=[0.5, 0.5, 0.5], image_std=[0.5, 0.5, 0.5])
+        path.mkdir(parents=True, exist_ok=True)
+        processor["image_processor_type"] = "ViTImageProcessor"
+        (path / "preprocessor_config.json").write_text(json.dumps(processor))
     else:
         raise ValueError(family)
     model.save_pretrained(path)

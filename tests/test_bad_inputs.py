@@ -169,7 +169,8 @@ def add_segmentation(world: dict) -> dict:
     """A tiny segmentation model, mask records, and mask records with one bad mask each (``seg_*``)."""
     from vembed.data.prepare import prepare_segfolder
     from vembed.data.shapes import write_shapes
-    from vembed.models.segfactory import create_segmenter, save_segmenter
+    from vembed.models.factory import save_model
+    from vembed.models.segmenter import create_segmenter
     from vembed.settings import ModelSettings
 
     seg = world["root"] / "seg"
@@ -177,7 +178,7 @@ def add_segmentation(world: dict) -> dict:
         write_shapes(seg / "shapes", count=6, size=40)
         prepare_segfolder(seg / "shapes", seg / "data", val_ratio=0.5, test_ratio=0)
         model = create_segmenter(world["model"], ModelSettings(image_size=28), num_classes=3)
-        save_segmenter(model, seg / "model")
+        save_model(model, seg / "model", head=model.head())
         val = (seg / "data" / "val.jsonl").read_text().splitlines()
         first = json.loads(val[0])
         image = str(seg / "data" / first["image"])

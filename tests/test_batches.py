@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from test_training_helpers import make_nuisance_dataset, one_thread, tiny_settings
+from training_data import make_nuisance_dataset, one_thread, tiny_settings
 
 from vembed.errors import VembedError
 from vembed.training import data as data_module

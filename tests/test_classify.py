@@ -16,7 +16,7 @@ from vembed.evaluation.base import EmbedOptions, read_eval_records
 from vembed.evaluation.classify import ClassifyEvaluator
 from vembed.export import export_model
 from vembed.inference import embed_records
-from vembed.models.factory import create_embedder, save_embedder
+from vembed.models.factory import create_embedder, save_model
 from vembed.models.heads import ClassifierHead, require_classifier
 from vembed.settings import Settings
 
@@ -53,7 +53,7 @@ def head_model(tiny_model, data, tmp_path_factory):
         head.classifier.weight.copy_(10 * F.normalize(means, dim=-1))
         head.classifier.bias.zero_()
     out = tmp_path_factory.mktemp("headmodel") / "final"
-    save_embedder(embedder, out, task_head=head.task_head())
+    save_model(embedder, out, head=head)
     return out
 
 
@@ -167,7 +167,7 @@ def test_model_without_a_head_and_foreign_labels_are_one_line(tiny_model, head_m
 def test_a_ce_run_keeps_its_classifier_and_validates_top1(tiny_model, tmp_path):
     """method=frozen + loss=ce: validation rows carry top1 beside Recall@K, select_metric=top1 works,
     and final/ classifies with the class names of the training data."""
-    from test_training_helpers import make_nuisance_dataset, one_thread, tiny_settings
+    from training_data import make_nuisance_dataset, one_thread, tiny_settings
 
     from vembed.settings import TrainSettings
     from vembed.training import train

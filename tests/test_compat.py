@@ -35,7 +35,10 @@ def _write(tmp_path, text, name="factory.yaml"):
 
 def test_factory_config_maps_with_a_note(tmp_path, capsys):
     s = load_settings(_write(tmp_path, FACTORY_SOP))
-    assert s.model.name == "dinov2-base"  # the hub id of a registry model → its registry name
+    assert s.model.name == "facebook/dinov2-base"
+    from vembed.models.loader import resolve_ref
+
+    assert resolve_ref(s.model.name).name == "dinov2-base"  # the hub id of a registry model → its entry
     assert (s.train.method, s.train.loss, s.train.epochs, s.train.batch_size, s.train.lr) == (
         "lora",
         "infonce",

@@ -15,7 +15,7 @@ from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
 from vembed.export import export_embedder, export_model
 from vembed.inference import embed_records
-from vembed.models.factory import create_embedder, save_embedder
+from vembed.models.factory import create_embedder, save_model
 from vembed.models.lora import apply_lora, has_lora
 from vembed.settings import LoraSettings, ModelSettings
 
@@ -61,7 +61,7 @@ def run_dir(tmp_path_factory) -> Path:
     torch.manual_seed(0)
     embedder = create_embedder(str(base), ModelSettings(pooling="cls+mean", projection_dim=16))
     run = root / "run"
-    save_embedder(embedder, run / "final")
+    save_model(embedder, run / "final")
     (run / "settings.yaml").write_text("model:\n  name: base\n")
     (run / "metrics.jsonl").write_text("")
     return run
@@ -153,12 +153,15 @@ def test_automodel_and_the_documented_lines_reproduce_vembed(run_dir, tmp_path):
     assert (scope["emb"] - expected).abs().max() <= FP32_TOL
 
 
-@pytest.mark.parametrize("family,pooling", [("clip", "pooler"), ("siglip", "mean"), ("dinov2", "cls")])
+@pytest.mark.parametrize(
+    "family,pooling",
+    [("clip", "pooler"), ("siglip", "mean"), ("dinov2", "cls"), ("vit", "cls"), ("vit_google", "mean")],
+)
 def test_model_card_lines_reproduce_vembed(tmp_path, family, pooling):
     """The README.md the export writes is specialised to the model; its lines give the same embedding."""
     base = save_tiny_model(tmp_path / "base", family)
     embedder = create_embedder(str(base), ModelSettings(pooling=pooling))
-    save_embedder(embedder, tmp_path / "model")
+    save_model(embedder, tmp_path / "model")
     export_model(tmp_path / "model", tmp_path / "out")
     paths = _images(tmp_path / "img", n=3)
     card = (tmp_path / "out" / "README.md").read_text()

@@ -4,6 +4,7 @@ answer top-10 queries as vembed's exact search does."""
 from __future__ import annotations
 
 import json
+import sys
 
 import numpy as np
 import pytest
@@ -158,3 +159,34 @@ def test_cli_store_export_parquet_and_a_wrong_kind(store, tmp_path):
     assert report["rows"] == 400 and report["files"] == 3 and "identical" in report["check"]
     result = runner.invoke(app, ["store", "export", str(store), "--to", "milvus", str(tmp_path / "m")])
     assert result.exit_code == 2 and "choose one of parquet, lancedb, qdrant" in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("module", "args", "extra"),
+    [
+        ("uvicorn", ["serve", "{model}"], "serve"),
+        ("lancedb", ["store", "export", "{store}", "--to", "lancedb", "{tmp}/db"], "lancedb"),
+        ("qdrant_client", ["store", "export", "{store}", "--to", "qdrant", "{tmp}/q"], "qdrant"),
+        ("pyarrow", ["store", "export", "{store}", "--to", "parquet", "{tmp}/pq"], "parquet"),
+        (
+            "ray",
+            ["embed", "{tmp}", "--model", "{model}", "--engine", "ray", "--out", "{tmp}/e.parquet"],
+            "ray",
+        ),
+    ],
+)
+def test_a_missing_extra_is_one_line_naming_its_pip_install(
+    store, tmp_path, monkeypatch, module, args, extra
+):
+    from conftest import save_tiny_model
+
+    model = save_tiny_model(tmp_path / "model") if "{model}" in args else None
+    for name in [m for m in sys.modules if m == module or m.startswith(module + ".")]:
+        monkeypatch.delitem(sys.modules, name)
+    monkeypatch.setitem(sys.modules, module, None)  # import module -> ImportError
+    argv = [a.format(model=model, store=store, tmp=tmp_path) for a in args]
+    result = runner.invoke(app, argv)
+    assert result.exit_code == 2, result.stderr
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert lines[-1].startswith("error: ") and f"pip install 'vembed[{extra}]'" in lines[-1], result.stderr
+    assert "Traceback" not in result.stderr

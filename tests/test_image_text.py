@@ -295,7 +295,7 @@ def test_vembed_factory_t2i_config_maps_onto_the_image_text_task(tmp_path):
         }
     )
     assert out["train"]["task"] == "image_text" and out["train"]["loss"] == "clip"
-    assert out["model"]["name"] == "clip-vit-b32" and out["train"]["grad_cache_chunk"] == 128
+    assert out["model"]["name"] == "openai/clip-vit-base-patch32" and out["train"]["grad_cache_chunk"] == 128
     assert any("retrieval_mode t2i" in line for line in notes)
     out, _ = translate_factory_config({"retrieval_mode": "i2t", "loss_type": "siglip"})
     assert out["train"]["loss"] == "siglip"

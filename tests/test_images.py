@@ -7,7 +7,7 @@ from PIL import Image
 
 from vembed.data.images import EvalTransform, TrainTransform, load_image, to_rgb
 from vembed.errors import VembedError
-from vembed.models.registry import resolve_spec
+from vembed.models.loader import load_spec as resolve_spec
 
 
 def test_cmyk_jpeg_becomes_rgb(tmp_path):

@@ -12,7 +12,8 @@ from conftest import save_tiny_model
 from vembed.errors import VembedError
 from vembed.export import export_model
 from vembed.models import loader
-from vembed.models.factory import load_embedder, save_embedder
+from vembed.models.factory import load_embedder, save_model
+from vembed.models.heads import ClassifierHead
 from vembed.models.loader import load_model, read_model_config, resolve_ref, write_model_config
 
 
@@ -60,7 +61,7 @@ def test_a_hub_id_that_cannot_be_reached_names_the_hub(fake_hub):
 
 
 def test_a_run_directory_means_its_final_model(tiny_model, tmp_path):
-    save_embedder(load_embedder(tiny_model), tmp_path / "run" / "final")
+    save_model(load_embedder(tiny_model), tmp_path / "run" / "final")
     ref = resolve_ref(tmp_path / "run")
     assert ref.name == str(tmp_path / "run" / "final") and ref.run_dir == tmp_path / "run"
 
@@ -82,7 +83,7 @@ def test_a_hub_ids_preprocessor_config_is_honoured_like_a_folders(tmp_path, fake
 
 def test_a_hub_model_saved_by_vembed_brings_its_identity_and_head(tiny_model, tmp_path, fake_hub):
     repos, _ = fake_hub
-    saved = save_embedder(load_embedder(tiny_model, pooling="gem", projection_dim=8), tmp_path / "saved")
+    saved = save_model(load_embedder(tiny_model, pooling="gem", projection_dim=8), tmp_path / "saved")
     repos["someone/vembed-model"] = saved
     hub = load_model("someone/vembed-model", weights=False)
     local = load_model(saved, weights=False)
@@ -115,17 +116,14 @@ def test_vembed_json_round_trips_unknown_keys_and_a_task_head(tmp_path):
 
 def test_export_writes_exactly_what_it_reads(tiny_model, tmp_path):
     embedder = load_embedder(tiny_model, pooling="cls+mean", projection_dim=4)
-    head = (
-        {"kind": "classifier", "labels": ["a", "b", "c"]},
-        {"weight": torch.randn(3, 4), "bias": torch.zeros(3)},
-    )
-    src = save_embedder(embedder, tmp_path / "src", extra={"training": {"step": 7}}, task_head=head)
+    head = ClassifierHead(4, ["a", "b", "c"])
+    src = save_model(embedder, tmp_path / "src", extra={"training": {"step": 7}}, head=head)
     export_model(src, tmp_path / "out")
     before, after = load_model(src, weights=False), load_model(tmp_path / "out", weights=False)
-    assert after.task_head == head[0] and after.config.extra["training"] == {"step": 7}
+    assert after.task_head == head.config() and after.config.extra["training"] == {"step": 7}
     assert after.config.base_model == before.config.base_model == str(tiny_model)
-    assert set(after.task_head_state) == {"weight", "bias"}
-    assert torch.equal(after.task_head_state["weight"], head[1]["weight"])
+    assert set(after.task_head_state) == {"classifier.weight", "classifier.bias"}
+    assert torch.equal(after.task_head_state["classifier.weight"], head.classifier.weight)
     for key in ("pooling", "projection_dim", "normalize", "embed_dim", "preprocessing", "lora_targets"):
         assert getattr(after.config, key) == getattr(before.config, key), key
     x = torch.randn(2, 3, 28, 28)

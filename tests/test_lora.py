@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from conftest import save_tiny_model
 from peft import PeftModel
 from safetensors.torch import load_file
-from test_training_helpers import make_nuisance_dataset, one_thread, tiny_settings
+from training_data import make_nuisance_dataset, one_thread, tiny_settings
 
 from vembed.errors import VembedError
 from vembed.models.factory import create_embedder
@@ -17,7 +17,7 @@ from vembed.models.lora import apply_lora, linear_module_names, lora_target_modu
 from vembed.settings import LoraSettings
 from vembed.training import checkpoint as ckpt
 from vembed.training import train
-from vembed.training.model import build_embedder, load_trainable_state, make_loss
+from vembed.training.model import load_trainable_state, make_loss, trainable_embedder
 
 TOLERANCE = 1e-5  # float32, merged W + BA vs. W x + B(A x)
 
@@ -117,7 +117,7 @@ def test_lora_run_trains_only_adapters_and_final_loads_everywhere(tiny_model, tm
 
     # final/ (merged) embeds like the run's LoRA model rebuilt from its last checkpoint
     pixels = torch.randn(4, 3, 28, 28)
-    live = build_embedder(settings)
+    live = trainable_embedder(settings)
     loss = make_loss(settings.train, embed_dim=live.embed_dim, num_classes=8)
     load_trainable_state(live, loss, state, where=str(last))
     exported = create_embedder(str(result.final_dir))

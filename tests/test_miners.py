@@ -6,7 +6,8 @@ import math
 
 import pytest
 import torch
-from test_training_helpers import make_nuisance_dataset, one_thread, tiny_settings
+from safetensors.torch import load_file
+from training_data import make_nuisance_dataset, max_abs_diff, one_thread, tiny_settings
 
 from vembed.errors import VembedError
 from vembed.losses import LOSSES, build_loss, build_miner
@@ -91,16 +92,18 @@ def test_losses_declare_the_batches_they_need():
         assert (uses_pk(data, settings), samples_per_class(data, settings)) == (pk, k)
 
 
-def test_training_with_a_miner_and_a_contrastive_loss(tiny_model, tmp_path):
+def test_training_with_a_miner_trains_other_weights_than_without(tiny_model, tmp_path):
+    """The same seeded run with and without ``train.mining``: a miner that did nothing would give
+    bit-identical weights."""
     records = make_nuisance_dataset(tmp_path / "data", per_class=4)
-    settings = tiny_settings(
-        tiny_model,
-        records,
-        tmp_path / "run",
-        "train.loss=supcon",
-        "train.mining=semihard",
-        "train.max_steps=3",
-    )
-    with one_thread():
-        result = train(settings, show_progress=False)
-    assert result.steps == 3 and (result.final_dir / "model.safetensors").is_file()
+    finals = {}
+    for mining in ("semihard", None):
+        overrides = ["train.loss=supcon", "train.max_steps=3", "train.eval_at_start=false"]
+        overrides += [f"train.mining={mining}"] if mining else []
+        settings = tiny_settings(tiny_model, records, tmp_path / f"run-{mining}", *overrides)
+        with one_thread():
+            result = train(settings, show_progress=False)
+        assert result.steps == 3
+        finals[mining] = load_file(str(result.final_dir / "model.safetensors"))
+    assert finals["semihard"].keys() == finals[None].keys()
+    assert max_abs_diff(finals["semihard"], finals[None]) > 0

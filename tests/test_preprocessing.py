@@ -19,12 +19,12 @@ from vembed.data.records import ImageRecord
 from vembed.export import export_model
 from vembed.inference import embed_records
 from vembed.models.factory import load_embedder
+from vembed.models.loader import load_spec as resolve_spec
 from vembed.models.registry import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
     IMAGENET_STD,
-    resolve_spec,
     spec_from_config,
 )
 

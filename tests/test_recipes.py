@@ -21,6 +21,7 @@ def test_the_promised_recipes_exist():
         "factory_example.yaml",
         "cotton_dinov2s_linear_probe.yaml",
         "cotton_dinov2s_full_ft.yaml",
+        "sop_dino_vits16_oml.yaml",
     } <= names
 
 
@@ -57,8 +58,10 @@ def test_factory_example_is_the_same_seed_setting():
     assert is_factory_config(_read_yaml_raw(folder / "factory_example.yaml"))
     factory = load_settings(folder / "factory_example.yaml")
     native = load_settings(folder / "sop_dinov2_base_lora.yaml")
+    from vembed.models.loader import resolve_ref
+
+    assert resolve_ref(factory.model.name).name == resolve_ref(native.model.name).name  # the same model
     for section, key in [
-        ("model", "name"),
         ("data", "train"),
         ("data", "val"),
         ("train", "method"),
@@ -86,7 +89,10 @@ def _read_yaml_raw(path: Path) -> dict:
 def test_read_yaml_maps_factory_configs(tmp_path):
     path = tmp_path / "f.yaml"
     path.write_text("model_name: facebook/dinov2-small\nretrieval_mode: i2i\n")
-    assert read_recipe(path)["model"]["name"] == "dinov2-small"
+    from vembed.models.loader import resolve_ref
+
+    name = read_recipe(path)["model"]["name"]
+    assert name == "facebook/dinov2-small" and resolve_ref(name).name == "dinov2-small"
 
 
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: p.name)
@@ -121,6 +127,8 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
             "data.num_workers": 0,
             "train.output_dir": str(tmp_path / "run"),
             "train.batch_size": 8,
+            "train.samples_per_class": None,  # P x K sizes follow the tiny batch; the records have no category
+            "train.categories_per_batch": None,
             "train.max_steps": 2,
             "train.precision": "no",
             "train.grad_cache_chunk": None,
@@ -130,7 +138,7 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
     result = train(settings, show_progress=False)
     assert result.steps == 2
     if segmentation:
-        from vembed.models.segfactory import create_segmenter
+        from vembed.models.segmenter import create_segmenter
 
         assert create_segmenter(result.final_dir).decoder_name == settings.model.decoder
         return
@@ -147,3 +155,25 @@ def test_cotton_recipes_say_what_the_study_did():
     assert (linear.train.batch_size, linear.train.epochs) == (32, 20)
     assert linear.train.cache_features and not linear.model.normalize  # the head sees raw CLS features
     assert (full.train.method, full.train.loss, full.train.lr, full.train.epochs) == ("full", "ce", 1e-4, 20)
+
+
+def test_oml_recipe_is_open_metric_learnings_sop_setting():
+    """recipes/sop_dino_vits16_oml.yaml: DINO ViT-S/16, triplet 0.15 + hard miner, 32 x 6 from 3 categories."""
+    from vembed.models.registry import REGISTRY
+
+    s = load_settings(RECIPES[0].parent / "sop_dino_vits16_oml.yaml")
+    assert REGISTRY[s.model.name].source == "facebook/dino-vits16"
+    t = s.train
+    assert (t.method, t.loss, t.margin, t.mining, t.lr, t.weight_decay) == (
+        "full",
+        "triplet",
+        0.15,
+        "hard",
+        1e-5,
+        0,
+    )
+    assert (t.batch_size // t.samples_per_class, t.samples_per_class, t.categories_per_batch) == (32, 6, 3)
+    assert (
+        t.select_metric == "recall@1"
+        and "86.6" in (RECIPES[0].parent / "sop_dino_vits16_oml.yaml").read_text()
+    )

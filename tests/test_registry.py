@@ -8,8 +8,9 @@ from typer.testing import CliRunner
 from vembed.cli import app
 from vembed.errors import VembedError
 from vembed.models import loader
-from vembed.models.factory import create_embedder, save_embedder
-from vembed.models.registry import REGISTRY, list_models, resolve_spec
+from vembed.models.factory import create_embedder, save_model
+from vembed.models.loader import load_spec as resolve_spec
+from vembed.models.registry import REGISTRY, list_models
 from vembed.settings import ModelSettings
 
 REQUIRED = [
@@ -66,7 +67,7 @@ def test_hub_id_reads_config_through_the_hub(monkeypatch, tmp_path):
     assert (spec.family, spec.embed_dim, spec.image_size) == ("dinov2", 48, 224)
 
 
-@pytest.mark.parametrize("family", ["dinov2", "dinov2_with_registers", "clip", "siglip", "dinov3"])
+@pytest.mark.parametrize("family", ["dinov2", "dinov2_with_registers", "clip", "siglip", "dinov3", "vit"])
 def test_local_directory_of_each_family_embeds(tmp_path, family):
     path = save_tiny_model(tmp_path / family, family)
     embedder = create_embedder(str(path))
@@ -103,7 +104,7 @@ def test_cls_pooling_on_siglip_is_refused(tmp_path):
 def test_saved_embedder_round_trips_with_head(tiny_model, tmp_path):
     emb = create_embedder(str(tiny_model), ModelSettings(pooling="gem", projection_dim=8))
     torch.nn.init.normal_(emb.projection.weight)
-    out = save_embedder(emb, tmp_path / "saved")
+    out = save_model(emb, tmp_path / "saved")
     meta = json.loads((out / "vembed.json").read_text())
     assert meta["pooling"] == "gem" and meta["projection_dim"] == 8
     again = create_embedder(str(out))

@@ -346,3 +346,23 @@ def test_ranking_device_is_the_models_gpu_only():
     labels = torch.randint(0, 8, (40,), generator=torch.Generator().manual_seed(3))
     on_cpu = retrieval_metrics(embeddings, labels, ks=(1, 5), device="cpu")
     assert on_cpu == retrieval_metrics(embeddings, labels, ks=(1, 5))
+
+
+def test_a_non_exhaustive_source_gives_recall_from_its_lists_only():
+    """The metric loop fed by a source that ranks only a shortlist (a faiss index): -1 is no neighbour
+    (not the last reference), Recall@K is read off the lists, MAP@R is not reported."""
+    from vembed.evaluation.retrieval import ranked_metrics
+
+    class Lists:
+        exhaustive = False
+        lists = torch.tensor([[-1, -1], [2, 0], [0, 1], [1, 0]])
+
+        def plan(self, used, chunk_size):
+            return [(0, len(used))]
+
+        def shortlist(self, rows, k):
+            return self.lists[rows]
+
+    codes = torch.tensor([0, 1, 1, 0])  # reference 3 is of query 0's class: -1 must not count as it
+    metrics = ranked_metrics(Lists(), codes, codes, all_vs_all=True, ks=(1, 2))
+    assert metrics == {"recall@1": 0.25, "recall@2": 0.75, "num_queries": 4, "num_skipped": 0}

@@ -12,11 +12,11 @@ from PIL import Image
 
 from vembed.data.images import load_mask
 from vembed.data.records import SegRecord, read_records, record_to_json
-from vembed.data.segmentation import SegEvalTransform, SegmentationImages, SegTrainTransform, fit_to_patch
 from vembed.errors import VembedError
-from vembed.models.factory import load_backbone
-from vembed.models.registry import resolve_spec
-from vembed.models.segmenter import Segmenter, fpn_layers
+from vembed.models.loader import load_backbone
+from vembed.models.loader import load_spec as resolve_spec
+from vembed.models.segmenter import Segmenter, fit_to_patch, fpn_layers
+from vembed.tasks.segmentation.data import SegEvalTransform, SegmentationImages, SegTrainTransform
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 
@@ -116,7 +116,7 @@ def test_segmentation_training_applies_every_train_augment_key(tmp_path):
     from types import SimpleNamespace
 
     from vembed.settings import load_settings
-    from vembed.training.segmentation import MaskRecords, seg_loaders
+    from vembed.tasks.segmentation.training import MaskRecords, seg_loaders
 
     img, mask = pattern(40, 40)
     img.save(tmp_path / "a.png")
@@ -150,8 +150,14 @@ def test_segmentation_training_applies_every_train_augment_key(tmp_path):
     for p, m in zip(pixels, masks, strict=True):
         assert (decode(p) == m).float().mean() > 0.9  # nearest masks stay on the image's blocks
 
-    seg = load_settings(None, ["train.task=segmentation"]).train.augment  # segmentation's own defaults
+    from vembed.tasks import get_task
+
+    def augment(*overrides):  # train.augment with the task's defaults for the keys left null
+        settings = load_settings(None, list(overrides))
+        return get_task(settings.train.task).augment(settings)
+
+    seg = augment("train.task=segmentation")  # segmentation's own defaults
     assert (seg.enabled, seg.scale, seg.hflip) == (True, None, 0.5)  # on by default, unlike retrieval
-    assert not load_settings(None, ["train.task=segmentation", "train.augment=false"]).train.augment.enabled
-    assert (load_settings().train.augment.scale, load_settings().train.augment.hflip) == ((0.9, 1.0), 0.0)
-    assert load_settings(None, ["train.augment.scale=null"]).train.augment.scale == (0.9, 1.0)
+    assert not augment("train.task=segmentation", "train.augment=false").enabled
+    assert (augment().enabled, augment().scale, augment().hflip) == (False, (0.9, 1.0), 0.0)
+    assert augment("train.augment.scale=null").scale == (0.9, 1.0)

@@ -16,7 +16,8 @@ from vembed.cli import app
 from vembed.data.prepare import prepare_segfolder
 from vembed.data.shapes import write_shapes
 from vembed.errors import VembedError
-from vembed.models.segfactory import create_segmenter, save_segmenter
+from vembed.models.factory import save_model
+from vembed.models.segmenter import create_segmenter
 from vembed.settings import ModelSettings
 
 
@@ -28,7 +29,7 @@ def seg_setup(tmp_path_factory):
     prepare_segfolder(root / "shapes", root / "data", val_ratio=0.25, test_ratio=0)
     model = create_segmenter(tiny, ModelSettings(image_size=28, decoder="fpn"), num_classes=3,
                              class_names=["background", "square", "disc"])  # fmt: skip
-    save_segmenter(model, root / "model")
+    save_model(model, root / "model", head=model.head())
     return root, model
 
 

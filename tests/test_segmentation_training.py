@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import save_tiny_model
 from safetensors.torch import load_file
-from test_training_helpers import max_abs_diff, one_thread
+from training_data import max_abs_diff, one_thread
 from typer.testing import CliRunner
 
 from vembed.cli import app
@@ -105,7 +105,7 @@ def test_lora_fpn_run_exports_a_model_transformers_and_vembed_load(shapes, tmp_p
     assert "## Segmentation" in (export / "README.md").read_text()
     encoder = transformers.AutoModel.from_pretrained(export)
     assert not any("lora" in name for name, _ in encoder.named_parameters())
-    from vembed.models.segfactory import create_segmenter
+    from vembed.models.segmenter import create_segmenter
 
     a, b = create_segmenter(out / "final"), create_segmenter(export)
     x = torch.randn(1, 3, 56, 56)

@@ -72,7 +72,7 @@ def test_config_show_cli(tmp_path):
 
 
 def test_train_augment_is_settings_and_still_takes_the_old_switch(tmp_path):
-    from vembed.models.registry import resolve_spec
+    from vembed.models.loader import load_spec as resolve_spec
     from vembed.training.data import train_transform
 
     spec = resolve_spec("dinov2-small")
@@ -80,7 +80,7 @@ def test_train_augment_is_settings_and_still_takes_the_old_switch(tmp_path):
     default = load_settings().train
     assert not default.augment.enabled and type(train_transform(spec, default)).__name__ == "EvalTransform"
     on = load_settings(None, ["train.augment=true"]).train
-    assert on.augment.enabled and (on.augment.scale, on.augment.hflip) == ((0.9, 1.0), 0.0)
+    assert on.augment.enabled and (on.augment.scale, on.augment.hflip) == (None, None)  # the task's defaults
     t = train_transform(spec, on)
     assert (t.scale, t.hflip) == ((0.9, 1.0), 0.0)
     custom = load_settings(None, ["train.augment.scale=0.8,1", "train.augment.hflip=0.5"]).train
@@ -97,7 +97,7 @@ def test_train_augment_is_settings_and_still_takes_the_old_switch(tmp_path):
 
 
 def test_a_dotted_augment_key_under_the_boolean_switch_keeps_the_switch(tmp_path):
-    from vembed.models.registry import resolve_spec
+    from vembed.models.loader import load_spec as resolve_spec
     from vembed.training.data import train_transform
 
     off_then_key = load_settings(None, ["train.augment=false", "train.augment.hflip=0.5"]).train

@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 import torch
-from test_training_helpers import make_nuisance_dataset, one_thread, tiny_settings
+from training_data import make_nuisance_dataset, one_thread, tiny_settings
 from typer.testing import CliRunner
 
 from vembed.cli import app
@@ -16,6 +16,7 @@ from vembed.data.images import EvalTransform, load_image
 from vembed.data.records import read_records
 from vembed.errors import VembedError
 from vembed.models.factory import create_embedder
+from vembed.tasks.retrieval import task as retrieval_task
 from vembed.training import loop as loop_module
 from vembed.training import train
 
@@ -192,7 +193,7 @@ def no_data_reads(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("training data was read before the settings were checked")
 
-    monkeypatch.setattr(loop_module, "read_labelled", refuse)
+    monkeypatch.setattr(retrieval_task, "read_labelled", refuse)
 
 
 def _lora_unmatched_model(tiny_model, tmp_path):

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 import pytest
-from test_training_helpers import make_nuisance_dataset
+from training_data import make_nuisance_dataset
 
 from vembed.models.factory import create_embedder
 

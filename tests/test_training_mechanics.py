@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 import torch.nn.functional as F
-from test_training_helpers import (
+from torch import nn
+from training_data import (
     checkpoint_weights,
     make_nuisance_dataset,
     make_pair_dataset,
@@ -17,13 +18,12 @@ from test_training_helpers import (
     one_thread,
     tiny_settings,
 )
-from torch import nn
 
 from vembed.errors import VembedError
 from vembed.losses import build_loss
 from vembed.models.factory import create_embedder
+from vembed.tasks.retrieval import task as retrieval_task
 from vembed.training import checkpoint as ckpt
-from vembed.training import loop as loop_module
 from vembed.training import steps as steps_module
 from vembed.training import train
 from vembed.training.data import build_batch_sampler, epoch_batches, read_labelled
@@ -251,7 +251,7 @@ def test_frozen_without_cache_trains_the_same_head(tiny_model, data, tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "no"])
 def test_mixed_precision_reaches_the_model(tiny_model, data, tmp_path, monkeypatch, precision):
     seen = []
-    real_build = loop_module.build_embedder
+    real_build = retrieval_task.trainable_embedder
 
     def build(settings):
         embedder = real_build(settings)
@@ -260,7 +260,7 @@ def test_mixed_precision_reaches_the_model(tiny_model, data, tmp_path, monkeypat
         )
         return embedder
 
-    monkeypatch.setattr(loop_module, "build_embedder", build)
+    monkeypatch.setattr(retrieval_task, "trainable_embedder", build)
     settings = tiny_settings(
         tiny_model, data[0], tmp_path / "run", "train.max_steps=2", f"train.precision={precision}"
     )
@@ -274,14 +274,14 @@ def test_gradient_checkpointing_recomputes_blocks_with_the_same_result(
     tiny_model, data, tmp_path, monkeypatch
 ):
     calls = []
-    real_build = loop_module.build_embedder
+    real_build = retrieval_task.trainable_embedder
 
     def build(settings):
         embedder = real_build(settings)
         embedder.backbone.encoder.layer[0].mlp.register_forward_hook(lambda *args: calls.append(1))
         return embedder
 
-    monkeypatch.setattr(loop_module, "build_embedder", build)
+    monkeypatch.setattr(retrieval_task, "trainable_embedder", build)
     common = ("train.method=full", "train.max_steps=2")
     plain = train(tiny_settings(tiny_model, data[0], tmp_path / "a", *common), show_progress=False)
     assert len(calls) == 2

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
-from test_training_helpers import (
+from training_data import (
     checkpoint_weights,
     make_nuisance_dataset,
     max_abs_diff,
@@ -247,9 +247,9 @@ def _cli_args(tiny_model, data, out: Path) -> list[str]:
         for key, value in values.items():
             if isinstance(value, dict):
                 flat += flatten(f"{prefix}{key}.", value) if value else []
-            elif value is not None:
+            else:  # null too: train.augment's null keys are the task's defaults, not "not given"
                 value = ",".join(map(str, value)) if isinstance(value, list) else value
-                flat.append(f"{prefix}{key}={value}")
+                flat.append(f"{prefix}{key}={'null' if value is None else value}")
         return flat
 
     settings = _settings(tiny_model, data, out)

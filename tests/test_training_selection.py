@@ -7,10 +7,12 @@ import json
 import pytest
 import torch
 from safetensors.torch import load_file
-from test_training_helpers import make_nuisance_dataset, max_abs_diff, one_thread, tiny_settings
+from training_data import make_nuisance_dataset, max_abs_diff, one_thread, tiny_settings
 
 from vembed.errors import VembedError
+from vembed.evaluation.base import EvalResult
 from vembed.settings import load_settings
+from vembed.tasks.retrieval import task as retrieval_task
 from vembed.training import loop as loop_module
 from vembed.training import train
 from vembed.training.metrics import MetricsLog
@@ -170,12 +172,19 @@ def scripted(monkeypatch):
         current["step"] = self.state.step
         return run_validation(self)
 
-    class Scripted(loop_module.Validator):
+    class Scripted:
+        name, primary_metric, greater_is_better, metrics = "scripted", "map@r", True, ["recall@1", "map@r"]
+
         def __call__(self, embedder, **kwargs):
-            return {"recall@1": 0.5, "map@r": current["values"].get(current["step"], 0.1), "num_queries": 16}
+            values = {
+                "recall@1": 0.5,
+                "map@r": current["values"].get(current["step"], 0.1),
+                "num_queries": 16,
+            }
+            return EvalResult(values, "map@r")
 
     monkeypatch.setattr(loop_module._Trainer, "_run_validation", tracking)
-    monkeypatch.setattr(loop_module, "Validator", Scripted)
+    monkeypatch.setattr(retrieval_task, "retrieval_validator", lambda *a, **k: Scripted())
     return lambda values: current.update(values=values)
 
 

@@ -190,18 +190,8 @@ def _key_lines(source: str | Path) -> dict[str, int]:
 
 def _translate_value(key: str, value: Any) -> Any:
     if key in ("model_name", "model_name_or_path"):
-        return _registry_name(str(value))
+        return str(value)  # a hub id that a registry entry names resolves to it (models.loader)
     return value
-
-
-def _registry_name(name: str) -> str:
-    """``facebook/dinov2-base`` → ``dinov2-base`` (the registry spec carries the right preprocessing)."""
-    from vembed.models.registry import REGISTRY
-
-    for spec in REGISTRY.values():
-        if spec.source == name:
-            return spec.name
-    return name
 
 
 Fail = Callable[[str], VembedError]
@@ -265,7 +255,7 @@ def _encoder_mode(value: Any, fail: Fail):
 
 
 def _image_model_name(value: Any, fail: Fail):
-    yield "model.name", _registry_name(str(value))
+    yield "model.name", str(value)
 
 
 def _not_supported(what: str):

@@ -1,6 +1,6 @@
 """Export a trained run (or any model folder) as a self-contained model folder, optionally with ONNX.
 
-The folder is what ``save_embedder`` writes — ``config.json`` + ``model.safetensors`` (plain
+The folder is what ``save_model`` writes — ``config.json`` + ``model.safetensors`` (plain
 ``transformers.AutoModel.from_pretrained`` loads the backbone, LoRA already merged), ``vembed.json``
 (pooling, projection, normalisation, preprocessing) and ``vembed_head.safetensors`` when there is a
 head — plus ``preprocessor_config.json`` (so ``AutoImageProcessor`` reproduces vembed's eval
@@ -13,27 +13,31 @@ verified: the reloaded export must reproduce the source model's embeddings.
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import io
-import logging
 import shutil
 import time
-import warnings
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 import yaml
 from pydantic import ValidationError
-from torch import nn
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.export_segmentation import check_segmentation_export, is_segmentation_head, segmentation_card
+from vembed.export_onnx import (
+    DTYPES,
+    ONNX_ATOL,
+    ONNX_FILE,
+    ONNX_OPSET,
+    RELOAD_ATOL,
+    ExportResult,
+    check_batch,
+    write_onnx,
+)
 from vembed.io import atomic_dir, make_readable, write_json, write_text
 from vembed.models.embedder import Embedder
-from vembed.models.factory import build_embedder, load_embedder, save_embedder
+from vembed.models.factory import build_embedder, load_embedder, save_model
+from vembed.models.heads import Head, load_head
 from vembed.models.loader import (
     VEMBED_CONFIG,
     ModelConfig,
@@ -44,50 +48,7 @@ from vembed.models.loader import (
 )
 from vembed.settings import ExportSettings
 
-DTYPES = ("float32", "float16", "bfloat16")
-ONNX_FILE = "model.onnx"
-ONNX_OPSET = 18
-ONNX_SINGLE_FILE_BYTES = 1_500_000_000  # larger graphs keep their weights in model.onnx.data
-ONNX_ATOL = 1e-4  # max abs difference allowed between ONNX and PyTorch embeddings (float32)
-# max abs difference allowed between the reloaded export and the source model's embeddings
-RELOAD_ATOL = {"float32": 1e-5, "float16": 1e-2, "bfloat16": 5e-2}
 _RESAMPLE_CODES = {"bicubic": 3, "bilinear": 2}
-
-
-@dataclass
-class ExportResult:
-    """What ``export_model`` wrote and how closely it reproduces the source model."""
-
-    source: str  # what was asked for (run dir, model folder, registry name or hub id)
-    model: str  # the model folder (or name) actually loaded, e.g. RUN/final
-    out_dir: Path
-    dtype: str
-    embed_dim: int
-    max_abs_diff: float  # reloaded export vs source, float32 embeddings of a check batch
-    onnx_path: Path | None = None
-    onnx_max_abs_diff: float | None = None
-    files: list[str] = field(default_factory=list)
-    seconds: float = 0.0
-    segmentation_max_abs_diff: float | None = None  # decoder logits, reloaded export vs source
-
-    def to_json(self) -> dict:
-        return {
-            "source": self.source,
-            "model": self.model,
-            "out_dir": str(self.out_dir),
-            "dtype": self.dtype,
-            "embed_dim": self.embed_dim,
-            "max_abs_diff": self.max_abs_diff,
-            "onnx": str(self.onnx_path) if self.onnx_path else None,
-            "onnx_max_abs_diff": self.onnx_max_abs_diff,
-            "files": self.files,
-            "seconds": round(self.seconds, 3),
-            **(
-                {"segmentation_max_abs_diff": self.segmentation_max_abs_diff}
-                if self.segmentation_max_abs_diff is not None
-                else {}
-            ),
-        }
 
 
 def export_model(
@@ -127,7 +88,7 @@ def export_model(
     # write exactly what was read: the saved identity's other keys (training ...) and its task head
     extra = {k: v for k, v in saved.extra.items() if k not in ("export", "exported_from")}
     extra["exported_from"] = str(run_dir or model)
-    task_head = (saved.task_head, loaded.task_head_state) if saved.task_head is not None else None
+    head = load_head(loaded)
     settings_file = run_dir / "settings.yaml" if run_dir is not None else None
     result = _export(
         embedder,
@@ -136,11 +97,11 @@ def export_model(
         onnx=onnx,
         opset=opset,
         extra=extra,
-        task_head=task_head,
+        head=head,
         settings_file=settings_file if settings_file and settings_file.is_file() else None,
     )
-    if is_segmentation_head(saved.task_head):
-        result.segmentation_max_abs_diff = check_segmentation_export(model, out, dtype)
+    if head is not None:
+        result.head_checks = head.check_export(model, out, dtype)
     result.source = str(source)
     result.model = model
     result.seconds = time.perf_counter() - start
@@ -190,14 +151,14 @@ def _export(
     onnx: bool,
     opset: int,
     extra: dict,
-    task_head: tuple[dict, dict] | None = None,
+    head: Head | None = None,
     settings_file: Path | None = None,
 ) -> ExportResult:
     leftover = [n for n, _ in embedder.named_parameters() if "lora_" in n]
     if leftover:
         raise VembedError(f"could not merge LoRA weights into the backbone: {', '.join(leftover[:3])} ...")
     embedder.eval()
-    check = _check_batch(embedder)
+    check = check_batch(embedder)
     with torch.inference_mode():
         reference = embedder(check).float()
     export_info: dict = {"dtype": dtype, "check_batch": list(check.shape)}
@@ -205,7 +166,7 @@ def _export(
         onnx_diff = None
         if onnx:
             log("writing the ONNX graph and checking it against PyTorch (onnxruntime)")
-            onnx_diff = _write_onnx(embedder, tmp / ONNX_FILE, check, reference, opset)
+            onnx_diff = write_onnx(embedder, tmp / ONNX_FILE, check, reference, opset)
             export_info["onnx"] = {
                 "file": ONNX_FILE,
                 "dtype": "float32",
@@ -216,12 +177,8 @@ def _export(
                 "max_abs_diff": onnx_diff,
                 "atol": ONNX_ATOL,
             }
-        save_embedder(
-            embedder,
-            tmp,
-            dtype=getattr(torch, dtype),
-            extra={**extra, "export": export_info},
-            task_head=task_head,
+        save_model(
+            embedder, tmp, dtype=getattr(torch, dtype), extra={**extra, "export": export_info}, head=head
         )
         _write_preprocessor_config(embedder, tmp)
         if settings_file is not None:
@@ -237,7 +194,7 @@ def _export(
         config = read_model_config(tmp)
         config.extra["export"] = export_info
         write_model_config(tmp, config)
-        write_text(tmp / "README.md", _model_card(config.to_json()))
+        write_text(tmp / "README.md", _model_card(config.to_json(), head))
         make_readable(tmp)
         files = sorted(p.name for p in tmp.iterdir() if not p.name.startswith("."))
     return ExportResult(
@@ -286,75 +243,10 @@ def _check_inputs(model: str | None, run_dir: Path | None, out: Path, dtype: str
                 ) from None
 
 
-def _check_batch(embedder: Embedder, n: int = 2) -> torch.Tensor:
-    """A fixed, reproducible batch of normalised pixel values at the model's input size."""
-    size = embedder.spec.image_size
-    generator = torch.Generator().manual_seed(0)
-    return torch.randn(n, 3, size, size, generator=generator)
-
-
 def _reload_diff(folder: Path, check: torch.Tensor, reference: torch.Tensor) -> float:
     """Max abs difference between the reloaded export's embeddings (float32) and the reference."""
     reloaded = load_embedder(folder, device="cpu", dtype="float32")
     return float((reloaded.encode(check) - reference).abs().max())
-
-
-def _write_onnx(
-    embedder: Embedder, path: Path, check: torch.Tensor, reference: torch.Tensor, opset: int
-) -> float:
-    """Export ``embedder`` (pixel_values → embeddings, dynamic batch) and compare onnxruntime with PyTorch."""
-    import onnxruntime
-
-    batch = torch.export.Dim("batch", min=1)
-    noise = io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with (
-            contextlib.redirect_stdout(noise),
-            contextlib.redirect_stderr(noise),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                embedder,
-                (check,),
-                str(path),
-                input_names=["pixel_values"],
-                output_names=["embeddings"],
-                dynamic_shapes={"pixel_values": {0: batch}},
-                opset_version=opset,
-                dynamo=True,
-                external_data=_num_bytes(embedder) > ONNX_SINGLE_FILE_BYTES,
-                verbose=False,
-            )
-    except Exception as exc:  # the exporter raises many types; report one line with the cause
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VembedError(f"ONNX export failed: {first}") from None
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
-    # run a different batch size than the one traced, to check the batch axis really is dynamic
-    bigger = torch.cat([check, check.flip(0)[:1]])
-    with torch.inference_mode():
-        expected = torch.cat([reference, embedder(bigger[len(check) :]).float()])
-    got = torch.from_numpy(session.run(["embeddings"], {"pixel_values": bigger.numpy()})[0])
-    if got.shape != expected.shape:
-        raise VembedError(f"ONNX graph returned shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
-    diff = float((got - expected).abs().max())
-    if not diff <= ONNX_ATOL:
-        raise VembedError(
-            f"ONNX output differs from PyTorch by {diff:.2e} (max abs, allowed {ONNX_ATOL:.0e}); "
-            "nothing was written"
-        )
-    return diff
-
-
-def _num_bytes(module: nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
 def _write_preprocessor_config(embedder: Embedder, folder: Path) -> None:
@@ -387,7 +279,7 @@ def _write_preprocessor_config(embedder: Embedder, folder: Path) -> None:
     )
 
 
-def _model_card(config: dict) -> str:
+def _model_card(config: dict, head: Head | None = None) -> str:
     """A short README.md: what the folder holds and how to get vembed's embedding without vembed."""
     pooling = config["pooling"]
     pool_line = {
@@ -405,9 +297,8 @@ def _model_card(config: dict) -> str:
             "feats = (t - m[:, None]).pow(p).mean(1).pow(1 / p) + m"
         ),
     }[pooling]
-    task = config.get("task_head") or {}
-    classifier = task.get("kind") == "classifier"
-    needs_head = pooling == "gem" or config.get("projection_dim") or classifier
+    class_lines, class_text = head.card(config) if head is not None else ("", "")
+    needs_head = pooling == "gem" or config.get("projection_dim") or class_lines
     head_lines = (
         'from safetensors.torch import load_file\nhead = load_file(f"{path}/vembed_head.safetensors")\n'
         if needs_head
@@ -426,7 +317,6 @@ def _model_card(config: dict) -> str:
             if config["normalize"]
             else f"emb = feats[:, :{width}]  # the first {width} dims"
         )
-    class_lines, class_text = _classifier_card(task) if classifier else ("", "")
     export = config.get("export", {})
     onnx = export.get("onnx")
     onnx_text = (
@@ -461,38 +351,4 @@ with torch.no_grad():
 {pool_line}
 {proj_line}{norm_line}
 {class_lines}```
-{class_text}{onnx_text}{segmentation_card(config) if is_segmentation_head(config.get("task_head")) else ""}"""
-
-
-def _classifier_card(task: dict) -> tuple[str, str]:
-    """The model card's lines for a classifier head: code (appended to the snippet) and usage text."""
-    if task.get("normalized"):
-        logits = (
-            f"w = torch.nn.functional.normalize(head['task_head.classifier.weight'], dim=-1)\n"
-            f"logits = {task.get('scale', 20.0)} * torch.nn.functional.normalize(emb, dim=-1) @ w.T\n"
-        )
-    else:
-        logits = "logits = emb @ head['task_head.classifier.weight'].T + head['task_head.classifier.bias']\n"
-    code = (
-        "# the classifier head: class probabilities and names\n"
-        "import json\n"
-        'labels = json.load(open(f"{path}/vembed.json"))["task_head"]["labels"]\n'
-        f"{logits}"
-        "probs = logits.softmax(dim=-1)\n"
-        "predicted = [labels[i] for i in probs.argmax(dim=-1)]\n"
-    )
-    names = [str(label) for label in task.get("labels", [])]
-    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
-    text = f"""
-## Classifier head
-
-{len(names)} classes ({shown}), a {task.get("type", "linear")} layer on the embedding trained with
-cross-entropy; `vembed.json: task_head` holds the class names, `vembed_head.safetensors` the weights
-(`task_head.classifier.*`). With vembed:
-
-```bash
-vembed classify PATH photos/ --top 3              # a table; --jsonl for JSON lines, --grid preds.png
-vembed eval classify --model PATH --data test.jsonl --plot confusion.png
-```
-"""
-    return code, text
+{class_text}{onnx_text}"""

@@ -22,6 +22,7 @@ from torch import nn
 
 from vembed.console import log
 from vembed.errors import VembedError
+from vembed.export_onnx import ONNX_ATOL, RELOAD_ATOL, ExportResult, check_batch, write_onnx
 from vembed.io import atomic_dir, make_readable, write_text
 from vembed.models.dual import DualEncoder, load_dual_encoder, merged, save_dual_encoder
 from vembed.models.loader import LoadedModel, read_model_config, write_model_config
@@ -89,10 +90,8 @@ def export_dual_encoder(
     settings_file: Path | None = None,
 ):
     """Write the export of a saved dual encoder; returns an :class:`vembed.export.ExportResult`."""
-    from vembed.export import RELOAD_ATOL, ExportResult, _check_batch, _write_onnx
-
     encoder = merged(load_dual_encoder(loaded, device="cpu", dtype="float32")).eval()
-    pixels = _check_batch(encoder)
+    pixels = check_batch(encoder)
     with torch.inference_mode():
         image_ref = encoder(pixel_values=pixels).float()
     text_ref = encoder.encode_text(CHECK_TEXTS)
@@ -101,7 +100,7 @@ def export_dual_encoder(
     with atomic_dir(out) as tmp:
         if onnx:
             log("writing the image and text ONNX graphs and checking them against PyTorch (onnxruntime)")
-            image_diff = _write_onnx(encoder, tmp / IMAGE_ONNX, pixels, image_ref, opset)
+            image_diff = write_onnx(encoder, tmp / IMAGE_ONNX, pixels, image_ref, opset)
             text_diff = _write_text_onnx(encoder, tmp / TEXT_ONNX, opset)
             onnx_diff = max(image_diff, text_diff)
             info["onnx"] = {
@@ -155,8 +154,6 @@ class _TextTower(nn.Module):
 def _write_text_onnx(encoder: DualEncoder, path: Path, opset: int) -> float:
     """``text_encoder.onnx`` (dynamic batch; dynamic length unless captions are padded to a fixed one)."""
     import onnxruntime
-
-    from vembed.export import ONNX_ATOL
 
     tokens = encoder.tokenize(CHECK_TEXTS[:2])
     names = list(tokens)

@@ -25,7 +25,11 @@ from vembed.io import atomic_path
 from vembed.models.embedder import Embedder
 
 MAX_IMAGES = 16
-_INTERPOLATE_KWARG = {"clip", "siglip"}  # families that interpolate position embeddings only when asked
+_INTERPOLATE_KWARG = {
+    "clip",
+    "siglip",
+    "vit",
+}  # families that interpolate position embeddings only when asked
 
 
 @dataclass

@@ -13,6 +13,7 @@ from vembed.cli import (  # noqa: F401  (registers commands)
     eval_image_text,
     evaluate,
     export,
+    index,
     inspect,
     prepare,
     segment,

@@ -10,6 +10,9 @@ import typer
 from vembed.cli.failures import VembedGroup
 from vembed.settings import Settings, load_settings
 
+CONFIG_HELP = "YAML recipe."
+OVERRIDES_HELP = "key=value settings overrides (e.g. index.batch_size=128 model.device=cpu)."
+
 # `vembed --help` lists commands in the order a user runs them; helpers (and any others) come last.
 COMMAND_ORDER = (
     "prepare",

@@ -1,4 +1,4 @@
-"""``vembed embed``, ``vembed search`` and ``vembed index``: embedding stores and nearest neighbours."""
+"""``vembed embed`` and ``vembed search``: embedding stores and nearest neighbours (``vembed index``: cli/index.py)."""
 
 from __future__ import annotations
 
@@ -13,17 +13,12 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from vembed.cli.app import app, quiet_transformers, settings_from
+from vembed.cli.app import CONFIG_HELP, OVERRIDES_HELP, app, quiet_transformers, settings_from
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.settings import settings_to_yaml
 
-index_app = typer.Typer(help="Faiss indexes inside embedding stores.", no_args_is_help=True)
-app.add_typer(index_app, name="index")
-
 MODEL_HELP = "Registry name, hub id or local model folder (e.g. a run's final/). Default: model.name."
-CONFIG_HELP = "YAML recipe."
-OVERRIDES_HELP = "key=value settings overrides (e.g. index.batch_size=128 model.device=cpu)."
 _OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")
 
 
@@ -100,7 +95,9 @@ def embed_command(
     if (out is None) == (not jsonl):
         raise VembedError("choose one output: --out STORE (a store folder) or --jsonl (JSON lines on stdout)")
     if index is not None:
-        _check_index_kind(index)
+        from vembed.index.faiss_index import check_index_kind
+
+        check_index_kind(index)
         if out is None:
             raise VembedError("--index builds a faiss index inside a store; it needs --out STORE")
     if append and out is None:
@@ -158,6 +155,7 @@ def _embed_texts(source: str, settings) -> None:
 
 
 def _embed_with_ray(source: str, out: str | None, settings, *, actors: int, blocked: bool) -> None:
+    from vembed.extras import require
     from vembed.integrations.ray import embed_with_ray, output_kind
     from vembed.serve.server import model_kwargs
 
@@ -165,7 +163,9 @@ def _embed_with_ray(source: str, out: str | None, settings, *, actors: int, bloc
         raise VembedError(
             "--engine ray writes --out DIR.parquet or DB/TABLE.lance (no --jsonl, --append, --index)"
         )
-    output_kind(out)
+    if output_kind(out) == "lance":
+        require("lancedb", "lancedb", what="--out TABLE.lance")
+    require("ray.data", "ray", what="vembed embed --engine ray")
     log(f"embedding {source} with [bold]{settings.model.name}[/] on Ray ({actors} actor(s)) → {out}")
     run = embed_with_ray(
         source, out, model=settings.model.name, load_kwargs=model_kwargs(settings.model),
@@ -227,7 +227,9 @@ def _embed_into_store(
             f"→ {out} ({run.num_blocks} shard(s), {embedder.embed_dim}-d, {embedder.pooling} pooling)"
         )
         if index is not None:
-            _build_index(out, index, settings)
+            from vembed.cli.index import build_index
+
+            build_index(out, index, settings)
 
 
 @app.command("search")
@@ -330,119 +332,6 @@ def search_command(
     if grid is not None:
         draw_grid(report.results, grid, thumb=thumb)
         log(f"wrote {grid}")
-
-
-@index_app.command("build")
-def index_build_command(
-    store: Path = typer.Argument(..., help="A store written by `vembed embed --out`."),
-    overrides: list[str] = typer.Argument(
-        None, help="key=value overrides, e.g. index.hnsw_m=48 index.nlist=1024 index.train_size=100000."
-    ),
-    kind: str = typer.Option(
-        "hnsw",
-        "--kind",
-        help="flat (exact), hnsw (graph), ivf (clusters) or ivfpq (clusters + compressed codes).",
-    ),
-    nlist: int = typer.Option(
-        None, "--nlist", help="IVF kinds: number of clusters (index.nlist; default ~4·sqrt(N))."
-    ),
-    m: int = typer.Option(
-        None, "--m", help="ivfpq: sub-quantizers per vector, dividing the dim (index.pq_m)."
-    ),
-    nbits: int = typer.Option(
-        None, "--nbits", help="ivfpq: bits per sub-quantizer code (index.pq_nbits, 8)."
-    ),
-    opq: bool = typer.Option(None, "--opq", help="ivfpq: learn an OPQ rotation first (index.opq)."),
-    config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-) -> None:
-    """Build a faiss index and save it in the store (shard by shard); `vembed search` then uses it."""
-    settings = settings_from(
-        config, overrides, index__nlist=nlist, index__pq_m=m, index__pq_nbits=nbits, index__opq=opq
-    )
-    _build_index(store, kind, settings)
-
-
-@index_app.command("info")
-def index_info_command(
-    store: Path = typer.Argument(..., help="A store folder."),
-    overrides: list[str] = typer.Argument(None, help="key=value overrides, e.g. index.nprobe=32."),
-    sample: int = typer.Option(
-        1000,
-        "--sample",
-        help="Store vectors used as queries to measure the index's recall and QPS (0: skip).",
-    ),
-    k: int = typer.Option(10, "--k", "-k", help="Recall@k against exact search."),
-    config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
-) -> None:
-    """Show what a store holds (count, dim, model, shards) and its faiss index: size, recall@k against
-    exact search on a sample, queries per second."""
-    from vembed.index.faiss_index import INDEX_FILE, load_index, measure_index
-    from vembed.index.store import store_summary
-
-    settings = settings_from(config, overrides)
-    summary = store_summary(store)
-    meta = summary["meta"]
-    table = Table(title=str(store), show_header=False)
-    table.add_column("key", style="bold")
-    table.add_column("value", overflow="fold")
-    rows = {
-        "images": summary["count"],
-        "dim": summary["dim"],
-        "shards": summary["shards"],
-        "normalized": meta.get("normalize"),
-        "model": meta.get("model", {}).get("source"),
-        "pooling": meta.get("model", {}).get("pooling"),
-        "image size": meta.get("preprocessing", {}).get("image_size"),
-        "labelled": summary["labelled"],
-        "skipped when embedded": meta.get("num_skipped"),
-        "created": meta.get("created"),
-        "vembed": meta.get("vembed_version"),
-    }
-    index = load_index(store, count=summary["count"], dim=summary["dim"], mmap=settings.index.mmap)
-    if index is None:
-        rows["faiss index"] = "none (exact search)"
-    else:
-        rows["faiss index"] = json.dumps({key: v for key, v in index.info.items() if key != "dim"})
-        size = (store / INDEX_FILE).stat().st_size
-        rows["index size"] = (
-            f"{size / 2**20:.1f} MiB ({size / max(summary['count'], 1):.1f} bytes per vector)"
-        )
-        if sample > 0:
-            measured = measure_index(store, index, settings.index, sample=sample, k=k)
-            rows[f"recall@{k} vs exact"] = (
-                f"{measured[f'recall@{k}']:.4f} on {measured['queries']} store vectors"
-            )
-            rows["queries per second"] = (
-                f"{measured['qps']:.0f} (exact: {measured['exact_qps']:.0f}; {measured['speedup']:.1f}x)"
-            )
-    for key, value in rows.items():
-        table.add_row(key, str(value))
-    Console().print(table)
-
-
-def _build_index(store: Path, kind: str, settings) -> None:
-    import time
-
-    from vembed.index.faiss_index import build_store_index, save_index
-
-    kind = _check_index_kind(kind)
-    start = time.perf_counter()
-    index = build_store_index(store, kind, settings.index)
-    save_index(index, store)
-    log(
-        f"built the {kind} index over {index.info['count']} vectors in {time.perf_counter() - start:.1f} s → {store}"
-    )
-
-
-def _check_index_kind(kind: str) -> str:
-    """A faiss index kind to build (``auto`` means hnsw)."""
-    from vembed.index.faiss_index import KINDS
-
-    kind = "hnsw" if kind == "auto" else kind
-    if kind not in KINDS:
-        hint = " (exact search needs no index)" if kind == "exact" else ""
-        raise VembedError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}{hint}")
-    return kind
 
 
 def _split_overrides(items: list[str]) -> tuple[list[str], list[str]]:

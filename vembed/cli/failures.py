@@ -2,7 +2,7 @@
 
 - :class:`~vembed.errors.VembedError` (a mistake the user can fix) and an ``OSError`` naming a file
   (missing, unreadable, a folder where a file was expected, disk full) → one red line, exit status 2.
-- Ctrl-C → ``interrupted``, exit status 130.
+- Ctrl-C → ``interrupted``, exit status 130; a closed pipe (``vembed ... | head``) → silence, 141.
 - Anything else is a bug → one line naming the exception and a log file holding the full traceback,
   exit status 1. ``--debug`` (anywhere on the command line) or ``VEMBED_DEBUG=1`` prints the
   traceback instead.
@@ -29,6 +29,7 @@ from vembed.errors import VembedError
 EXPECTED_EXIT = 2
 BUG_EXIT = 1
 INTERRUPTED_EXIT = 130
+BROKEN_PIPE_EXIT = 141  # 128 + SIGPIPE, what a shell reports for a command whose reader left
 DEBUG_FLAG = "--debug"
 
 
@@ -91,6 +92,10 @@ class VembedGroup(TyperGroup):
     def invoke(self, ctx):
         try:
             return super().invoke(ctx)
+        except BrokenPipeError:  # `vembed ... | head`: the reader left; stop quietly, as a pipe expects
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())  # Python's final flush must not raise again
+            raise typer.Exit(BROKEN_PIPE_EXIT) from None
         except (Exception, KeyboardInterrupt) as exc:  # noqa: BLE001 (the one place that reports)
             if _is_click(exc):  # usage errors, typer.Exit, typer.Abort: click reports them itself
                 raise

@@ -19,8 +19,7 @@ from vembed.data.prepare import (
     prepare_sop,
     prepare_voc,
 )
-from vembed.data.prepare.segmasks import seg_summary_table
-from vembed.data.prepare.summary import problem_lines, summary_table
+from vembed.data.prepare.summary import problem_lines
 
 prepare_app = typer.Typer(
     help="Turn a public data set or your own files into validated, seeded JSONL splits "
@@ -298,8 +297,7 @@ def finish(result: PrepareResult, resize_to: int | None, workers: int | None) ->
 
 def render(result: PrepareResult) -> None:
     """The summary table and problems on stderr, then where the files are."""
-    table = seg_summary_table if result.summary.get("task") == "segmentation" else summary_table
-    console.print(table(result.summary, out=str(result.out)))
+    console.print(result.summary_table())
     for line in problem_lines(result.summary):
         console.print(line, style="yellow", highlight=False, markup=False)
     log(f"wrote {', '.join(result.summary['files'])} to [bold]{result.out}[/]")

@@ -51,7 +51,7 @@ def segmentation_command(
 ) -> None:
     """mIoU, pixel accuracy and per-class IoU (one confusion matrix over the split), optionally under corruptions."""
     from vembed.evaluation.compare import compare as compare_models
-    from vembed.models.segfactory import create_segmenter, segmentation_head
+    from vembed.models.segmenter import create_segmenter, saved_segmenter_head
     from vembed.tasks.segmentation.corruptions import parse_corruptions
     from vembed.tasks.segmentation.evaluator import SegEvalOptions, SegmentationEvaluator
     from vembed.tasks.segmentation.plots import plot_report
@@ -71,7 +71,7 @@ def segmentation_command(
         data = data / "val.jsonl"
     models = [settings.model.name, *(compare or [])]
     for name in models:  # every model checked before any data is read
-        if not segmentation_head(name):
+        if saved_segmenter_head(name) is None:
             raise VembedError(
                 f"{name}: not a segmentation model (its vembed.json has no segmenter task_head); "
                 "give a run's final/ or a `vembed export` of a segmentation run"
@@ -138,8 +138,8 @@ def predict_masks_command(
 ) -> None:
     """A PNG mask per image (one channel, class indices, the image's original size), optional overlays."""
     from vembed.index.sources import records_from_source
-    from vembed.masks import predict_masks
-    from vembed.models.segfactory import create_segmenter
+    from vembed.models.segmenter import create_segmenter
+    from vembed.tasks.segmentation.masks import predict_masks
 
     settings = settings_from(config, overrides, model__name=model)
     records, problems = records_from_source(images, skip_bad=skip_bad)

@@ -47,6 +47,10 @@ def serve_command(
     """Serve a model over HTTP: POST /v1/embed, POST /v1/search (with --store), GET /v1/info, /health,
     OpenAPI docs at /docs. Concurrent requests are batched on the model; SIGTERM finishes the requests
     in flight, then exits."""
+    from vembed.extras import require
+
+    for module in ("fastapi", "uvicorn", "multipart"):  # before the model loads, not after
+        require(module, "serve", what="vembed serve")
     from vembed.serve.server import check_exposure, load_service, run_server
     from vembed.serve.service import ServeOptions
 

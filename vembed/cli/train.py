@@ -50,20 +50,16 @@ def train_command(
         console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
         raise typer.Exit(130) from None
     if result.main_process:
-        Console().print(_summary(result))
+        from vembed.tasks import get_task
+
+        Console().print(_summary(result, get_task(settings.train.task).metrics(settings)))
 
 
-def _summary(result) -> Table:
+def _summary(result, reported: list[str]) -> Table:
+    """The validations (the task's reported metrics, in its order) with the selected row marked."""
     table = Table(title=f"vembed train: {result.run_dir}")
     table.add_column("step")
-    metric_keys = []
-    for row in result.history:
-        for key in row:
-            if (
-                key.startswith(("recall@", "map@", "top", "miou", "pixel_accuracy"))
-                and key not in metric_keys
-            ):
-                metric_keys.append(key)
+    metric_keys = [key for key in reported if any(key in row for row in result.history)]
     for key in metric_keys:
         table.add_column(key, justify="right")
     table.add_column("")

@@ -132,11 +132,6 @@ class Normalize:
         return arr.mul(self.scale).sub_(self.shift)
 
 
-def to_tensor(img: Image.Image, mean, std) -> torch.Tensor:
-    """RGB image → normalised float tensor ``[3, H, W]`` (one-off use; transforms keep a Normalize)."""
-    return Normalize(mean, std)(img)
-
-
 def resize_shorter(img: Image.Image, size: int, resample) -> Image.Image:
     """Shorter side → ``size``; the longer side is truncated as transformers' image processors do."""
     w, h = img.size

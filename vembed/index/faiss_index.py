@@ -337,3 +337,12 @@ def _as_float32(embeddings) -> np.ndarray:
     if vectors.ndim != 2:
         raise VembedError(f"embeddings must be 2-D [items, dim], got shape {vectors.shape}")
     return vectors
+
+
+def check_index_kind(kind: str) -> str:
+    """A faiss index kind to build (``auto`` means hnsw)."""
+    kind = "hnsw" if kind == "auto" else kind
+    if kind not in KINDS:
+        hint = " (exact search needs no index)" if kind == "exact" else ""
+        raise VembedError(f"index kind {kind!r}: choose one of {', '.join(KINDS)}{hint}")
+    return kind

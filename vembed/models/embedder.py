@@ -94,6 +94,21 @@ class Embedder(nn.Module):
     def num_prefix_tokens(self) -> int:
         return int(self.spec.family_info.has_cls) + self.spec.num_register_tokens
 
+    def identity(self) -> dict:
+        """What ``vembed.json`` records about the embedding (see :func:`vembed.models.factory.save_model`)."""
+        return {
+            "pooling": self.pooling,
+            "projection_dim": self.projection.out_features if self.projection is not None else None,
+            "normalize": self.normalize,
+            "embed_dim": self.embed_dim,
+            "truncate_dim": self.truncate_dim,
+            "num_prefix_tokens": self.num_prefix_tokens,
+        }
+
+    def own_weights(self) -> dict[str, torch.Tensor]:
+        """The weights beyond the backbone (projection, GeM's p): ``vembed_head.safetensors``."""
+        return {k: v for k, v in self.state_dict().items() if not k.startswith("backbone.")}
+
     def pool(self, outputs) -> torch.Tensor:
         """Pool the backbone's outputs into one vector per image (before projection)."""
         if self.pooling == "pooler":
@@ -110,7 +125,8 @@ class Embedder(nn.Module):
 
     def features(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Pooled backbone features, before projection and normalisation."""
-        return self.pool(self.backbone(pixel_values=pixel_values))
+        options = self.spec.family_info.forward_options
+        return self.pool(self.backbone(pixel_values=pixel_values, **options))
 
     def head(self, features: torch.Tensor) -> torch.Tensor:
         """Projection and normalisation applied to pooled features (cacheable for frozen training)."""

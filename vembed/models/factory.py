@@ -2,80 +2,43 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import transformers
 from safetensors.torch import save_file
+from torch import nn
 
 from vembed import __version__
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.io import atomic_path, make_readable
 from vembed.models.embedder import Embedder
+from vembed.models.heads import Head
 from vembed.models.loader import (
     HEAD_WEIGHTS,
     TASK_HEAD_PREFIX,
     VEMBED_CONFIG,
     LoadedModel,
     ModelConfig,
+    load_backbone,
     load_model,
     write_model_config,
 )
-from vembed.models.precision import resolve_dtype
-from vembed.models.registry import ModelSpec
-from vembed.models.weights import check_model_folder, refusal
-from vembed.settings import ModelSettings
+from vembed.models.precision import resolve_device, resolve_dtype
 
 __all__ = [
     "HEAD_WEIGHTS",
     "VEMBED_CONFIG",
+    "ModelOptions",
     "build_embedder",
     "create_embedder",
     "load_backbone",
     "load_embedder",
     "resolve_device",
     "resolve_dtype",
-    "save_embedder",
+    "save_model",
 ]
-
-
-def resolve_device(device: str = "auto") -> torch.device:
-    """``auto`` → cuda if available, then mps, else cpu."""
-    if device != "auto":
-        return torch.device(device)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
-
-
-def load_backbone(
-    spec: ModelSpec, *, revision: str | None = None, attention: str = "auto"
-) -> torch.nn.Module:
-    """Load the vision tower named by ``spec`` through ``from_pretrained`` (hub id or folder).
-
-    ``attention`` is transformers' ``attn_implementation`` (``auto``: transformers' default).
-    """
-    cls = getattr(transformers, spec.family_info.model_class)
-    transformers.utils.logging.disable_progress_bar()
-    if Path(spec.source).is_dir():
-        check_model_folder(spec.source)
-    options = {} if attention == "auto" else {"attn_implementation": attention}
-    try:
-        return cls.from_pretrained(spec.source, revision=revision, **options)
-    except (ImportError, ValueError) as exc:
-        if not options:
-            raise
-        raise VembedError(f"model.attention={attention}: {str(exc).splitlines()[0]}") from None
-    except OSError as exc:
-        raise VembedError(f"cannot load model weights from {spec.source!r}: {exc}") from None
-    except Exception as exc:  # a pickle refused by weights_only, a broken safetensors file
-        error = refusal(spec.source, exc)
-        if error is None:
-            raise
-        raise error from None
 
 
 def load_embedder(
@@ -153,71 +116,88 @@ def build_embedder(
     return embedder.to(device=device_, dtype=resolve_dtype(dtype, device_))
 
 
-def create_embedder(model: str | Path | None = None, settings: ModelSettings | None = None) -> Embedder:
-    """:func:`load_embedder` with its arguments taken from ``model.*`` settings (the CLI / recipe boundary)."""
-    settings = settings or ModelSettings()
+@dataclass(frozen=True)
+class ModelOptions:
+    """How a model reference becomes a model: the fields of ``model.*`` settings that loading needs.
+
+    ``vembed.settings.ModelSettings`` has these attributes, so it can be passed wherever a
+    ``ModelOptions`` is taken (``models/`` does not import the settings). ``None``: the model's own
+    (its ``vembed.json``, else the registry / config default).
+    """
+
+    name: str = "dinov2-small"
+    pooling: str | None = None
+    projection_dim: int | None = None
+    normalize: bool | None = None
+    truncate_dim: int | None = None
+    image_size: int | None = None
+    decoder: str = "linear"
+    dtype: str = "auto"
+    device: str = "auto"
+    attention: str = "auto"
+    revision: str | None = None
+
+
+def create_embedder(model: str | Path | None = None, options: ModelOptions | None = None) -> Embedder:
+    """:func:`load_embedder` with its arguments taken from ``options`` (``model.*`` settings)."""
+    options = options or ModelOptions()
     return load_embedder(
-        str(model if model is not None else settings.name),
-        pooling=settings.pooling,
-        projection_dim=settings.projection_dim,
-        normalize=settings.normalize,
-        image_size=settings.image_size,
-        revision=settings.revision,
-        device=settings.device,
-        dtype=settings.dtype,
-        attention=settings.attention,
-        truncate_dim=settings.truncate_dim,
+        str(model if model is not None else options.name),
+        pooling=options.pooling,
+        projection_dim=options.projection_dim,
+        normalize=options.normalize,
+        image_size=options.image_size,
+        revision=options.revision,
+        device=options.device,
+        dtype=options.dtype,
+        attention=options.attention,
+        truncate_dim=options.truncate_dim,
     )
 
 
-def save_embedder(
-    embedder: Embedder,
+def save_model(
+    model: nn.Module,
     out_dir: str | Path,
     *,
     dtype: torch.dtype | None = None,
     extra: dict | None = None,
-    task_head: tuple[dict, dict[str, torch.Tensor]] | None = None,
+    head: Head | None = None,
 ) -> Path:
-    """Write a self-contained model folder that :func:`load_model` and plain transformers load.
+    """The one model writer: a self-contained folder that :func:`load_model` and plain transformers load.
 
-    ``config.json`` + ``model.safetensors`` are the backbone (``AutoModel.from_pretrained(out_dir)``
-    works); ``vembed.json`` records pooling, projection, normalisation and preprocessing (plus
-    ``extra`` keys); ``vembed_head.safetensors`` holds the projection / GeM weights when there are any.
-    ``task_head=(config, state_dict)`` saves a task head beside them (``vembed.json: task_head``).
+    ``model`` is an :class:`Embedder` or a :class:`~vembed.models.segmenter.Segmenter` (anything with
+    ``backbone``, ``spec``, ``identity()`` and ``own_weights()``). ``config.json`` + ``model.safetensors``
+    are the backbone (``AutoModel.from_pretrained(out_dir)`` works); ``vembed.json`` records pooling,
+    projection, normalisation and preprocessing (plus ``extra`` keys) and the ``head``'s config;
+    ``vembed_head.safetensors`` holds the model's own weights (projection, GeM) and the head's
+    (``task_head.*``). Merge LoRA first (:func:`vembed.models.lora.merge_lora`).
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    backbone = embedder.backbone
+    backbone = model.backbone
     if dtype is not None:
         backbone = backbone.to(dtype)
     backbone.save_pretrained(out_dir, safe_serialization=True)
     make_readable(out_dir)
-    head = {
-        k: v.detach().cpu().contiguous()
-        for k, v in embedder.state_dict().items()
-        if not k.startswith("backbone.")
-    }
-    if task_head is not None:
-        head.update({TASK_HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in task_head[1].items()})
-    if head:
+    weights = {k: v.detach().cpu().contiguous() for k, v in model.own_weights().items()}
+    if head is not None:
+        weights.update(
+            {TASK_HEAD_PREFIX + k: v.detach().cpu().contiguous() for k, v in head.weights().items()}
+        )
+    if weights:
         with atomic_path(out_dir / HEAD_WEIGHTS) as tmp:
-            save_file(head, str(tmp))
-    spec = embedder.spec
+            save_file(weights, str(tmp))
+    spec = model.spec
     extra = dict(extra or {})
     config = ModelConfig(
         vembed_version=__version__,
         base_model=extra.pop("base_model", None) or spec.base_model or spec.source,
         family=spec.family,
-        pooling=embedder.pooling,
-        projection_dim=embedder.projection.out_features if embedder.projection is not None else None,
-        normalize=embedder.normalize,
-        embed_dim=embedder.embed_dim,
-        truncate_dim=embedder.truncate_dim,
-        num_prefix_tokens=embedder.num_prefix_tokens,
         lora_targets=list(spec.lora_targets),
         preprocessing=spec.preprocessing(),
-        task_head=dict(task_head[0]) if task_head is not None else None,
+        task_head=head.config() if head is not None else None,
         extra=extra,
+        **model.identity(),
     )
     write_model_config(out_dir, config)
     return out_dir

@@ -1,4 +1,15 @@
-"""Task heads on top of the embedding: the linear (or cosine) classifier a ``ce`` run trains.
+"""Task heads: the pieces a model carries on top of its backbone, each saving and loading itself.
+
+The contract (sentence-transformers' module idea): a head has a ``kind``, writes its ``vembed.json``
+block (:meth:`Head.config`) and its weights (:meth:`Head.weights`, stored in ``vembed_head.safetensors``
+under the ``task_head.`` prefix), and is rebuilt from them by ``cls.from_saved(config, weights)``.
+:data:`HEADS` maps each kind to its class; :func:`load_head` is the one reader, and the one model
+writer (:func:`vembed.models.factory.save_model`) stores whichever head it is given. A head also
+writes its section of the exported model card (:meth:`Head.card`) and may check an export beyond the
+embedding (:meth:`Head.check_export`).
+
+The heads: :class:`ClassifierHead` (the linear or cosine classifier a ``ce`` run trains) and
+:class:`~vembed.models.segmenter.SegmenterHead` (a segmentation decoder).
 
 A model folder with a classifier keeps it as its task head (see :mod:`vembed.models.loader`): the
 weights (``classifier.weight`` and, for a linear head, ``classifier.bias``) in
@@ -17,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import ClassVar, Protocol, runtime_checkable
 
 import torch
 import torch.nn.functional as F
@@ -24,8 +36,31 @@ from torch import nn
 
 from vembed.errors import VembedError
 from vembed.models.loader import VEMBED_CONFIG, LoadedModel, load_model
+from vembed.models.segmenter import SegmenterHead
 
-KIND = "classifier"
+
+@runtime_checkable
+class Head(Protocol):
+    """A task head that saves and loads itself (see the module docstring)."""
+
+    kind: ClassVar[str]
+
+    def config(self) -> dict:
+        """The ``vembed.json: task_head`` block, ``kind`` included."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Its weights (float32, CPU, contiguous), saved under the ``task_head.`` prefix."""
+
+    @classmethod
+    def from_saved(cls, config: dict, weights: dict[str, torch.Tensor], *, where: str) -> Head:
+        """Rebuild from what :meth:`config` and :meth:`weights` wrote (a one-line error on a mismatch)."""
+
+    def card(self, model_config: dict) -> tuple[str, str]:
+        """The exported model card's lines for this head: ``(python appended to the plain-transformers
+        snippet, a markdown section)``."""
+
+    def check_export(self, source: str | Path, out: Path, dtype: str) -> dict[str, float]:
+        """Checks of an export beyond its embeddings (``{name: max abs diff}``; raises when too far)."""
 
 
 def classifier_logits(
@@ -78,6 +113,8 @@ class Standardize(nn.Module):
 
 class ClassifierHead(nn.Module):
     """Class logits (and probabilities) from embeddings, with the class names of the logits."""
+
+    kind: ClassVar[str] = "classifier"
 
     def __init__(self, embed_dim: int, labels: Sequence, *, normalized: bool = False, scale: float = 20.0):
         super().__init__()
@@ -135,10 +172,9 @@ class ClassifierHead(nn.Module):
             )
         return self(embeddings).float().softmax(dim=-1).cpu()
 
-    def task_head(self) -> tuple[dict, dict[str, torch.Tensor]]:
-        """``(vembed.json entry, weights)``: what ``save_embedder(task_head=...)`` stores."""
-        config = {
-            "kind": KIND,
+    def config(self) -> dict:
+        return {
+            "kind": self.kind,
             "type": "cosine" if self.normalized else "linear",
             "embed_dim": self.embed_dim,
             "num_classes": self.num_classes,
@@ -146,8 +182,29 @@ class ClassifierHead(nn.Module):
             "normalized": self.normalized,
             "scale": self.scale,
         }
-        state = {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
-        return config, state
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
+
+    @classmethod
+    def from_saved(cls, config: dict, weights: dict[str, torch.Tensor], *, where: str) -> ClassifierHead:
+        try:
+            head = cls(
+                int(config["embed_dim"]),
+                config["labels"],
+                normalized=bool(config.get("normalized", False)),
+                scale=float(config.get("scale", 20.0)),
+            )
+            head.load_state_dict(weights)
+        except (KeyError, TypeError, ValueError, RuntimeError) as exc:
+            raise VembedError(f"{where}: the classifier head does not match its weights ({exc})") from None
+        return head.eval()
+
+    def card(self, model_config: dict) -> tuple[str, str]:
+        return _classifier_card(self.config())
+
+    def check_export(self, source: str | Path, out: Path, dtype: str) -> dict[str, float]:
+        return {}  # one linear layer on the embedding, which the export already checks
 
 
 def classifier_of_loss(loss: nn.Module, labels: Sequence) -> ClassifierHead | None:
@@ -157,23 +214,28 @@ def classifier_of_loss(loss: nn.Module, labels: Sequence) -> ClassifierHead | No
     return ClassifierHead.from_loss(loss, labels)
 
 
-def classifier_from(loaded: LoadedModel) -> ClassifierHead | None:
-    """The classifier saved with a model (``vembed.json: task_head``), or None when it has none."""
+HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (ClassifierHead, SegmenterHead)}
+
+
+def load_head(loaded: LoadedModel) -> Head | None:
+    """The head saved with a model (``vembed.json: task_head``), or None when it has none."""
     entry = loaded.task_head
-    if not entry or entry.get("kind") != KIND:
+    if not entry:
         return None
     where = f"{loaded.ref.name}/{VEMBED_CONFIG}"
-    try:
-        head = ClassifierHead(
-            int(entry["embed_dim"]),
-            entry["labels"],
-            normalized=bool(entry.get("normalized", False)),
-            scale=float(entry.get("scale", 20.0)),
+    kind = entry.get("kind")
+    if kind not in HEADS:
+        raise VembedError(
+            f"{where}: task_head kind {kind!r} is not one vembed knows ({', '.join(HEADS)}); "
+            "was the model saved by a newer vembed?"
         )
-        head.load_state_dict(loaded.task_head_state)
-    except (KeyError, TypeError, ValueError, RuntimeError) as exc:
-        raise VembedError(f"{where}: the classifier head does not match its weights ({exc})") from None
-    return head.eval()
+    return HEADS[kind].from_saved(entry, loaded.task_head_state, where=where)
+
+
+def classifier_from(loaded: LoadedModel) -> ClassifierHead | None:
+    """The classifier saved with a model, or None when it has none (or another kind of head)."""
+    head = load_head(loaded)
+    return head if isinstance(head, ClassifierHead) else None
 
 
 def require_classifier(model: str | Path, *, revision: str | None = None) -> ClassifierHead:
@@ -186,3 +248,37 @@ def require_classifier(model: str | Path, *, revision: str | None = None) -> Cla
             "use `vembed eval knn` or `vembed eval linear-probe`"
         )
     return head
+
+
+def _classifier_card(task: dict) -> tuple[str, str]:
+    """The model card's lines for a classifier head: code (appended to the snippet) and usage text."""
+    if task.get("normalized"):
+        logits = (
+            f"w = torch.nn.functional.normalize(head['task_head.classifier.weight'], dim=-1)\n"
+            f"logits = {task.get('scale', 20.0)} * torch.nn.functional.normalize(emb, dim=-1) @ w.T\n"
+        )
+    else:
+        logits = "logits = emb @ head['task_head.classifier.weight'].T + head['task_head.classifier.bias']\n"
+    code = (
+        "# the classifier head: class probabilities and names\n"
+        "import json\n"
+        'labels = json.load(open(f"{path}/vembed.json"))["task_head"]["labels"]\n'
+        f"{logits}"
+        "probs = logits.softmax(dim=-1)\n"
+        "predicted = [labels[i] for i in probs.argmax(dim=-1)]\n"
+    )
+    names = [str(label) for label in task.get("labels", [])]
+    shown = ", ".join(names[:8]) + (f", ... ({len(names)} in all)" if len(names) > 8 else "")
+    text = f"""
+## Classifier head
+
+{len(names)} classes ({shown}), a {task.get("type", "linear")} layer on the embedding trained with
+cross-entropy; `vembed.json: task_head` holds the class names, `vembed_head.safetensors` the weights
+(`task_head.classifier.*`). With vembed:
+
+```bash
+vembed classify PATH photos/ --top 3              # a table; --jsonl for JSON lines, --grid preds.png
+vembed eval classify --model PATH --data test.jsonl --plot confusion.png
+```
+"""
+    return code, text

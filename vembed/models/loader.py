@@ -25,9 +25,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+import transformers
+
 from vembed.errors import VembedError
 from vembed.io import parse_json, read_json, read_text, write_json
-from vembed.models.registry import REGISTRY, ModelSpec, spec_from_config
+from vembed.models.registry import REGISTRY, ModelSpec, registry_name, spec_from_config
+from vembed.models.weights import check_model_folder, refusal
 
 VEMBED_CONFIG = "vembed.json"
 HEAD_WEIGHTS = "vembed_head.safetensors"
@@ -169,6 +173,8 @@ def resolve_ref(model: str | Path) -> ModelRef:
         raise VembedError(f"{path}: is a file, not a model folder")
     if text in REGISTRY:
         return ModelRef(text, "registry", text)
+    if registry_name(text) is not None:  # facebook/dinov2-base → dinov2-base (its eval preprocessing)
+        return ModelRef(text, "registry", registry_name(text))
     if looks_like_hub_id(text):
         return ModelRef(text, "hub", text)
     if "/" in text or "\\" in text or text.startswith((".", "~")):
@@ -274,14 +280,41 @@ def load_model(
     else:
         loaded = _load_files(ref, revision=revision)
     if weights:
-        from vembed.models.factory import load_backbone
-
         loaded.backbone = load_backbone(loaded.spec, revision=revision, attention=attention)
     return loaded
 
 
+def load_backbone(
+    spec: ModelSpec, *, revision: str | None = None, attention: str = "auto"
+) -> torch.nn.Module:
+    """Load the vision tower named by ``spec`` through ``from_pretrained`` (hub id or folder).
+
+    ``attention`` is transformers' ``attn_implementation`` (``auto``: transformers' default).
+    """
+    cls = getattr(transformers, spec.family_info.model_class)
+    transformers.utils.logging.disable_progress_bar()
+    if Path(spec.source).is_dir():
+        check_model_folder(spec.source)
+    options = {} if attention == "auto" else {"attn_implementation": attention}
+    try:
+        return cls.from_pretrained(
+            spec.source, revision=revision, **dict(spec.family_info.load_options), **options
+        )
+    except (ImportError, ValueError) as exc:
+        if not options:
+            raise
+        raise VembedError(f"model.attention={attention}: {str(exc).splitlines()[0]}") from None
+    except OSError as exc:
+        raise VembedError(f"cannot load model weights from {spec.source!r}: {exc}") from None
+    except Exception as exc:  # a pickle refused by weights_only, a broken safetensors file
+        error = refusal(spec.source, exc)
+        if error is None:
+            raise
+        raise error from None
+
+
 def load_spec(model: str | Path, *, revision: str | None = None) -> ModelSpec:
-    """Just the spec of ``model`` (no weights): what ``resolve_spec`` returns."""
+    """Just the spec of ``model`` (no weights, no head files beyond what identifies it)."""
     return load_model(model, revision=revision, weights=False).spec
 
 

@@ -9,12 +9,21 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Sequence
+from typing import Protocol
 
 from torch import nn
 
 from vembed.errors import VembedError
 from vembed.models.embedder import Embedder
-from vembed.settings import LoraSettings
+
+
+class LoraOptions(Protocol):
+    """What LoRA needs (``train.lora.*`` settings have these attributes)."""
+
+    r: int
+    alpha: float
+    dropout: float
+    targets: Sequence[str] | None
 
 
 def linear_module_names(backbone: nn.Module) -> list[str]:
@@ -51,7 +60,7 @@ def lora_target_modules(backbone: nn.Module, candidates: Sequence[str], *, expli
     return matched
 
 
-def apply_lora(embedder: Embedder, settings: LoraSettings) -> Embedder:
+def apply_lora(embedder: Embedder, settings: LoraOptions) -> Embedder:
     """Wrap ``embedder.backbone`` in a peft LoRA model; only the adapters stay trainable in the backbone.
 
     Raises :class:`VembedError` (before any data is read) when no target module matches.

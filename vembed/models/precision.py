@@ -88,3 +88,14 @@ def _torch_cpu_bf16() -> bool:
         return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
     except (AttributeError, RuntimeError):
         return torch.backends.mkldnn.is_available()
+
+
+def resolve_device(device: str = "auto") -> torch.device:
+    """``auto`` → cuda if available, then mps, else cpu."""
+    if device != "auto":
+        return torch.device(device)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")

@@ -3,13 +3,13 @@
 A spec holds where the weights come from and everything needed to feed and pool the backbone.
 Any hub id or local directory also resolves to a spec, read from its ``config.json`` and
 ``preprocessor_config.json`` (and the ``vembed.json`` vembed writes) by :mod:`vembed.models.loader`.
+This module is data: it imports nothing else of vembed's but its errors.
 """
 
 from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 from vembed.errors import VembedError
 
@@ -37,6 +37,13 @@ class Family:
     resize: str = "shorter"  # shorter side + centre crop, or "square": both sides, no crop
     # the image + text model of the family, when it has one (``vembed.models.dual``); empty: vision only
     dual: DualTowers | None = None
+    load_options: tuple[tuple[str, object], ...] = ()  # extra from_pretrained keywords
+    interpolate_position: bool = False  # pass interpolate_pos_encoding=True (other input sizes)
+
+    @property
+    def forward_options(self) -> dict:
+        """Keywords every forward of the backbone takes (``interpolate_pos_encoding``)."""
+        return {"interpolate_pos_encoding": True} if self.interpolate_position else {}
 
 
 @dataclass(frozen=True)
@@ -141,6 +148,22 @@ FAMILIES: dict[str, Family] = {
             resize="square",  # SiglipImageProcessor: 224 x 224 bicubic, no crop
             dual=SIGLIP_TOWERS,
         ),
+        # transformers' ViTModel: DINO v1, DeiT (the non-distilled checkpoints) and the original ViT.
+        # Defaults are DINO's / DeiT's evaluation (resize 256 bicubic, crop 224, ImageNet mean/std); a
+        # repository's preprocessor_config.json (google/vit-*: 224 x 224 bilinear, mean/std 0.5) wins.
+        # No pooler (DINO has none; google's is an ImageNet-21k classifier layer); CLS pooling.
+        Family(
+            "vit",
+            ("vit",),
+            "ViTModel",
+            True,
+            "cls",
+            IMAGENET_MEAN,
+            IMAGENET_STD,
+            ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value"),
+            load_options=(("add_pooling_layer", False),),
+            interpolate_position=True,  # ViT refuses another input size without it
+        ),
     ]
 }
 
@@ -200,13 +223,13 @@ def _spec(name, source, family, image_size, patch_size, embed_dim, description, 
         image_size=image_size,
         patch_size=patch_size,
         embed_dim=embed_dim,
-        mean=fam.mean,
-        std=fam.std,
+        mean=kw.pop("mean", fam.mean),
+        std=kw.pop("std", fam.std),
         pooling=kw.pop("pooling", fam.default_pooling),
         lora_targets=kw.pop("lora_targets", fam.lora_targets),
         crop_pct=kw.pop("crop_pct", fam.crop_pct),
-        interpolation=fam.interpolation,
-        resize=fam.resize,
+        interpolation=kw.pop("interpolation", fam.interpolation),
+        resize=kw.pop("resize", fam.resize),
         description=description,
         **kw,
     )
@@ -309,6 +332,48 @@ register(
     )
 )
 
+# DINO v1 (Caron et al. 2021): self-supervised ViTs; ViT-S/16 is open-metric-learning's SOP backbone.
+for _name, _dim, _patch, _what in [
+    ("vits16", 384, 16, "ViT-S/16"),
+    ("vits8", 384, 8, "ViT-S/8"),
+    ("vitb16", 768, 16, "ViT-B/16"),
+    ("vitb8", 768, 8, "ViT-B/8"),
+]:
+    register(_spec(f"dino-{_name}", f"facebook/dino-{_name}", "vit", 224, _patch, _dim, f"DINO v1 {_what}"))
+for _size, _dim in [("tiny", 192), ("small", 384), ("base", 768)]:
+    register(
+        _spec(
+            f"deit-{_size}",
+            f"facebook/deit-{_size}-patch16-224",
+            "vit",
+            224,
+            16,
+            _dim,
+            f"DeiT-{_size[0].upper()}/16 (ImageNet-1k supervised)",
+        )
+    )
+for _name, _source, _dim, _what in [
+    ("vit-base", "google/vit-base-patch16-224", 768, "ViT-B/16 (ImageNet-21k, fine-tuned on 1k)"),
+    ("vit-base-in21k", "google/vit-base-patch16-224-in21k", 768, "ViT-B/16 (ImageNet-21k)"),
+    ("vit-large", "google/vit-large-patch16-224", 1024, "ViT-L/16 (ImageNet-21k, fine-tuned on 1k)"),
+]:
+    register(
+        _spec(
+            _name,
+            _source,
+            "vit",
+            224,
+            16,
+            _dim,
+            _what,
+            mean=HALF,
+            std=HALF,
+            crop_pct=1.0,
+            interpolation="bilinear",
+            resize="square",  # ViTImageProcessor: 224 x 224 bilinear, no crop
+        )
+    )
+
 
 def list_models() -> list[ModelSpec]:
     """Every registered spec, in registration order."""
@@ -325,14 +390,12 @@ def family_for_model_type(model_type: str, *, where: str = "") -> Family:
     )
 
 
-def resolve_spec(model: str | Path, *, revision: str | None = None) -> ModelSpec:
-    """A local folder, registry name or hub id → :class:`ModelSpec` (the loader's precedence rule).
-
-    Unknown names are reported with close matches; see :func:`vembed.models.loader.resolve_ref`.
-    """
-    from vembed.models.loader import load_spec
-
-    return load_spec(model, revision=revision)
+def registry_name(source: str) -> str | None:
+    """The registry name whose weights come from ``source`` (``facebook/dinov2-base`` → ``dinov2-base``)."""
+    for spec in REGISTRY.values():
+        if spec.source == source:
+            return spec.name
+    return None
 
 
 def spec_from_config(config: dict, *, name: str, source: str, preprocessor: dict | None = None) -> ModelSpec:
@@ -387,6 +450,11 @@ def preprocessing_from_processor(processor: dict) -> dict:
         out["crop_pct"] = crop / shortest if do_crop else 1.0
     elif isinstance(size, dict) and "height" in size:
         out.update(resize="square", image_size=crop if do_crop else int(size["height"]), crop_pct=1.0)
+    elif isinstance(size, int) and not isinstance(size, bool) and size > 0:  # older processors: one number
+        if do_crop:
+            out.update(resize="shorter", image_size=crop, crop_pct=crop / size)
+        else:  # ViTFeatureExtractor: both sides to `size`
+            out.update(resize="square", image_size=size, crop_pct=1.0)
     elif isinstance(crop, int):
         out["image_size"] = crop
     if processor.get("resample") in _RESAMPLE_NAMES:

@@ -11,16 +11,31 @@ that are upsampled (bilinear) to the input size:
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from vembed.console import log
 from vembed.errors import VembedError
+from vembed.models.loader import HEAD_WEIGHTS, VEMBED_CONFIG, LoadedModel, load_model
+from vembed.models.precision import resolve_device, resolve_dtype
 from vembed.models.registry import ModelSpec
 
 DECODERS = ("linear", "fpn")
 # families whose position embeddings are interpolated only when asked (any multiple of the patch)
-_INTERPOLATE_KWARG = {"clip", "siglip"}
+_INTERPOLATE_KWARG = {"clip", "siglip", "vit"}
+
+
+LOGITS_ATOL = {"float32": 1e-4, "float16": 5e-2, "bfloat16": 2e-1}  # export check of the decoder
+
+
+def fit_to_patch(size: int, patch_size: int) -> int:
+    """The nearest multiple of ``patch_size`` (at least one patch)."""
+    return max(patch_size, round(size / patch_size) * patch_size)
 
 
 def fpn_layers(num_layers: int, count: int = 4) -> list[int]:
@@ -124,6 +139,29 @@ class Segmenter(nn.Module):
     def num_prefix_tokens(self) -> int:
         return int(self.spec.family_info.has_cls) + self.spec.num_register_tokens
 
+    def head(self) -> SegmenterHead:
+        """The decoder as a head that saves itself (:func:`vembed.models.factory.save_model`)."""
+        return SegmenterHead(
+            self.decoder_name,
+            self.class_names,
+            self.layers,
+            {k: v.detach().float().cpu().contiguous() for k, v in self.decoder.state_dict().items()},
+        )
+
+    def identity(self) -> dict:
+        """What ``vembed.json`` records about the encoder (an embedding model of the same backbone)."""
+        spec = self.spec
+        return {
+            "pooling": spec.pooling,
+            "normalize": True,
+            "embed_dim": spec.embed_dim,
+            "num_prefix_tokens": self.num_prefix_tokens,
+        }
+
+    def own_weights(self) -> dict[str, torch.Tensor]:
+        """Nothing beyond the backbone but the decoder, which :meth:`head` saves."""
+        return {}
+
     def feature_maps(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """Patch-token feature maps ``[B, C, H/p, W/p]`` of the decoder's layers (prefix tokens dropped)."""
         h, w = pixel_values.shape[-2] // self.spec.patch_size, pixel_values.shape[-1] // self.spec.patch_size
@@ -178,3 +216,186 @@ def _config(backbone: nn.Module):
     if config is None and hasattr(backbone, "get_base_model"):  # a peft wrapper
         config = backbone.get_base_model().config
     return getattr(config, "vision_config", config)
+
+
+@dataclass
+class SegmenterHead:
+    """A segmentation decoder as a saved head: ``vembed.json: task_head`` says
+    ``{"kind": "segmenter", "decoder", "num_classes", "class_names", "layers"}``; its weights are the
+    decoder's ``state_dict`` (``task_head.*`` in ``vembed_head.safetensors``)."""
+
+    kind: ClassVar[str] = "segmenter"
+    decoder: str
+    class_names: list[str]
+    layers: list[int]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def config(self) -> dict:
+        return {
+            "kind": self.kind,
+            "decoder": self.decoder,
+            "num_classes": self.num_classes,
+            "class_names": list(self.class_names),
+            "layers": list(self.layers),
+        }
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        return dict(self.state)
+
+    @classmethod
+    def from_saved(cls, config: dict, weights: dict[str, torch.Tensor], *, where: str) -> SegmenterHead:
+        try:
+            names = [str(n) for n in config["class_names"]]
+            return cls(
+                str(config["decoder"]), names, [int(i) for i in config.get("layers", [])], dict(weights)
+            )
+        except (KeyError, TypeError, ValueError) as exc:
+            raise VembedError(f"{where}: the segmenter task_head is incomplete ({exc})") from None
+
+    @classmethod
+    def from_loaded(cls, loaded: LoadedModel) -> SegmenterHead | None:
+        """The decoder saved with a model, None when its ``task_head`` is none (or another head's)."""
+        entry = loaded.task_head
+        if not entry or entry.get("kind") != cls.kind:
+            return None
+        return cls.from_saved(entry, loaded.task_head_state, where=f"{loaded.ref.name}/{VEMBED_CONFIG}")
+
+    def check_export(self, source: str | Path, out: Path, dtype: str) -> dict[str, float]:
+        """Max abs difference between the source's and the export's logits on a fixed batch."""
+        before, after = (create_segmenter(m, device="cpu", dtype="float32") for m in (source, out))
+        size = before.spec.image_size
+        batch = torch.randn(2, 3, size, size, generator=torch.Generator().manual_seed(0))
+        diff = float((before.predict(batch) - after.predict(batch)).abs().max())
+        if diff > LOGITS_ATOL[dtype]:
+            raise VembedError(
+                f"the exported segmentation model's logits differ from {source}'s by {diff:.2e} "
+                f"(allowed {LOGITS_ATOL[dtype]:.0e}); do not use {out}"
+            )
+        return {"segmentation_max_abs_diff": diff}
+
+    def card(self, model_config: dict) -> tuple[str, str]:
+        """The model card's section on the decoder: vembed commands and the decoder's weights."""
+        head, config = self.config(), model_config
+        names = ", ".join(head["class_names"][:12]) + (", ..." if head["num_classes"] > 12 else "")
+        size = config["preprocessing"]["image_size"]
+        linear = (
+            "\nThe decoder is one 1x1 convolution on the last layer's patch tokens (prefix tokens dropped):\n\n"
+            "```python\n"
+            "from safetensors.torch import load_file\n"
+            'w = load_file(f"{path}/vembed_head.safetensors")\n'
+            f"tokens = out.last_hidden_state[:, {config['num_prefix_tokens']}:]          # [N, h*w, C]\n"
+            'logits = tokens @ w["task_head.classifier.weight"][:, :, 0, 0].T + w["task_head.classifier.bias"]\n'
+            "# reshape to [N, h, w, K], upsample (bilinear) to the input size, argmax over K\n"
+            "```\n"
+            if head["decoder"] == "linear"
+            else "\nThe FPN decoder (layers "
+            + ", ".join(str(i) for i in head["layers"])
+            + ") is vembed's `FPNDecoder`; load the whole model with vembed.\n"
+        )
+        return (
+            "",
+            f"""
+    ## Segmentation
+
+    This folder is also a semantic segmentation model: the encoder above plus a `{head["decoder"]}` decoder
+    (`vembed_head.safetensors`, keys `task_head.*`) for {head["num_classes"]} classes ({names}),
+    input {size} x {size} px (the whole image resized, no crop).
+
+    With vembed: `vembed predict-masks PATH images/ --out masks/ --overlay`,
+    `vembed eval segmentation --model PATH --data val.jsonl --corruptions all`, or in Python
+    `vembed.models.segmenter.create_segmenter(PATH)`.
+    {linear}""",
+        )
+
+
+def saved_segmenter_head(model: str | Path) -> SegmenterHead | None:
+    """The decoder saved with ``model`` (a folder or run directory; no weights loaded), else None."""
+    try:
+        return SegmenterHead.from_loaded(load_model(model, weights=False))
+    except VembedError:
+        return None
+
+
+def fit_spec(spec: ModelSpec, image_size: int | None = None) -> ModelSpec:
+    """The spec at ``image_size`` rounded to a multiple of the patch size (said when it changes); no
+    centre crop (a segmentation input is the whole image)."""
+    size = image_size or spec.image_size
+    fitted = fit_to_patch(size, spec.patch_size)
+    if fitted != size:
+        log(
+            f"[yellow]note:[/] model.image_size={size} is not a multiple of the patch size "
+            f"{spec.patch_size}; using {fitted}"
+        )
+    return spec.replace(image_size=fitted, crop_pct=1.0)
+
+
+def create_segmenter(
+    model: str | Path,
+    options=None,
+    *,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    decoder: str | None = None,
+    device: str | None = None,
+    dtype: str | None = None,
+) -> Segmenter:
+    """A segmenter for ``model`` on ``options.device`` / ``options.dtype`` (``options``: any object with
+    the :class:`vembed.models.factory.ModelOptions` fields, e.g. ``model.*`` settings).
+
+    A saved segmentation model brings back its decoder, classes and input size; a class count given
+    here that differs from the saved one is an error. Any other model gets a new decoder (``decoder``,
+    default ``options.decoder``) for ``num_classes`` classes. ``device`` / ``dtype`` override the options'.
+    """
+    revision, attention = getattr(options, "revision", None), getattr(options, "attention", "auto")
+    return build_segmenter(
+        load_model(str(model), revision=revision, attention=attention),
+        num_classes=num_classes,
+        class_names=class_names,
+        decoder=decoder or getattr(options, "decoder", "linear"),
+        image_size=getattr(options, "image_size", None),
+        device=device or getattr(options, "device", "auto"),
+        dtype=dtype or getattr(options, "dtype", "auto"),
+    )
+
+
+def build_segmenter(
+    loaded: LoadedModel,
+    *,
+    num_classes: int | None = None,
+    class_names: list[str] | None = None,
+    decoder: str = "linear",
+    image_size: int | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> Segmenter:
+    """A :class:`Segmenter` from a :func:`load_model` result (its saved decoder loaded, if any)."""
+    name = loaded.ref.name
+    head = SegmenterHead.from_loaded(loaded)
+    if head:
+        saved_names = head.class_names
+        if num_classes is not None and num_classes != len(saved_names):
+            raise VembedError(
+                f"{name}: the model has {len(saved_names)} classes but the data has {num_classes} "
+                "(the class count differs between the run and the data)"
+            )
+        decoder, class_names, num_classes = head.decoder, saved_names, len(saved_names)
+    elif num_classes is None:
+        raise VembedError(
+            f"{name} is not a segmentation model (its vembed.json has no segmenter task_head); "
+            "give a run's final/ or an export of a train.task=segmentation run"
+        )
+    spec = fit_spec(loaded.spec, None if head else image_size)
+    segmenter = Segmenter(
+        loaded.backbone, spec, num_classes=num_classes, decoder=decoder, class_names=class_names
+    )
+    if head:
+        try:
+            segmenter.decoder.load_state_dict(head.state)
+        except RuntimeError as exc:
+            raise VembedError(f"{name}/{HEAD_WEIGHTS}: does not match a {decoder} decoder ({exc})") from None
+    device_ = resolve_device(device)
+    return segmenter.to(device=device_, dtype=resolve_dtype(dtype, device_))

@@ -18,7 +18,6 @@ from pydantic import (
     PositiveInt,
     ValidationError,
     field_validator,
-    model_validator,
 )
 
 from vembed.errors import VembedError
@@ -57,7 +56,10 @@ class ModelSettings(Section):
     name: str = Field("dinov2-small", description="Registry name, hub id, or local model directory.")
     pooling: Pooling | None = Field(None, description="Token pooling; default: the model spec's.")
     projection_dim: int | None = Field(None, ge=1, description="Add a linear projection to this width.")
-    normalize: bool = Field(True, description="L2-normalise embeddings.")
+    normalize: bool | None = Field(
+        None,
+        description="L2-normalise embeddings; default: what a saved model says (its vembed.json), else true.",
+    )
     truncate_dim: int | None = Field(
         None,
         ge=1,
@@ -137,11 +139,12 @@ class TrainSettings(Section):
     """
 
     output_dir: Path = Field(Path("runs/vembed"), description="Run directory.")
-    task: Literal["retrieval", "segmentation", "image_text"] = Field(
+    task: str = Field(
         "retrieval",
-        description="retrieval: an embedding model (train.loss); segmentation: a decoder on the patch "
-        "tokens, pixel cross-entropy (255 ignored), best model by validation mIoU; image_text: a CLIP / "
-        "SigLIP dual encoder on image-caption pairs (train.loss clip or siglip), best by mean_recall@1.",
+        description="What is trained (vembed.tasks.TASKS): retrieval, an embedding model (train.loss); "
+        "segmentation, a decoder on the patch tokens, pixel cross-entropy (255 ignored), best model by "
+        "validation mIoU; image_text, a CLIP / SigLIP dual encoder on image-caption pairs (train.loss "
+        "clip or siglip), best by mean_recall@1.",
     )
     towers: Literal["both", "image", "text"] = Field(
         "both",
@@ -266,22 +269,6 @@ class TrainSettings(Section):
     lora: LoraSettings = Field(default_factory=LoraSettings)
 
     _split_dims = field_validator("matryoshka_dims", mode="before")(_split_ints)
-
-    @model_validator(mode="before")
-    @classmethod
-    def _segmentation_augment(cls, data: Any) -> Any:
-        """The task's augmentation defaults for the keys not given (``scale: null`` is not given)."""
-        aug = data.get("augment", {}) if isinstance(data, dict) else None
-        aug = {"enabled": aug} if isinstance(aug, bool) else aug
-        if isinstance(aug, dict):
-            if aug and "enabled" not in aug:  # keys given without the switch are meant to apply
-                aug = {"enabled": True, **aug}
-            if data.get("task") == "segmentation":
-                aug = {"enabled": True, "scale": None, "hflip": 0.5, **aug}
-            elif "scale" in aug and aug["scale"] is None:
-                aug = {k: v for k, v in aug.items() if k != "scale"}
-            data = {**data, "augment": aug}
-        return data
 
     @field_validator("step_epochs", mode="before")
     @classmethod

@@ -29,21 +29,25 @@ class AugmentSettings(Section):
     ``hflip: 0.5``.
     """
 
-    enabled: bool = Field(
-        False,
-        description="true: augment with the keys below; false: the evaluation resize + centre crop "
-        "(the default, but for train.task=segmentation).",
+    enabled: bool | None = Field(
+        None,
+        description="true: augment with the keys below; false: the evaluation resize + centre crop; "
+        "null: the task's default (off, but for train.task=segmentation).",
     )
     scale: tuple[float, float] | None = Field(
-        (0.9, 1.0),
+        None,
         description="Random resized crop: share of the image's area, [min, max] (1,1: no crop); null: "
-        "the task's default (segmentation's: 0.5-2x zoom and a square crop, padding ignored).",
+        "the task's default (retrieval's: [0.9, 1]; segmentation's: 0.5-2x zoom and a square crop, "
+        "padding ignored).",
     )
     ratio: tuple[float, float] = Field(
         (3 / 4, 4 / 3), description="Random resized crop: aspect ratio range of the crop, [min, max]."
     )
-    hflip: float = Field(
-        0.0, ge=0, le=1, description="Horizontal flip probability (photos, segmentation: 0.5)."
+    hflip: float | None = Field(
+        None,
+        ge=0,
+        le=1,
+        description="Horizontal flip probability; null: the task's default (0; segmentation's: 0.5).",
     )
     vflip: float = Field(0.0, ge=0, le=1, description="Probability of a vertical flip (aerial, microscopy).")
     color_jitter: float = Field(
@@ -52,6 +56,11 @@ class AugmentSettings(Section):
     grayscale: float = Field(0.0, ge=0, le=1, description="Probability of turning the image grey.")
 
     _split_scale = field_validator("scale", "ratio", mode="before")(_float_pair)
+
+    def with_defaults(self, **defaults: Any) -> AugmentSettings:
+        """These settings with a task's defaults for the keys left null (``enabled``, ``scale``, ``hflip``)."""
+        update = {key: value for key, value in defaults.items() if getattr(self, key) is None}
+        return self.model_copy(update=update)
 
     @model_validator(mode="before")
     @classmethod

@@ -83,6 +83,9 @@ class Task(Protocol):
     def select_metric(self, settings: Settings) -> str:
         """The metric that ranks validations: ``train.select_metric`` when given, else the task's own."""
 
+    def describe(self, settings: Settings) -> str:
+        """The settings that decide :meth:`metrics` (``train.loss=ce, eval.k=1,10``), for messages."""
+
     def setup(self, settings: Settings, accelerator, *, show_progress: bool = True) -> TrainParts:
         """Build the model from ``settings.model`` with ``train.method`` applied, read the records, make
         the loss, the batch sampler, the step runner and the validation evaluator."""

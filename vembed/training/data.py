@@ -26,6 +26,10 @@ from vembed.losses import loss_class
 from vembed.models.registry import ModelSpec
 from vembed.settings import Settings, TrainSettings
 
+# train.augment's retrieval defaults for the keys left null: off; switched on, crops of 90-100 % of the
+# image and no flips (the better augmentation on both small sets measured, docs/training.md)
+AUGMENT_DEFAULTS = {"enabled": False, "scale": (0.9, 1.0), "hflip": 0.0}
+
 
 @dataclass
 class LabelledImages:
@@ -210,7 +214,7 @@ class AugmentedImages(Dataset):
 
 def train_transform(spec: ModelSpec, settings: TrainSettings):
     """The training images' transform from ``train.augment`` (the eval transform when it is off)."""
-    aug = settings.augment
+    aug = settings.augment.with_defaults(**AUGMENT_DEFAULTS)
     if not aug.enabled:
         return EvalTransform(spec)
     return TrainTransform(
@@ -287,3 +291,10 @@ def train_loaders(data: LabelledImages, *, spec: ModelSpec, settings: Settings) 
         ImageDataset(data.records, train_transform(spec, settings.train), skip_bad=settings.data.skip_bad)
     )
     return EpochLoaders(dataset, num_workers=settings.data.num_workers, seed=settings.train.seed)
+
+
+def report_problems(data, val) -> None:
+    """One line per data set with records that were skipped (``data.skip_bad``)."""
+    for what, found in (("training", data), ("validation", val)):
+        if found is not None and found.problems:
+            log(f"[yellow]skipped {len(found.problems)} bad {what} records[/] (first: {found.problems[0]})")

@@ -26,37 +26,21 @@ from accelerate.utils import set_seed
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.io import write_text
-from vembed.models.heads import classifier_of_loss
 from vembed.settings import Settings, settings_to_yaml
+from vembed.tasks import get_task
 from vembed.training import checkpoint as ckpt
 from vembed.training.callbacks import ProgressBar, StopSignal, Trackers, TrainRows
-from vembed.training.data import build_batch_sampler, epoch_batches, read_labelled
+from vembed.training.data import epoch_batches
 from vembed.training.metrics import MetricsLog
-from vembed.training.model import (
-    build_embedder,
-    check_objective,
-    load_trainable_state,
-    make_loss,
-    set_train_mode,
-    trainable_state,
-)
+from vembed.training.model import load_trainable_state, set_train_mode, trainable_state
 from vembed.training.optim import build_optimizer, build_scheduler, param_groups
 from vembed.training.plot import PLOT_FILE, plot_metrics
-from vembed.training.preflight import (
-    FINAL_DIR,
-    check_processes,
-    check_resumable,
-    check_settings,
-    report_problems,
-)
+from vembed.training.preflight import FINAL_DIR, check_processes, check_resumable, check_settings
 from vembed.training.result import StepInfo, TrainingInterrupted, TrainResult
 from vembed.training.runtime import deterministic, make_accelerator, release_accelerator
-from vembed.training.saving import BestStore, checkpoint_selections, save_model, saved_training
-from vembed.training.segmentation import select_metric, task_for
+from vembed.training.saving import BestStore, checkpoint_selections, saved_training
 from vembed.training.selection import Selection, resolution_warning
 from vembed.training.state import TrainState, plan
-from vembed.training.steps import cache_features, step_runner, uses_feature_cache
-from vembed.training.validation import Validator
 
 SETTINGS_FILE = "settings.yaml"
 
@@ -95,7 +79,8 @@ class _Trainer:
         self.on_step = on_step
         self.run_dir = Path(self.s.output_dir)
         self.state = TrainState()
-        self.selection = Selection.from_settings(self.s)
+        self.task = get_task(self.s.task)
+        self.selection = Selection(self.task.select_metric(settings), self.s.select, self.s.select_smoothing)
         self.resumed_from: Path | None = None
         self.last_saved = -1
         self.paused = 0.0  # seconds of validation / checkpoints / on_step inside the training loop
@@ -135,58 +120,13 @@ class _Trainer:
         )
 
     def _setup(self) -> None:
+        """The task's parts (model, records, loss, sampler, step runner, validator), then the optimiser,
+        schedule, metrics, callbacks and resume: the same for every task."""
         acc, s, settings = self.accelerator, self.s, self.settings
         set_seed(s.seed)
-        self.task = task_for(
-            settings
-        )  # None: retrieval; else the task's model, data, loss, validator, runner
-        if self.task is not None:
-            return self._setup_task()
-        self.embedder = build_embedder(settings)  # LoRA target errors: before any data is read
-        check_objective(s, self.embedder)
-        data = read_labelled(settings.data.train, settings, what="training")
-        val = read_labelled(settings.data.val, settings, what="validation") if settings.data.val else None
-        report_problems(data, val)
-        self.embedder.to(acc.device)
-        features = val_features = None
-        if uses_feature_cache(settings):
-            data, features, val_features = cache_features(
-                acc,
-                self.embedder,
-                data,
-                val,
-                settings,
-                show_progress=self.show_progress and acc.is_main_process,
-            )
-        self.data = data
-        self.loss = make_loss(s, embed_dim=self.embedder.embed_dim, num_classes=data.num_classes).to(
-            acc.device
-        )
-        self.sampler = build_batch_sampler(data, s, num_replicas=acc.num_processes, rank=acc.process_index)
-        self.validator = None
-        if val is not None:
-            features_, indices = val_features if val_features is not None else (None, None)
-            self.validator = Validator(
-                val,
-                settings,
-                features=features_,
-                feature_indices=indices,
-                classifier=self._classifier if self._classifier() is not None else None,
-            )
-        self.runner = step_runner(acc, self.embedder, self.loss, data, settings, features)
-        self._setup_optimisation()
-
-    def _setup_task(self) -> None:
-        """A non-retrieval task (segmentation) brings its model, data, loss, sampler, validator and runner."""
-        self.embedder, self.data, self.loss, self.sampler, self.validator, self.runner = self.task.setup(
-            self.accelerator
-        )
-        self.selection = Selection(select_metric(self.settings), self.s.select, self.s.select_smoothing)
-        self._setup_optimisation()
-
-    def _setup_optimisation(self) -> None:
-        """Steps, optimiser, schedule, metrics, callbacks and resume: the same for every task."""
-        acc, s, settings = self.accelerator, self.s, self.settings
+        self.parts = parts = self.task.setup(settings, acc, show_progress=self.show_progress)
+        self.embedder, self.data, self.loss = parts.model, parts.data, parts.loss
+        self.sampler, self.validator, self.runner = parts.sampler, parts.evaluator, parts.runner
         steps_per_epoch = len(self.sampler) // s.grad_accum
         if steps_per_epoch < 1:
             raise VembedError(
@@ -338,9 +278,10 @@ class _Trainer:
 
     def _run_validation(self) -> None:
         state = self.state
-        metrics = self.validator(
-            self.embedder, autocast=self.accelerator.autocast, show_progress=self.show_progress
-        )
+        # validation must not move the training RNG streams (a resumed run would diverge)
+        device = self.accelerator.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            metrics = self.validator(self.embedder, show_progress=self.show_progress).metrics
         set_train_mode(self.embedder, self.s.method)
         row = {"kind": "val", "step": state.step, "epoch": state.epoch, **metrics}
         if not state.history:
@@ -350,11 +291,8 @@ class _Trainer:
         state.history.append(row)
         self.add_row(row)
         selected = self.selection.mode == "best" and self.selection.improves(state.history)
-        shown = ", ".join(
-            f"{k} {v:.4f}"
-            for k, v in metrics.items()
-            if k.startswith(("recall", "map", "top", "miou", "pixel"))
-        )
+        reported = set(self.task.metrics(self.settings))
+        shown = ", ".join(f"{k} {v:.4f}" for k, v in metrics.items() if k in reported)
         self._say(f"step {state.step}: validation {shown}" + (" [green](selected)[/]" if selected else ""))
         if selected:
             state.best = row
@@ -459,10 +397,7 @@ class _Trainer:
                 "run_dir": str(self.run_dir),
                 "finished_step": state.step,
             }
-            if self.task is not None:
-                self.task.save(final, self.embedder, training)
-            else:
-                save_model(final, self.embedder, training, task_head=self._task_head())
+            self.task.save(final, self.parts, training)
             self.best_store.remove()
             which = self.selection.describe() if row is not None else "last step"
             self._say(f"final model ({which}, step {training['step']}): {final}")
@@ -476,14 +411,6 @@ class _Trainer:
                 self._say(f"curves: {plot}")
         acc.wait_for_everyone()
         return final, selected
-
-    def _classifier(self):
-        """The classifier the loss trains (``ce``), with the training class names; None otherwise."""
-        return classifier_of_loss(self.loss, self.data.class_names)
-
-    def _task_head(self) -> tuple[dict, dict] | None:
-        head = self._classifier() if self.task is None else None
-        return head.task_head() if head is not None else None
 
     # -- small helpers ----------------------------------------------------------------------------
 

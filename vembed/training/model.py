@@ -16,7 +16,7 @@ from vembed.settings import Settings, TrainSettings
 LOSS_KEYS = ("temperature", "learnable_temperature", "margin", "scale", "mining")
 
 
-def build_embedder(settings: Settings) -> Embedder:
+def trainable_embedder(settings: Settings) -> Embedder:
     """Load the backbone (float32 master weights on the CPU; accelerate places it) and apply the method.
 
     ``method=lora`` raises :class:`VembedError` here, before any data is read, when no LoRA target

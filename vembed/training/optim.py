@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
 from torch import nn
 from torch.optim import AdamW, Optimizer
@@ -15,13 +14,6 @@ from vembed.settings import TrainSettings
 _NO_DECAY = re.compile(r"(cls_token|class_embedding|mask_token|register_tokens|position_embedding)")
 _LAYER = re.compile(r"(?:^|\.)layers?\.(\d+)\.")
 _EMBEDDINGS = re.compile(r"(?:^|\.)(embeddings|pre_layrnorm)\.")
-
-
-@dataclass(frozen=True)
-class ParamGroupSpec:
-    name: str
-    lr: float
-    weight_decay: float
 
 
 def head_lr(settings: TrainSettings) -> float:

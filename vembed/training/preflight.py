@@ -6,14 +6,12 @@ from __future__ import annotations
 import difflib
 from pathlib import Path
 
-from vembed.console import log
 from vembed.data.records import folder_given_message
 from vembed.errors import VembedError
-from vembed.losses import LOSSES, loss_class
 from vembed.settings import Settings
+from vembed.tasks import Task, get_task
 from vembed.training import checkpoint as ckpt
 from vembed.training.metrics import METRICS_FILE
-from vembed.training.model import loss_kwargs
 
 FINAL_DIR = "final"
 # Settings a resumed run may change: they do not alter what is trained.
@@ -44,18 +42,9 @@ def check_settings(settings: Settings) -> None:
             raise VembedError(f"data.{key}: {folder_given_message(Path(path))}")
         if path is not None and not Path(path).is_file():
             raise VembedError(f"data.{key}: records file not found: {path}")
-    if s.task == "segmentation":
-        from vembed.training.segmentation import check_segmentation_settings
-
-        check_segmentation_settings(settings)
-    else:
-        if s.loss.strip().lower() not in LOSSES:
-            try:
-                loss_kwargs(s)
-            except VembedError as exc:
-                raise VembedError(f"train.loss={s.loss!r}: {exc}") from None
-        loss_kwargs(s)
-    check_select_metric(settings)
+    task = get_task(s.task)
+    task.check(settings)
+    check_select_metric(settings, task)
     if s.scheduler == "step" and s.step_epochs is None:
         raise VembedError(
             "train.scheduler=step needs train.step_epochs (lr x train.step_gamma every N epochs)"
@@ -70,36 +59,17 @@ def check_settings(settings: Settings) -> None:
         )
 
 
-def validation_metrics(settings: Settings) -> list[str]:
-    """The metrics this run's validation reports, each of which ``train.select_metric`` may name."""
+def check_select_metric(settings: Settings, task: Task) -> None:
+    """``train.select_metric`` must be a metric the task's validation reports."""
     s = settings.train
-    if s.task == "segmentation":
-        from vembed.training.segmentation import METRICS
-
-        return list(METRICS)
-    metrics = [f"recall@{k}" for k in settings.eval.k] + ["map@r"]
-    if getattr(loss_class(s.loss), "trains_classifier", False):
-        metrics += ["top1", "top5"]
-    return metrics
-
-
-def check_select_metric(settings: Settings) -> None:
-    """``train.select_metric`` must be a metric validation reports (segmentation: only when given)."""
-    s = settings.train
-    if s.task == "segmentation" and "select_metric" not in s.model_fields_set:
-        return  # segmentation ranks by miou unless told otherwise
-    reported = validation_metrics(settings)
-    if s.select_metric not in reported:
-        close = difflib.get_close_matches(s.select_metric, reported, n=1)
+    metric = task.select_metric(settings)
+    reported = task.metrics(settings)
+    if metric not in reported:
+        close = difflib.get_close_matches(metric, reported, n=1)
         hint = f" (did you mean '{close[0]}'?)" if close else ""
-        run = (
-            "train.task=segmentation"
-            if s.task == "segmentation"
-            else (f"train.loss={s.loss}, eval.k={','.join(map(str, settings.eval.k))}")
-        )
         raise VembedError(
             f"train.select_metric={s.select_metric!r} is not a metric this run's validation reports{hint}; "
-            f"with {run} it reports: {', '.join(reported)}"
+            f"with {task.describe(settings)} it reports: {', '.join(reported)}"
         )
 
 
@@ -140,10 +110,3 @@ def _flatten(data: dict, prefix: str = "") -> dict:
         else:
             out[name] = value
     return out
-
-
-def report_problems(data, val) -> None:
-    """One line per data set with records that were skipped (``data.skip_bad``)."""
-    for what, found in (("training", data), ("validation", val)):
-        if found is not None and found.problems:
-            log(f"[yellow]skipped {len(found.problems)} bad {what} records[/] (first: {found.problems[0]})")

@@ -17,9 +17,7 @@ from safetensors.torch import load_file, save_file
 
 from vembed.errors import VembedError
 from vembed.io import atomic_dir, read_json, write_json
-from vembed.models.factory import save_embedder
 from vembed.models.loader import read_model_config
-from vembed.models.lora import merge_lora
 from vembed.training import checkpoint as ckpt
 
 BEST_DIR = "best"
@@ -84,13 +82,6 @@ def checkpoint_selections(run_dir: Path) -> set[int]:
         if best:
             steps.add(int(best["step"]))
     return steps
-
-
-def save_model(out: Path, embedder, training: dict, *, task_head: tuple[dict, dict] | None = None) -> None:
-    """A merged, self-contained model folder (LoRA folded into the backbone weights), with the
-    task head (a ``ce`` run's classifier and its class names) when there is one."""
-    with atomic_dir(out) as tmp:
-        save_embedder(merge_lora(embedder), tmp, extra={"training": training}, task_head=task_head)
 
 
 def saved_training(model_dir: Path) -> dict:

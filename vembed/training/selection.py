@@ -24,10 +24,6 @@ class Selection:
     mode: str = "best"  # "best": the best-scoring validation; "last": the last step
     smoothing: int = 3
 
-    @classmethod
-    def from_settings(cls, train) -> Selection:
-        return cls(train.select_metric, train.select, train.select_smoothing)
-
     def score(self, history: list[dict], index: int) -> float:
         """The (smoothed) metric of ``history[index]``."""
         window = history[max(0, index - self.smoothing + 1) : index + 1]

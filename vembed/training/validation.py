@@ -1,115 +1,88 @@
-"""Validation during training: Recall@K / MAP@R on the validation split, all-vs-all.
+"""Validation during training: the task's evaluator (the same objects ``vembed eval`` runs) on
+``data.val``; the loop takes ``EvalResult.metrics``.
 
-A run whose loss trains a classifier (``ce``) also reports its top-1 / top-5 accuracy on the same
-embeddings (``top1``, ``top5``), so ``train.select_metric=top1`` can choose the model.
+For retrieval, :func:`retrieval_validator` builds a
+:class:`~vembed.evaluation.run.RetrievalEvaluator` (Recall@K / MAP@R all-vs-all, plus the classifier's
+top-1 / top-5 when the loss trains one), computing in the dtype ``model.dtype`` infers with.
+:class:`CachedFeatureValidator` serves ``method=frozen`` with ``train.cache_features``: the frozen
+backbone's features do not change between validations, so only the head runs and the evaluator
+scores the result.
 """
 
 from __future__ import annotations
 
-import contextlib
 import functools
 from collections.abc import Callable
 
 import torch
 
-from vembed.evaluation.retrieval import retrieval_metrics
-from vembed.inference import embed_records
+from vembed.evaluation.base import EvalResult
+from vembed.evaluation.options import embed_options, retrieval_options
+from vembed.evaluation.run import RetrievalEvaluator
 from vembed.models.embedder import Embedder
 from vembed.models.heads import ClassifierHead
 from vembed.neighbours import ranking_device
 from vembed.settings import Settings
 from vembed.training.data import LabelledImages
 
-PRIMARY_METRIC = "recall@1"
 
-
-def inference_autocast(embedder: Embedder, dtype: str):
+def inference_autocast(device: torch.device, weights: torch.dtype, dtype: str):
     """A bf16/fp16 autocast for validating fp32 training weights where ``model.dtype`` (auto) computes
     inference in it (GPUs, CPUs with native bf16); None where inference is fp32."""
     from vembed.models.precision import resolve_dtype
 
-    target = resolve_dtype(dtype, embedder.device)
-    if target == embedder.dtype or target not in (torch.bfloat16, torch.float16):
+    target = resolve_dtype(dtype, device)
+    if target == weights or target not in (torch.bfloat16, torch.float16):
         return None
-    return functools.partial(torch.autocast, embedder.device.type, dtype=target)
+    return functools.partial(torch.autocast, device.type, dtype=target)
 
 
-class Validator:
-    """Embeds the validation records with the model's one inference path and scores them.
+def retrieval_validator(
+    data: LabelledImages,
+    settings: Settings,
+    embedder: Embedder,
+    *,
+    accelerator,
+    classifier: Callable[[], ClassifierHead] | None = None,
+) -> RetrievalEvaluator:
+    """The retrieval evaluator on the validation records (their dense label codes, class names)."""
+    autocast = inference_autocast(accelerator.device, torch.float32, settings.model.dtype)
+    return RetrievalEvaluator(
+        data.records,
+        data.labels,
+        embed=embed_options(settings),
+        options=retrieval_options(settings),
+        classifier=classifier,
+        class_names=data.class_names,
+        description="validating",
+        autocast=autocast or accelerator.autocast,
+    )
 
-    With ``features`` (pooled backbone features of the records, ``method=frozen`` with a cache) only the
-    head runs: the frozen backbone's features do not change between validations.
-    """
 
-    def __init__(
-        self,
-        data: LabelledImages,
-        settings: Settings,
-        *,
-        features: torch.Tensor | None = None,
-        feature_indices: list[int] | None = None,
-        classifier: Callable[[], ClassifierHead] | None = None,
-    ):
-        self.data = data
-        self.settings = settings
-        self.features = features
-        self.feature_indices = feature_indices
-        self.classifier = classifier  # the head as it is now (a ce run's loss), called at each validation
+class CachedFeatureValidator:
+    """The evaluator's metrics of ``embedder.head`` on pooled backbone features computed once."""
 
-    def __call__(
-        self, embedder: Embedder, *, autocast=contextlib.nullcontext, show_progress: bool = True
-    ) -> dict:
-        # Validation must not move the training RNG streams (a resumed run would diverge).
-        devices = [embedder.device] if embedder.device.type == "cuda" else []
-        autocast = inference_autocast(embedder, self.settings.model.dtype) or autocast
-        with torch.random.fork_rng(devices=devices), autocast():
-            embeddings, indices, problems = self._embed(embedder, show_progress)
-        labels = [self.data.labels[i] for i in indices]
-        ev = self.settings.eval
-        metrics = retrieval_metrics(
-            embeddings, labels, ks=tuple(ev.k), chunk_size=ev.chunk_size, device=ranking_device(embedder)
+    def __init__(self, evaluator: RetrievalEvaluator, features: torch.Tensor, indices: list[int], labels):
+        self.evaluator, self.features = evaluator, features
+        self.labels = [labels[i] for i in indices]
+        self.name, self.primary_metric = evaluator.name, evaluator.primary_metric
+        self.greater_is_better = evaluator.greater_is_better
+
+    @property
+    def metrics(self) -> list[str]:
+        return self.evaluator.metrics
+
+    def __call__(self, embedder: Embedder, *, show_progress: bool = True) -> EvalResult:
+        was_training = embedder.training
+        embedder.eval()
+        try:
+            with torch.inference_mode():
+                chunks = [
+                    embedder.head(chunk.to(embedder.device)).float().cpu()
+                    for chunk in self.features.split(4096)
+                ]
+        finally:
+            embedder.train(was_training)
+        return self.evaluator.score(
+            torch.cat(chunks), self.labels, normalize=embedder.normalize, device=ranking_device(embedder)
         )
-        if self.classifier is not None:
-            names = [self.data.class_names[code] for code in labels]
-            metrics.update(classifier_accuracy(self.classifier(), embeddings, names))
-        if problems:
-            metrics["num_bad_images"] = len(problems)
-        return metrics
-
-    def _embed(self, embedder: Embedder, show_progress: bool) -> tuple[torch.Tensor, list[int], list[str]]:
-        if self.features is not None:
-            was_training = embedder.training
-            embedder.eval()
-            try:
-                with torch.inference_mode():
-                    chunks = [
-                        embedder.head(chunk.to(embedder.device)).float().cpu()
-                        for chunk in self.features.split(4096)
-                    ]
-            finally:
-                embedder.train(was_training)
-            return torch.cat(chunks), list(self.feature_indices or []), []
-        result = embed_records(
-            embedder,
-            self.data.records,
-            batch_size=self.settings.eval.batch_size,
-            num_workers=self.settings.data.num_workers,
-            skip_bad=self.settings.data.skip_bad,
-            show_progress=show_progress,
-            description="validating",
-        )
-        return result.embeddings, result.indices, result.problems
-
-
-def classifier_accuracy(head: ClassifierHead, embeddings: torch.Tensor, labels: list) -> dict[str, float]:
-    """``{"top1", "top5"}`` of ``head`` on the records whose class it knows ({} when it knows none)."""
-    from vembed.evaluation.classify import classification_scores, label_columns
-
-    columns = label_columns(head.labels, labels, source="validation", warn=False, strict=False)
-    keep = [i for i, c in enumerate(columns) if c is not None]
-    if not keep:
-        return {}
-    with torch.inference_mode():
-        probs = head.probabilities(embeddings[torch.tensor(keep, dtype=torch.long)])
-    scores = classification_scores(probs, [columns[i] for i in keep], head.labels)
-    return {"top1": scores["top1"], "top5": scores["top5"]}

@@ -124,13 +124,6 @@ def extract_zip(archive: str | Path, dest: str | Path) -> Path:
     return dest
 
 
-def extract_archive(archive: str | Path, dest: str | Path) -> Path:
-    """A ``.zip`` or any tar archive into ``dest``."""
-    if str(archive).lower().endswith(".zip"):
-        return extract_zip(archive, dest)
-    return extract_tar(archive, dest)
-
-
 def dataset_root(
     root: str | Path | None, kaggle: str | None, *, url: str, out: Path, folder: str, name: str
 ) -> Path:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -35,10 +35,17 @@ class PrepareResult:
     files: dict[str, Path]
     summary: dict[str, Any]
     problems: list[Problem]
+    # the rich table of the summary (segmentation data sets show classes and pixels)
+    table: Callable[..., Any] | None = None
 
     @property
     def summary_path(self) -> Path:
         return self.out / SUMMARY
+
+    def summary_table(self):
+        from vembed.data.prepare.summary import summary_table
+
+        return (self.table or summary_table)(self.summary, out=str(self.out))
 
 
 def clean_records(records: Sequence[ImageRecord], log: ProblemLog, checks: CheckOptions) -> list[ImageRecord]:

@@ -58,7 +58,7 @@ def resize_prepared(result: PrepareResult, size: int, *, workers: int | None = N
     summary = {**result.summary, "resized": {"size": size, "folder": folder.name, "copies": copies}}
     write_json(result.out / SUMMARY, summary)
     log(f"{copies:,} copies in {folder.name}/ ({len(originals) - copies:,} images already small enough)")
-    return PrepareResult(result.out, result.files, summary, result.problems)
+    return PrepareResult(result.out, result.files, summary, result.problems, result.table)
 
 
 def _resize(source: Path, target: Path, size: int) -> bool:

@@ -176,7 +176,8 @@ def write_seg_prepared(
     for stale in sorted(previous - set(summary["files"])):
         (out / stale).unlink(missing_ok=True)
     console_log(f"{len(class_names)} classes, {summary['images']:,} image/mask pairs")
-    return PrepareResult(out, {name: out / file for name, file in files.items()}, summary, list(log))
+    files = {name: out / file for name, file in files.items()}
+    return PrepareResult(out, files, summary, list(log), seg_summary_table)
 
 
 def _rel(path: Path, out_abs: str) -> str:

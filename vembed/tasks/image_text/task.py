@@ -79,6 +79,9 @@ class ImageTextTask:
     def metrics(self, settings: Settings) -> list[str]:
         return list(METRICS)
 
+    def describe(self, settings: Settings) -> str:
+        return f"train.task={self.name}"
+
     def select_metric(self, settings: Settings) -> str:
         s = settings.train
         return s.select_metric if "select_metric" in s.model_fields_set else PRIMARY

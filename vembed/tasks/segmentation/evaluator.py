@@ -22,11 +22,11 @@ from torch.utils.data import DataLoader, Dataset
 from vembed.console import progress, rate_column
 from vembed.data.images import load_image, load_mask
 from vembed.data.records import SegRecord
-from vembed.data.segmentation import SegEvalTransform, check_classes, check_pair
 from vembed.evaluation.base import EvalResult
 from vembed.inference import _without_worker_tracebacks
 from vembed.models.segmenter import Segmenter
 from vembed.tasks.segmentation.corruptions import SEVERITIES, corrupt
+from vembed.tasks.segmentation.data import SegEvalTransform, check_classes, check_pair
 from vembed.tasks.segmentation.metrics import ConfusionMatrix, SegmentationMetrics
 
 

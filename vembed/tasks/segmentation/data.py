@@ -29,11 +29,6 @@ from vembed.errors import VembedError
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 
 
-def fit_to_patch(size: int, patch_size: int) -> int:
-    """The nearest multiple of ``patch_size`` (at least one patch)."""
-    return max(patch_size, round(size / patch_size) * patch_size)
-
-
 def check_pair(img: Image.Image, mask: np.ndarray, rec: SegRecord) -> None:
     if (mask.shape[1], mask.shape[0]) != img.size:
         raise VembedError(

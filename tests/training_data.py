@@ -1,4 +1,4 @@
-"""Shared helpers of the training tests (no tests here): data a tiny random backbone must learn from.
+"""Helpers of the training tests (a module, not tests): data a tiny random backbone must learn from.
 
 The images of ``make_nuisance_dataset`` carry their class in colour and stripes (as conftest's
 ``class_image``) plus a random brightness offset per image. A random backbone's features follow the

@@ -1,4 +1,4 @@
-"""``train.task: segmentation`` on the one training loop: the pieces that differ from retrieval.
+"""``train.task: segmentation`` on the task contract (:class:`vembed.tasks.base.Task`).
 
 The loop stays the same (optimiser, schedule, checkpoints, resume, selection, ``final/``); this task
 gives it a :class:`~vembed.models.segmenter.Segmenter` with the method applied (lora / frozen / full),
@@ -8,32 +8,34 @@ validator reporting ``miou`` (the selection metric) and ``pixel_accuracy``.
 
 from __future__ import annotations
 
-import contextlib
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import Dataset
 
-from vembed.console import log
 from vembed.data.images import IGNORE_INDEX
 from vembed.data.records import SegRecord, read_records
-from vembed.data.segmentation import SegEvalTransform, SegmentationImages, SegTrainTransform
 from vembed.errors import VembedError
 from vembed.inference import _without_worker_tracebacks
 from vembed.io import atomic_dir
+from vembed.models.factory import save_model
 from vembed.models.lora import apply_lora, merge_lora
-from vembed.models.segfactory import create_segmenter, save_segmenter
-from vembed.models.segmenter import Segmenter
+from vembed.models.segmenter import Segmenter, create_segmenter
 from vembed.settings import AugmentSettings, Settings
-from vembed.tasks.segmentation.evaluator import evaluate_segmentation
-from vembed.training.data import EpochLoaders, ShuffledBatchSampler
+from vembed.tasks.base import TrainParts
+from vembed.tasks.segmentation.data import SegEvalTransform, SegmentationImages, SegTrainTransform
+from vembed.tasks.segmentation.evaluator import SegEvalOptions, SegmentationEvaluator
+from vembed.training.data import EpochLoaders, ShuffledBatchSampler, report_problems
 
+# train.augment's segmentation defaults for the keys left null: on, a 0.5-2x zoom crop, hflip 0.5
+AUGMENT_DEFAULTS = {"enabled": True, "hflip": 0.5}
 SELECT_METRIC = "miou"
-METRICS = ("miou", "pixel_accuracy")  # what SegmentationValidator reports, each can rank models
+METRICS = ("miou", "pixel_accuracy")  # what SegmentationEvaluator reports, each can rank models
 LOSS_NAME = "pixel_ce"
 # train.* keys that only mean something for retrieval: setting one for segmentation is an error
 RETRIEVAL_KEYS = (
@@ -47,10 +49,6 @@ RETRIEVAL_KEYS = (
     "categories_per_batch",
     "grad_cache_chunk",
 )
-
-
-def is_segmentation(settings: Settings) -> bool:
-    return settings.train.task == "segmentation"
 
 
 def check_segmentation_settings(settings: Settings) -> None:
@@ -124,9 +122,11 @@ def build_segmentation_model(settings: Settings, data: MaskRecords) -> Segmenter
     dtype = "float32" if model.dtype == "auto" else model.dtype
     segmenter = create_segmenter(
         model.name,
-        model.model_copy(update={"device": "cpu", "dtype": dtype}),
+        model,
         num_classes=data.num_classes,
         class_names=data.class_names,
+        device="cpu",
+        dtype=dtype,
     )
     s = settings.train
     if s.grad_checkpointing and s.method != "frozen":
@@ -180,6 +180,7 @@ def seg_loaders(data: MaskRecords, *, segmenter: Segmenter, settings: Settings) 
 
 def seg_train_transform(spec, aug: AugmentSettings):
     """Image+mask training transform from ``train.augment`` (the eval transform when it is off)."""
+    aug = aug.with_defaults(**AUGMENT_DEFAULTS)
     if not aug.enabled:
         return _Fixed(SegEvalTransform(spec.image_size, spec.mean, spec.std, spec.interpolation))
     return SegTrainTransform(
@@ -241,53 +242,31 @@ class SegmentationSteps:
         return loss.detach()
 
 
-class SegmentationValidator:
-    """mIoU and pixel accuracy of the model on the validation records (at the model's input size)."""
-
-    def __init__(self, data: MaskRecords, settings: Settings):
-        self.data, self.settings = data, settings
-
-    def __call__(
-        self, model: Segmenter, *, autocast=contextlib.nullcontext, show_progress: bool = True
-    ) -> dict:
-        devices = [model.device] if model.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):  # validation must not move the training RNG
-            m = evaluate_segmentation(
-                model,
-                self.data.records,
-                batch_size=self.settings.eval.batch_size,
-                num_workers=self.settings.data.num_workers,
-                show_progress=show_progress,
-                description="validating",
-                autocast=autocast,
-            )
-        return {"miou": m.miou, "pixel_accuracy": m.pixel_accuracy, "num_images": len(self.data.records)}
-
-
-def save_segmentation_model(out: Path, segmenter: Segmenter, training: dict) -> None:
-    """``final/``: LoRA merged into the encoder, the decoder and the class names (atomically)."""
-    with atomic_dir(out) as tmp:
-        save_segmenter(merge_lora(segmenter), tmp, extra={"training": training})
-
-
-def report_problems(data: MaskRecords, val: MaskRecords | None) -> None:
-    for what, found in (("training", data), ("validation", val)):
-        if found is not None and found.problems:
-            log(f"[yellow]skipped {len(found.problems)} bad {what} records[/] (first: {found.problems[0]})")
-
-
 class SegmentationTask:
     """Everything the loop asks of ``train.task: segmentation``, in the order it asks."""
 
-    name = "segmentation"
+    name: ClassVar[str] = "segmentation"
+    losses: ClassVar[tuple[str, ...]] = (LOSS_NAME, "ce", "cross_entropy")
 
-    def __init__(self, settings: Settings):
-        self.settings = settings
+    def check(self, settings: Settings) -> None:
+        check_segmentation_settings(settings)
 
-    def setup(self, accelerator):
-        """``(model, data, loss, sampler, validator, step runner)``; the records come first (their class
-        list sizes the decoder), then the model with the method applied, on the accelerator's device."""
-        settings, acc = self.settings, accelerator
+    def metrics(self, settings: Settings) -> list[str]:
+        return list(METRICS)
+
+    def select_metric(self, settings: Settings) -> str:
+        return select_metric(settings)
+
+    def describe(self, settings: Settings) -> str:
+        return f"train.task={self.name}"
+
+    def augment(self, settings: Settings) -> AugmentSettings:
+        return settings.train.augment.with_defaults(**AUGMENT_DEFAULTS)
+
+    def setup(self, settings: Settings, accelerator, *, show_progress: bool = True) -> TrainParts:
+        """The records come first (their class list sizes the decoder), then the model with the method
+        applied, on the accelerator's device."""
+        acc = accelerator
         data = read_mask_records(settings.data.train, settings, what="training")
         val = None
         if settings.data.val:
@@ -303,19 +282,20 @@ class SegmentationTask:
             num_replicas=acc.num_processes,
             rank=acc.process_index,
         )
-        validator = SegmentationValidator(val, settings) if val is not None else None
-        return model, data, loss, sampler, validator, SegmentationSteps(acc, model, loss, data, settings)
+        validator = None
+        if val is not None:
+            options = SegEvalOptions(
+                batch_size=settings.eval.batch_size, num_workers=settings.data.num_workers
+            )
+            validator = SegmentationEvaluator(
+                val.records, options, description="validating", autocast=accelerator.autocast
+            )
+        runner = SegmentationSteps(acc, model, loss, data, settings)
+        return TrainParts(model, data, loss, sampler, runner, validator)
 
-    def save(self, out: Path, model: Segmenter, training: dict) -> None:
-        training = {
-            "select_metric": select_metric(self.settings),
-            **training,
-            "loss": LOSS_NAME,
-            "task": self.name,
-        }
-        save_segmentation_model(out, model, training)
-
-
-def task_for(settings: Settings) -> SegmentationTask | None:
-    """The task object of a non-retrieval run (None: the loop's retrieval path)."""
-    return SegmentationTask(settings) if is_segmentation(settings) else None
+    def save(self, out: Path, parts: TrainParts, training: dict) -> None:
+        """``final/``: LoRA merged into the encoder, the decoder and the class names (atomically)."""
+        training = {**training, "loss": LOSS_NAME, "task": self.name}
+        model = merge_lora(parts.model)
+        with atomic_dir(out) as tmp:
+            save_model(model, tmp, extra={"training": training}, head=model.head())
