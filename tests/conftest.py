@@ -88,3 +88,33 @@ def make_image_dataset(
 def image_dataset(tmp_path) -> Path:
     """A JSONL file of 4 classes × 5 generated images."""
     return make_image_dataset(tmp_path / "data")
+
+
+# The integration layer: modules that run whole commands end to end (training runs, several processes,
+# servers, exports with ONNX, the quickstart). `python -m pytest -m "not integration"` is the fast layer.
+INTEGRATION_MODULES = {
+    "test_training.py",
+    "test_training_resume.py",
+    "test_training_distributed.py",
+    "test_training_selection.py",
+    "test_training_mechanics.py",
+    "test_segmentation_training.py",
+    "test_quickstart.py",
+    "test_recipes.py",
+    "test_scale_embed.py",
+    "test_sharded_retrieval.py",
+    "test_stream_sources.py",
+    "test_export.py",
+    "test_image_text_export.py",
+    "test_serve.py",
+    "test_handoff.py",
+    "test_ray.py",
+    "test_bench.py",
+    "test_docs_commands.py",
+}
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.path.name in INTEGRATION_MODULES:
+            item.add_marker(pytest.mark.integration)

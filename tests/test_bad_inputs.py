@@ -431,7 +431,6 @@ def _snapshot(root: Path) -> dict[str, str]:
 def _environment(monkeypatch, tmp_path):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a wrong hub id fails at once instead of retrying
     monkeypatch.setenv("VEMBED_LOG_DIR", str(tmp_path / "logs"))
-    monkeypatch.delenv("VEMBED_MAX_IMAGE_PIXELS", raising=False)
     monkeypatch.delenv("VEMBED_DEBUG", raising=False)
 
 
@@ -643,3 +642,17 @@ def test_interrupted_train_resumes_to_the_same_weights(world, tmp_path, sig, uni
     mine = load_file(str(run / "final" / "model.safetensors"))
     theirs = load_file(str(uninterrupted_run / "final" / "model.safetensors"))
     assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-5
+
+
+def test_a_stopped_training_is_reported_as_interrupted_wherever_it_runs(tmp_path, capsys):
+    """The quickstart (or any command that trains) stopped by SIGTERM: one yellow line saying where the
+    checkpoint is and how to continue, exit 130 -- never "this is a bug in vembed"."""
+    from vembed.cli.failures import INTERRUPTED_EXIT, report
+    from vembed.training import TrainingInterrupted
+
+    stop = TrainingInterrupted(
+        "stopped by SIGTERM at step 5/9; checkpoint c; continue with --resume", tmp_path
+    )
+    assert report(stop) == INTERRUPTED_EXIT
+    err = capsys.readouterr().err
+    assert "stopped by SIGTERM at step 5/9" in err and "bug" not in err

@@ -77,9 +77,11 @@ def supcon_reference(emb: torch.Tensor, labels: torch.Tensor, t: float) -> torch
 
 
 def test_registry_names_and_flags():
-    assert set(LOSSES) == {"infonce", "supcon", "arcface", "cosface", "triplet", "ce"}
+    assert set(LOSSES) == {
+        "infonce", "supcon", "arcface", "cosface", "triplet", "ce", "multi_similarity", "proxy_anchor"
+    }  # fmt: skip
     needs = {name for name, cls in LOSSES.items() if cls.needs_num_classes}
-    assert needs == {"arcface", "cosface", "ce"}
+    assert needs == {"arcface", "cosface", "ce", "proxy_anchor"}
     for name in LOSSES:
         loss = build_loss(name, embed_dim=8, num_classes=3)
         assert loss.needs_num_classes == (name in needs)
@@ -406,7 +408,7 @@ def build_for_test(name: str, centres: torch.Tensor) -> torch.nn.Module:
     num_classes, dim = centres.shape
     loss = build_loss(name, embed_dim=dim, num_classes=num_classes)
     with torch.no_grad():  # proxies / classifier aligned with the class centres
-        if name in ("arcface", "cosface"):
+        if name in ("arcface", "cosface", "proxy_anchor"):
             loss.proxies.copy_(centres)
         elif name == "ce":
             loss.classifier.weight.copy_(10 * centres)

@@ -85,6 +85,8 @@ def test_losses_declare_the_batches_they_need():
         "cosface": "any",
         "triplet": "pk",
         "ce": "any",
+        "multi_similarity": "pk",
+        "proxy_anchor": "any",
     }
     data = LabelledImages(records=[], labels=[], class_names=[])
     for loss, pk, k in [("infonce", True, 2), ("supcon", True, 4), ("arcface", False, 4)]:

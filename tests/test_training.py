@@ -283,3 +283,16 @@ def test_batch_size_must_fit_p_by_k(tiny_model, data, tmp_path):
             tiny_settings(tiny_model, data[0], tmp_path / "run", "train.loss=supcon", "train.batch_size=10"),
             show_progress=False,
         )
+
+
+@pytest.mark.parametrize("workers", [0, 1])
+def test_data_max_image_pixels_reaches_a_library_train(tiny_model, tmp_path, workers):
+    """``train(settings)`` called from Python (no CLI) decodes under ``data.max_image_pixels``, in the
+    main process and in DataLoader workers: the setting is an argument, not an environment variable."""
+    records = make_nuisance_dataset(tmp_path / "data", per_class=2)
+    settings = tiny_settings(
+        tiny_model, records, tmp_path / "run", "data.max_image_pixels=100", f"data.num_workers={workers}",
+        "train.max_steps=1", "train.eval_at_start=false",
+    )  # fmt: skip
+    with pytest.raises(VembedError, match=r"pixels is over the limit of 100 \(data.max_image_pixels\)"):
+        train(settings, show_progress=False)

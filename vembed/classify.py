@@ -136,6 +136,7 @@ def classify_images(
         batch_size=settings.eval.batch_size,
         num_workers=settings.data.num_workers,
         skip_bad=settings.data.skip_bad,
+        max_pixels=settings.data.max_image_pixels,
         show_progress=show_progress,
     )
     return top_predictions(result, records, top), result.problems

@@ -28,3 +28,8 @@ def _original_message(text: str, cls: type) -> str:
         if name in text:
             return text.rsplit(name, 1)[1].strip()
     return text
+
+
+class Interrupted(Exception):
+    """A stop signal (SIGTERM, Ctrl-C) ended the work cleanly: what was done is saved (the message says
+    where and how to continue). Reported as one yellow line, exit status 130."""

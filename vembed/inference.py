@@ -40,12 +40,14 @@ def iter_embedding_batches(
     show_progress: bool = True,
     description: str = "embedding",
     pooled: bool = False,
+    max_pixels: int | None = None,
 ) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
     """Yield ``(embeddings, record indices, problems)`` batch by batch (for streaming output).
 
     ``pooled=True`` yields pooled backbone features instead (see :meth:`Embedder.encode`).
+    ``max_pixels``: ``data.max_image_pixels`` (None: the default limit).
     """
-    dataset = ImageDataset(records, EvalTransform(embedder.spec), skip_bad=skip_bad)
+    dataset = ImageDataset(records, EvalTransform(embedder.spec), skip_bad=skip_bad, max_pixels=max_pixels)
     loader = build_loader(
         dataset, batch_size=batch_size, num_workers=min(num_workers, len(records) // batch_size + 1)
     )

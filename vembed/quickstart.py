@@ -203,7 +203,7 @@ def build_model(folder: Path, options: QuickstartOptions) -> Path:
     plus the ``vembed.json`` that names its pooling (mean)."""
     import transformers
 
-    from vembed.models.factory import load_embedder, save_embedder
+    from vembed.models.factory import load_embedder, save_model
 
     config = transformers.Dinov2Config(
         image_size=options.image_px,
@@ -220,7 +220,7 @@ def build_model(folder: Path, options: QuickstartOptions) -> Path:
         # vembed.json: the folder carries the quickstart's pooling, so `--model runs/quickstart/model`
         # anywhere measures what the quickstart's "before" row measured
         embedder = load_embedder(tmp, pooling=QUICKSTART_POOLING, device="cpu", dtype="float32")
-        save_embedder(embedder, tmp, extra={"base_model": f"random init ({folder})"})
+        save_model(embedder, tmp, extra={"base_model": f"random init ({folder})"})
     params = sum(p.numel() for p in model.parameters())
     log(
         f"model: {options.num_layers} layers, width {options.hidden_size}, {params / 1e3:.0f}k parameters → {folder}"

@@ -63,8 +63,6 @@ def settings_from(config: Path | None, overrides: list[str] | None, **explicit) 
     """
     values = {key.replace("__", "."): value for key, value in explicit.items() if value is not None}
     settings = load_settings(config, list(overrides or []), values)
-    # read by vembed.data.images.load_image, here and in data-loading worker processes
-    os.environ["VEMBED_MAX_IMAGE_PIXELS"] = str(settings.data.max_image_pixels)
     return settings
 
 

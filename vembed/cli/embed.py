@@ -135,6 +135,7 @@ def embed_command(
             batch_size=settings.index.batch_size,
             num_workers=data.num_workers,
             skip_bad=data.skip_bad,
+            max_pixels=data.max_image_pixels,
             problems=problems,
             show_progress=not quiet,
         )
@@ -214,6 +215,7 @@ def _embed_into_store(
             batch_size=settings.index.batch_size,
             num_workers=settings.data.num_workers,
             skip_bad=settings.data.skip_bad,
+            max_pixels=settings.data.max_image_pixels,
             image_root=settings.data.image_root,
             settings_yaml=settings_to_yaml(settings),
             show_progress=not quiet and main,

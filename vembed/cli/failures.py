@@ -24,7 +24,7 @@ from rich.markup import escape
 from typer.core import TyperGroup, TyperOption
 
 from vembed.console import console
-from vembed.errors import VembedError
+from vembed.errors import Interrupted, VembedError
 
 EXPECTED_EXIT = 2
 BUG_EXIT = 1
@@ -49,6 +49,9 @@ def report(exc: BaseException) -> int:
     """Print what the user should see for ``exc``; return the exit status."""
     if isinstance(exc, KeyboardInterrupt):
         console.print("[yellow]interrupted[/]")
+        return INTERRUPTED_EXIT
+    if isinstance(exc, Interrupted):  # stopped by a signal, its state saved (e.g. a training checkpoint)
+        console.print(f"[yellow]{escape(str(exc))}[/]", highlight=False, soft_wrap=True)
         return INTERRUPTED_EXIT
     if isinstance(exc, VembedError):
         _error_line(str(exc))

@@ -83,6 +83,7 @@ def segmentation_command(
         corruptions=tuple(parse_corruptions(corruptions)),
         severities=tuple(parse_severities(severity)),
         seed=seed,
+        max_pixels=settings.data.max_image_pixels,
     )
 
     records = read_mask_records(data, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad)
@@ -145,7 +146,15 @@ def predict_masks_command(
     records, problems = records_from_source(images, skip_bad=skip_bad)
     quiet_transformers()
     segmenter = create_segmenter(model, settings.model)
-    result = predict_masks(segmenter, records, out, overlays=overlay, full_res=full_res, skip_bad=skip_bad)
+    result = predict_masks(
+        segmenter,
+        records,
+        out,
+        overlays=overlay,
+        full_res=full_res,
+        skip_bad=skip_bad,
+        max_pixels=settings.data.max_image_pixels,
+    )
     for problem in [*problems, *result.problems]:
         log(f"[yellow]skipped:[/] {problem}")
     log(

@@ -9,7 +9,6 @@ from rich.console import Console
 from rich.table import Table
 
 from vembed.cli.app import app, quiet_transformers, settings_from
-from vembed.console import console
 
 
 @app.command("train")
@@ -32,7 +31,7 @@ def train_command(
     Writes settings.yaml, metrics.jsonl and checkpoints/ into the run directory; validates on data.val
     at each epoch end and keeps the best model. A stopped run continues with --resume.
     """
-    from vembed.training import TrainingInterrupted, train  # torch: imported on use
+    from vembed.training import train  # torch: imported on use
 
     settings = settings_from(
         config,
@@ -44,11 +43,7 @@ def train_command(
         data__val=val,
     )
     quiet_transformers()
-    try:
-        result = train(settings, show_progress=not quiet)
-    except TrainingInterrupted as exc:
-        console.print(f"[yellow]{exc}[/]", highlight=False, soft_wrap=True)
-        raise typer.Exit(130) from None
+    result = train(settings, show_progress=not quiet)  # a stop signal: cli/failures.py says where it saved
     if result.main_process:
         from vembed.tasks import get_task
 

@@ -24,10 +24,18 @@ class BadItem:
 class ImageDataset(Dataset):
     """Records → ``(pixel_values, index)``; with ``skip_bad`` an undecodable image yields a BadItem."""
 
-    def __init__(self, records: Sequence[ImageRecord], transform: Callable, *, skip_bad: bool = False):
+    def __init__(
+        self,
+        records: Sequence[ImageRecord],
+        transform: Callable,
+        *,
+        skip_bad: bool = False,
+        max_pixels: int | None = None,
+    ):
         self.records = records
         self.transform = transform
         self.skip_bad = skip_bad
+        self.max_pixels = max_pixels  # data.max_image_pixels (None: the default limit)
         self.min_size = getattr(transform, "min_decode_size", None)
 
     def __len__(self) -> int:
@@ -40,7 +48,7 @@ class ImageDataset(Dataset):
         """Item ``index`` through ``transform`` (e.g. one bound to a seeded generator)."""
         rec = self.records[index]
         try:
-            image = load_image(rec.decode_path, min_size=self.min_size)
+            image = load_image(rec.decode_path, min_size=self.min_size, max_pixels=self.max_pixels)
         except VembedError as exc:
             message = f"{rec.source}: {exc}" if rec.source and rec.source != str(rec.image) else str(exc)
             if self.skip_bad:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import math
-import os
 import random
 from pathlib import Path
 
@@ -29,7 +28,7 @@ def load_image(
 
     ``min_size`` lets JPEGs decode at 1/2, 1/4 or 1/8 scale while keeping the shorter side at least
     that large (much faster for big photos). An image over ``max_pixels`` (default
-    :func:`max_image_pixels`, the setting ``data.max_image_pixels``) is draft-decoded under the limit
+    :data:`MAX_IMAGE_PIXELS`; the setting ``data.max_image_pixels``, passed down by every caller) is draft-decoded under the limit
     when it is a JPEG, and refused otherwise. Corrupt, truncated, empty or oversized files raise
     :class:`VembedError` naming the path.
     """
@@ -48,7 +47,7 @@ def decode_image_bytes(
 
 
 def _decode(source, name, *, min_size: int | None, max_pixels: int | None) -> Image.Image:
-    limit = max_image_pixels() if max_pixels is None else max_pixels
+    limit = MAX_IMAGE_PIXELS if max_pixels is None else max_pixels
     try:
         with Image.open(source) as img:
             w, h = img.size
@@ -87,13 +86,6 @@ def check_pixels(path, size: tuple[int, int], limit: int, *, original: tuple[int
             f"{path}: {w}×{h} pixels is over the limit of {limit:,} (data.max_image_pixels); "
             "too large to decode safely — shrink it, raise the limit, or skip it with --skip-bad"
         )
-
-
-def max_image_pixels() -> int:
-    """The process's limit: ``VEMBED_MAX_IMAGE_PIXELS`` (the CLI sets it from ``data.max_image_pixels``,
-    and worker processes inherit it), else :data:`MAX_IMAGE_PIXELS`; 0 means no limit."""
-    value = os.environ.get("VEMBED_MAX_IMAGE_PIXELS", "").strip()
-    return int(value) if value.isdigit() else MAX_IMAGE_PIXELS
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -272,7 +264,7 @@ MASK_HINT = (
 )
 
 
-def load_mask(path: str | Path) -> np.ndarray:
+def load_mask(path: str | Path, *, max_pixels: int | None = None) -> np.ndarray:
     """Decode a segmentation mask to ``uint8 [H, W]`` class indices (255 = ignore).
 
     One-channel PNGs (mode ``L``) are read as they are; palette PNGs (``P``, as Pascal VOC ships them)
@@ -282,7 +274,7 @@ def load_mask(path: str | Path) -> np.ndarray:
     path = Path(path)
     try:
         with Image.open(path) as img:
-            check_pixels(path, img.size, max_image_pixels())
+            check_pixels(path, img.size, MAX_IMAGE_PIXELS if max_pixels is None else max_pixels)
             img.load()
             mode = img.mode
             if mode in ("L", "P"):

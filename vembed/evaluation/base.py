@@ -78,6 +78,7 @@ class EmbedOptions:
     num_workers: int = 2
     skip_bad: bool = False
     show_progress: bool = True
+    max_pixels: int | None = None  # data.max_image_pixels (None: the default limit)
 
 
 @dataclass
@@ -131,6 +132,7 @@ def embed_labelled(
         batch_size=options.batch_size,
         num_workers=options.num_workers,
         skip_bad=options.skip_bad,
+        max_pixels=options.max_pixels,
         show_progress=options.show_progress,
         description=description,
     )

@@ -133,6 +133,7 @@ def _score(embedder: Embedder, head: ClassifierHead, records, options: EmbedOpti
         batch_size=options.batch_size,
         num_workers=options.num_workers,
         skip_bad=options.skip_bad,
+        max_pixels=options.max_pixels,
         show_progress=options.show_progress,
     )
     if not result.indices:

@@ -82,6 +82,7 @@ class ImageTextEvaluator:
                 batch_size=options.batch_size,
                 num_workers=options.num_workers,
                 skip_bad=options.skip_bad,
+                max_pixels=options.max_pixels,
                 show_progress=show_progress and options.show_progress,
                 description="embedding images",
             )

@@ -44,7 +44,12 @@ class RetrievalOptions:
 
 def embed_options(settings: Settings) -> EmbedOptions:
     """``eval.batch_size``, ``data.num_workers``, ``data.skip_bad``."""
-    return EmbedOptions(settings.eval.batch_size, settings.data.num_workers, settings.data.skip_bad)
+    return EmbedOptions(
+        settings.eval.batch_size,
+        settings.data.num_workers,
+        settings.data.skip_bad,
+        max_pixels=settings.data.max_image_pixels,
+    )
 
 
 def record_options(settings: Settings) -> RecordOptions:

@@ -220,6 +220,7 @@ class RetrievalEvaluator:
                 batch_size=self.embed.batch_size,
                 num_workers=self.embed.num_workers,
                 skip_bad=self.embed.skip_bad,
+                max_pixels=self.embed.max_pixels,
                 show_progress=show_progress and procs.rank == 0,
                 description=description
                 + (f" (process 0's share of {procs.world_size})" if procs.world_size > 1 else ""),

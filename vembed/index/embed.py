@@ -40,6 +40,7 @@ def embed_to_store(
     batch_size: int = 64,
     num_workers: int = 2,
     skip_bad: bool = False,
+    max_pixels: int | None = None,
     problems: Sequence[str] = (),
     show_progress: bool = True,
     settings_yaml: str | None = None,
@@ -58,6 +59,7 @@ def embed_to_store(
         batch_size=batch_size,
         num_workers=num_workers,
         skip_bad=skip_bad,
+        max_pixels=max_pixels,
         show_progress=show_progress,
     )
     skipped = [*problems, *result.problems]
@@ -78,6 +80,7 @@ def stream_jsonl(
     batch_size: int = 64,
     num_workers: int = 2,
     skip_bad: bool = False,
+    max_pixels: int | None = None,
     problems: Sequence[str] = (),
     show_progress: bool = True,
 ) -> EmbedSummary:
@@ -96,6 +99,7 @@ def stream_jsonl(
         batch_size=batch_size,
         num_workers=num_workers,
         skip_bad=skip_bad,
+        max_pixels=max_pixels,
         show_progress=show_progress,
     ):
         skipped += bad

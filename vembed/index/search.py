@@ -170,6 +170,7 @@ def search_queries(
             batch_size=settings.index.batch_size,
             num_workers=settings.data.num_workers,
             skip_bad=settings.data.skip_bad,
+            max_pixels=settings.data.max_image_pixels,
             show_progress=show_progress,
             description="embedding queries",
         )

@@ -91,6 +91,7 @@ def embed_shards(
     batch_size: int = 64,
     num_workers: int = 2,
     skip_bad: bool = False,
+    max_pixels: int | None = None,
     image_root: str | Path | None = None,
     settings_yaml: str | None = None,
     show_progress: bool = True,
@@ -121,6 +122,7 @@ def embed_shards(
             batch_size=batch_size,
             num_workers=num_workers,
             skip_bad=skip_bad,
+            max_pixels=max_pixels,
             image_root=image_root,
             settings_yaml=settings_yaml,
             show_progress=show_progress,
@@ -149,6 +151,7 @@ def _embed_shards(
     batch_size: int,
     num_workers: int,
     skip_bad: bool,
+    max_pixels: int | None,
     image_root: str | Path | None,
     settings_yaml: str | None,
     show_progress: bool,
@@ -160,6 +163,7 @@ def _embed_shards(
         batch_size=batch_size,
         num_workers=num_workers,
         skip_bad=skip_bad,
+        max_pixels=max_pixels,
         image_root=image_root,
         show_progress=show_progress,
     )
@@ -215,6 +219,7 @@ def _embed_blocks(
     batch_size,
     num_workers,
     skip_bad,
+    max_pixels,
     image_root,
     show_progress,
 ) -> ShardRun:
@@ -245,6 +250,7 @@ def _embed_blocks(
             batch_size=batch_size,
             num_workers=num_workers,
             skip_bad=skip_bad,
+            max_pixels=max_pixels,
             show_progress=show_progress,
             description=f"shard {block.number}",
         ):

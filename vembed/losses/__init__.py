@@ -27,6 +27,8 @@ from vembed.losses.distributed import gather_with_grad
 from vembed.losses.margin import ArcFaceLoss, CosFaceLoss
 from vembed.losses.matryoshka import MatryoshkaLoss
 from vembed.losses.miners import MINERS, MINING_STRATEGIES, build_miner
+from vembed.losses.multi_similarity import MultiSimilarityLoss
+from vembed.losses.proxy_anchor import ProxyAnchorLoss
 from vembed.losses.triplet import TripletLoss
 
 __all__ = [
@@ -38,6 +40,8 @@ __all__ = [
     "CrossEntropyLoss",
     "InfoNCELoss",
     "MatryoshkaLoss",
+    "MultiSimilarityLoss",
+    "ProxyAnchorLoss",
     "SupConLoss",
     "TripletLoss",
     "build_loss",
@@ -54,10 +58,12 @@ LOSSES: dict[str, type[nn.Module]] = {
     "cosface": CosFaceLoss,
     "triplet": TripletLoss,
     "ce": CrossEntropyLoss,
+    "multi_similarity": MultiSimilarityLoss,
+    "proxy_anchor": ProxyAnchorLoss,
 }
 
 # Options handled by build_loss itself rather than by a loss class.
-_WRAPPER_OPTIONS = ("matryoshka_dims", "matryoshka_weights")
+_WRAPPER_OPTIONS = ("matryoshka_dims", "matryoshka_weights", "memory_bank")
 
 
 def _did_you_mean(word: str, choices: Sequence[str]) -> str:
@@ -101,7 +107,9 @@ def build_loss(name: str, *, embed_dim: int, num_classes: int | None = None, **o
             ids in ``[0, num_classes)``), ignored by the others.
         **options: keyword arguments of the loss class (e.g. ``temperature=0.07``, ``margin=0.3``,
             ``mining="semihard"``), plus ``matryoshka_dims=[...]`` (and optional ``matryoshka_weights``)
-            to wrap a pair-based loss in :class:`MatryoshkaLoss`. ``None``/``[]`` means no wrapping.
+            to wrap a pair-based loss in :class:`MatryoshkaLoss`. ``None``/``[]`` means no wrapping;
+            ``memory_bank=N``: a cross-batch memory of the last N embeddings (:mod:`vembed.losses.memory`)
+            for infonce, supcon, triplet and multi_similarity.
 
     Raises:
         VembedError: unknown name or option, missing num_classes, invalid values, or matryoshka_dims with
@@ -111,6 +119,7 @@ def build_loss(name: str, *, embed_dim: int, num_classes: int | None = None, **o
     cls = LOSSES[key]
     matryoshka_dims = options.pop("matryoshka_dims", None)
     matryoshka_weights = options.pop("matryoshka_weights", None)
+    memory_bank = options.pop("memory_bank", None)
 
     accepted = loss_options(key)
     unknown = sorted(set(options) - set(accepted))
@@ -136,6 +145,15 @@ def build_loss(name: str, *, embed_dim: int, num_classes: int | None = None, **o
     else:
         loss = cls(**options)
 
+    if memory_bank:
+        if not getattr(cls, "uses_memory", False):
+            users = ", ".join(n for n, c in LOSSES.items() if getattr(c, "uses_memory", False))
+            raise VembedError(f"memory_bank does not apply to loss '{key}'; it is used by {users}")
+        if matryoshka_dims:
+            raise VembedError("memory_bank and matryoshka_dims cannot be combined (one memory, one width)")
+        from vembed.losses.memory import MemoryBank
+
+        loss.memory = MemoryBank(memory_bank, embed_dim)
     if matryoshka_dims:
         too_wide = [d for d in matryoshka_dims if isinstance(d, int) and d > embed_dim]
         if too_wide:

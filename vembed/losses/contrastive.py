@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from vembed.errors import VembedError
 from vembed.losses._common import check_batch, check_positive, float32_forward, normalize, zero_with_grad
 from vembed.losses.distributed import gather_candidates, self_mask
+from vembed.losses.memory import remember, with_memory
 from vembed.losses.miners import build_miner
 
 __all__ = ["InfoNCELoss", "SupConLoss"]
@@ -31,6 +32,7 @@ class _TemperatureLoss(nn.Module):
     needs_num_classes: ClassVar[bool] = False
     batches: ClassVar[str] = "pk"
     name: ClassVar[str] = ""
+    uses_memory: ClassVar[bool] = True  # train.memory_bank: extra candidates (vembed.losses.memory)
 
     def __init__(
         self,
@@ -73,6 +75,7 @@ class _TemperatureLoss(nn.Module):
         """
         anchors = normalize(embeddings)
         candidates, candidate_labels, offset = gather_candidates(anchors, labels)
+        candidates, candidate_labels = with_memory(self, candidates, candidate_labels)
         similarities = anchors @ candidates.T
         logits = similarities / self.temperature
         own = self_mask(anchors.shape[0], candidates.shape[0], offset, anchors.device)
@@ -140,6 +143,7 @@ class InfoNCELoss(_TemperatureLoss):
         num_positives = positives.sum(dim=1)
         valid = (num_positives > 0) & negatives.any(dim=1)
         anchor_losses = pair_losses.sum(dim=1) / num_positives.clamp(min=1)
+        remember(self, normalize(embeddings), labels)
         return (anchor_losses * valid).sum() / valid.sum().clamp(min=1)
 
 
@@ -189,4 +193,5 @@ class SupConLoss(_TemperatureLoss):
         num_positives = positives.sum(dim=1)
         valid = num_positives > 0
         anchor_losses = pair_losses.sum(dim=1) / num_positives.clamp(min=1)
+        remember(self, normalize(embeddings), labels)
         return (anchor_losses * valid).sum() / valid.sum().clamp(min=1)

@@ -8,7 +8,10 @@ converts between tuple forms. Mining runs without gradients.
 - ``hard`` (Hermans et al. "batch hard"): per anchor, the farthest positive and the nearest negative;
 - ``semihard`` (FaceNet): per (anchor, positive), the nearest negative farther than the positive but
   within the margin (``d_ap < d_an < d_ap + margin``);
-- ``all``: every triplet that violates the margin (``d_an < d_ap + margin``).
+- ``all``: every triplet that violates the margin (``d_an < d_ap + margin``);
+- ``multi_similarity`` (Wang et al. 2019, pytorch-metric-learning's ``MultiSimilarityMiner``): per anchor,
+  the positives less similar than its most similar negative plus ``margin`` (epsilon, default 0.1 for
+  this miner) and the negatives more similar than its least similar positive minus ``margin``.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ __all__ = [
     "AllTripletsMiner",
     "HardMiner",
     "Miner",
+    "MultiSimilarityMiner",
     "SemiHardMiner",
     "build_miner",
 ]
@@ -101,7 +105,35 @@ class AllTripletsMiner(_MarginMiner):
         return anchor[pair], positive[pair], negative
 
 
-MINERS: dict[str, type[Miner]] = {m.name: m for m in (HardMiner, SemiHardMiner, AllTripletsMiner)}
+class MultiSimilarityMiner(Miner):
+    """Pair mining of the multi-similarity loss (in distances ``d = 1 - s``, ``margin`` is epsilon):
+    positive ``p`` of anchor ``a`` is kept when ``d_ap + margin > min_n d_an`` (``s_ap - eps < max s_an``),
+    negative ``n`` when ``d_an - margin < max_p d_ap`` (``s_an + eps > min s_ap``)."""
+
+    name: ClassVar[str] = "multi_similarity"
+
+    @torch.no_grad()
+    def pairs(self, distances: Tensor, positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
+        distances = distances.detach()
+        nearest_negative = distances.masked_fill(~negatives, torch.inf).amin(dim=1, keepdim=True)
+        farthest_positive = distances.masked_fill(~positives, -torch.inf).amax(dim=1, keepdim=True)
+        mined_positives = positives & (distances + self.margin > nearest_negative)
+        mined_negatives = negatives & (distances - self.margin < farthest_positive)
+        return mined_positives, mined_negatives
+
+    @torch.no_grad()
+    def triplets(self, distances: Tensor, positives: Tensor, negatives: Tensor) -> Triplets:
+        """Every (anchor, mined positive, mined negative) combination."""
+        mined_positives, mined_negatives = self.pairs(distances, positives, negatives)
+        anchor, positive, negative = torch.nonzero(
+            mined_positives[:, :, None] & mined_negatives[:, None, :], as_tuple=True
+        )
+        return anchor, positive, negative
+
+
+MINERS: dict[str, type[Miner]] = {
+    m.name: m for m in (HardMiner, SemiHardMiner, AllTripletsMiner, MultiSimilarityMiner)
+}
 MINING_STRATEGIES = tuple(MINERS)
 
 

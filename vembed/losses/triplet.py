@@ -9,6 +9,7 @@ from torch import Tensor, nn
 
 from vembed.losses._common import check_batch, check_non_negative, float32_forward, normalize, zero_with_grad
 from vembed.losses.distributed import gather_candidates, self_mask
+from vembed.losses.memory import remember, with_memory
 from vembed.losses.miners import MINING_STRATEGIES, build_miner
 
 __all__ = ["MINING_STRATEGIES", "TripletLoss"]
@@ -37,6 +38,7 @@ class TripletLoss(nn.Module):
     needs_num_classes: ClassVar[bool] = False
     batches: ClassVar[str] = "pk"
     name: ClassVar[str] = "triplet"
+    uses_memory: ClassVar[bool] = True  # train.memory_bank: extra candidates (vembed.losses.memory)
     summary: ClassVar[str] = "margin on cosine distance with hard-negative mining (P x K batches)"
 
     def __init__(self, margin: float = 0.2, *, mining: str = "hard") -> None:
@@ -49,6 +51,7 @@ class TripletLoss(nn.Module):
         """``(distances [N, M], positives [N, M], negatives [N, M])``, local anchors vs. all candidates."""
         anchors = normalize(embeddings)
         candidates, candidate_labels, offset = gather_candidates(anchors, labels)
+        candidates, candidate_labels = with_memory(self, candidates, candidate_labels)
         distances = 1.0 - anchors @ candidates.T
         own = self_mask(anchors.shape[0], candidates.shape[0], offset, anchors.device)
         same = labels[:, None] == candidate_labels[None, :]
@@ -69,6 +72,7 @@ class TripletLoss(nn.Module):
         check_batch(embeddings, labels, self.name)
         distances, positives, negatives = self._distances(embeddings, labels)
         anchor, positive, negative = self.miner.triplets(distances, positives, negatives)
+        remember(self, normalize(embeddings), labels)
         if anchor.numel() == 0:
             return zero_with_grad(embeddings)
         losses = distances[anchor, positive] - distances[anchor, negative] + self.margin

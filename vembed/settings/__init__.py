@@ -154,7 +154,10 @@ class TrainSettings(Section):
     method: Literal["lora", "full", "frozen"] = Field(
         "lora", description="lora: adapters on the backbone; full: every weight; frozen: head/proxies only."
     )
-    loss: str = Field("infonce", description="infonce, supcon, arcface, cosface, triplet, ce.")
+    loss: str = Field(
+        "infonce",
+        description="infonce, supcon, arcface, cosface, triplet, ce, multi_similarity, proxy_anchor.",
+    )
     epochs: int = Field(2, ge=1)
     max_steps: int | None = Field(
         None, ge=1, description="Stop after this many optimiser steps (overrides epochs)."
@@ -207,11 +210,18 @@ class TrainSettings(Section):
     # loss options (null: the loss's own default)
     temperature: float | None = Field(None, gt=0, description="infonce / supcon temperature.")
     learnable_temperature: bool = Field(False, description="infonce / supcon: learn the temperature.")
-    margin: float | None = Field(None, ge=0, description="arcface / cosface / triplet margin.")
+    margin: float | None = Field(None, ge=0, description="arcface / cosface / triplet / proxy_anchor margin.")
     scale: float | None = Field(None, gt=0, description="arcface / cosface / ce (normalized) logit scale.")
-    mining: Literal["hard", "semihard", "all"] | None = Field(
+    mining: Literal["hard", "semihard", "all", "multi_similarity"] | None = Field(
         None,
-        description="Miner of triplet (default hard), infonce and supcon (default none): hard, semihard, all.",
+        description="Miner of triplet (default hard), infonce and supcon (default none), multi_similarity "
+        "(default multi_similarity): hard, semihard, all, multi_similarity.",
+    )
+    memory_bank: int | None = Field(
+        None,
+        ge=1,
+        description="Cross-batch memory: the last N training embeddings (detached, with labels) as extra "
+        "pairs for infonce, supcon, triplet and multi_similarity (XBM); kept in checkpoints.",
     )
     loss_options: dict[str, Any] = Field(
         default_factory=dict, description="Other keyword options of the loss (e.g. label_smoothing)."

@@ -99,6 +99,17 @@ class ShuffledBatchSampler:
         )
         self.batches = BatchSampler(self.sampler, batch_size, drop_last=True)
 
+    @classmethod
+    def for_run(cls, size: int, settings: TrainSettings, accelerator) -> ShuffledBatchSampler:
+        """``train.batch_size`` per process, ``train.seed``, this process' share under ``accelerator``."""
+        return cls(
+            size,
+            settings.batch_size,
+            seed=settings.seed,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+        )
+
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 
@@ -288,7 +299,12 @@ class EpochLoaders:
 def train_loaders(data: LabelledImages, *, spec: ModelSpec, settings: Settings) -> EpochLoaders:
     """The epoch loaders of the training images, decoding and augmenting in ``data.num_workers`` workers."""
     dataset = AugmentedImages(
-        ImageDataset(data.records, train_transform(spec, settings.train), skip_bad=settings.data.skip_bad)
+        ImageDataset(
+            data.records,
+            train_transform(spec, settings.train),
+            skip_bad=settings.data.skip_bad,
+            max_pixels=settings.data.max_image_pixels,
+        )
     )
     return EpochLoaders(dataset, num_workers=settings.data.num_workers, seed=settings.train.seed)
 

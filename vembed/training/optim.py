@@ -57,8 +57,8 @@ def param_groups(
             scale = settings.layer_decay ** (num_layers + 1 - layer_id(name, num_layers))
         add("backbone", name, param, settings.lr * scale)
     for name, param in head:
-        if param.requires_grad:
-            add("head", name, param, head_lr(settings))
+        if param.requires_grad:  # a loss may give a parameter its own rate (proxy_anchor's proxies)
+            add("head", name, param, head_lr(settings) * getattr(param, "lr_scale", 1.0))
     return [
         {"params": params, "lr": lr, "weight_decay": decay, "name": f"{kind}/lr={lr:.3g}/wd={decay:g}"}
         for (kind, lr, decay), params in groups.items()

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from vembed.errors import Interrupted
+
 
 @dataclass
 class TrainResult:
@@ -23,7 +25,7 @@ class TrainResult:
     main_process: bool = True  # False on the other processes of a multi-process run (history empty)
 
 
-class TrainingInterrupted(Exception):
+class TrainingInterrupted(Interrupted):
     """A stop signal (SIGTERM, Ctrl-C) ended the run after saving a checkpoint."""
 
     def __init__(self, message: str, checkpoint: Path):

@@ -144,6 +144,7 @@ def cache_features(
         batch_size=settings.eval.batch_size,
         num_workers=settings.data.num_workers,
         skip_bad=settings.data.skip_bad,
+        max_pixels=settings.data.max_image_pixels,
         show_progress=show_progress,
     )
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []

@@ -48,6 +48,7 @@ class PairSteps:
                 self.data.images(),
                 train_transform(self.encoder.spec, self.settings.train),
                 skip_bad=self.settings.data.skip_bad,
+                max_pixels=self.settings.data.max_image_pixels,
             )
             self.loaders = EpochLoaders(
                 AugmentedImages(images),

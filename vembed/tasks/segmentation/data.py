@@ -140,8 +140,16 @@ class SegmentationImages(Dataset):
     """``(pixels [3, S, S], mask [S, S] int64)`` per record; a class index beyond ``num_classes``
     (other than 255) or a size mismatch is an error naming the mask file."""
 
-    def __init__(self, records: Sequence[SegRecord], transform, *, num_classes: int | None = None):
+    def __init__(
+        self,
+        records: Sequence[SegRecord],
+        transform,
+        *,
+        num_classes: int | None = None,
+        max_pixels: int | None = None,
+    ):
         self.records = list(records)
+        self.max_pixels = max_pixels  # data.max_image_pixels (None: the default limit)
         self.transform = transform
         self.num_classes = num_classes
 
@@ -150,7 +158,8 @@ class SegmentationImages(Dataset):
 
     def load(self, index: int) -> tuple[Image.Image, np.ndarray]:
         rec = self.records[index]
-        img, mask = load_image(rec.image), load_mask(rec.mask)
+        img = load_image(rec.image, max_pixels=self.max_pixels)
+        mask = load_mask(rec.mask, max_pixels=self.max_pixels)
         check_pair(img, mask, rec)
         if self.num_classes is not None:
             check_classes(mask, self.num_classes, rec)

@@ -51,6 +51,7 @@ class SegEvalOptions:
     corruptions: tuple[str, ...] = ()
     severities: tuple[int, ...] = SEVERITIES
     seed: int = 0
+    max_pixels: int | None = None  # data.max_image_pixels (None: the default limit)
 
 
 class SegmentationEvaluator:
@@ -86,6 +87,7 @@ class SegmentationEvaluator:
             full_res=o.full_res,
             show_progress=show_progress,
             autocast=self.autocast,
+            max_pixels=o.max_pixels,
         )
         clean = evaluate_segmentation(model, self.records, description=self.description, **run)
         corruptions: dict[str, dict[str, float]] = {}
@@ -117,7 +119,10 @@ class SegmentationEvaluator:
 class _EvalImages(Dataset):
     """``(pixels, mask)`` at ``S x S``, or the original image (normalised) and mask with ``full_res``."""
 
-    def __init__(self, records, transform: SegEvalTransform, num_classes, corruption, full_res):
+    def __init__(
+        self, records, transform: SegEvalTransform, num_classes, corruption, full_res, max_pixels=None
+    ):
+        self.max_pixels = max_pixels
         self.records, self.transform, self.num_classes = list(records), transform, num_classes
         self.corruption, self.full_res = corruption, full_res
 
@@ -126,7 +131,8 @@ class _EvalImages(Dataset):
 
     def __getitem__(self, index: int):
         rec = self.records[index]
-        img, mask = load_image(rec.image), load_mask(rec.mask)
+        img = load_image(rec.image, max_pixels=self.max_pixels)
+        mask = load_mask(rec.mask, max_pixels=self.max_pixels)
         check_pair(img, mask, rec)
         check_classes(mask, self.num_classes, rec)
         size = self.transform.size
@@ -164,9 +170,10 @@ def evaluate_segmentation(
     show_progress: bool = True,
     description: str = "segmenting",
     autocast=None,
+    max_pixels: int | None = None,
 ) -> SegmentationMetrics:
     """Metrics of ``model`` on ``records`` from one confusion matrix over all of them."""
-    data = _EvalImages(records, eval_transform(model), model.num_classes, corruption, full_res)
+    data = _EvalImages(records, eval_transform(model), model.num_classes, corruption, full_res, max_pixels)
     loader = DataLoader(
         data,
         batch_size=1 if full_res else batch_size,

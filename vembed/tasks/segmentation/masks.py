@@ -37,6 +37,7 @@ def predict_masks(
     full_res: bool = False,
     skip_bad: bool = False,
     show_progress: bool = True,
+    max_pixels: int | None = None,
 ) -> MaskResult:
     """Write ``out/<image stem>.png`` (one channel, class indices) per record, and with ``overlays``
     ``out/<image stem>.overlay.png``; two images with the same stem are an error (before writing)."""
@@ -54,7 +55,7 @@ def predict_masks(
         task = bar.add_task("predicting masks", total=len(records), visible=show_progress)
         for rec in records:
             try:
-                image = load_image(rec.image)
+                image = load_image(rec.image, max_pixels=max_pixels)
             except VembedError as exc:
                 if not skip_bad:
                     raise

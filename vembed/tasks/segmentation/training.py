@@ -172,7 +172,10 @@ def seg_loaders(data: MaskRecords, *, segmenter: Segmenter, settings: Settings) 
     """The epoch loaders of the image/mask pairs (workers kept between epochs); each pair's augmentation
     is seeded by ``(seed, epoch, position in the epoch)``, so a resumed run sees the same crops."""
     transform = seg_train_transform(segmenter.spec, settings.train.augment)
-    dataset = _SeededPairs(SegmentationImages(data.records, transform, num_classes=data.num_classes))
+    images = SegmentationImages(
+        data.records, transform, num_classes=data.num_classes, max_pixels=settings.data.max_image_pixels
+    )
+    dataset = _SeededPairs(images)
     return EpochLoaders(
         dataset, num_workers=settings.data.num_workers, seed=settings.train.seed, collate_fn=_stack
     )
@@ -274,18 +277,13 @@ class SegmentationTask:
         report_problems(data, val)
         model = build_segmentation_model(settings, data).to(acc.device)
         loss = PixelCrossEntropy().to(acc.device)
-        s = settings.train
-        sampler = ShuffledBatchSampler(
-            len(data.records),
-            s.batch_size,
-            seed=s.seed,
-            num_replicas=acc.num_processes,
-            rank=acc.process_index,
-        )
+        sampler = ShuffledBatchSampler.for_run(len(data.records), settings.train, acc)
         validator = None
         if val is not None:
             options = SegEvalOptions(
-                batch_size=settings.eval.batch_size, num_workers=settings.data.num_workers
+                batch_size=settings.eval.batch_size,
+                num_workers=settings.data.num_workers,
+                max_pixels=settings.data.max_image_pixels,
             )
             validator = SegmentationEvaluator(
                 val.records, options, description="validating", autocast=accelerator.autocast

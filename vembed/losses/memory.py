@@ -1,0 +1,79 @@
+"""Cross-batch memory (XBM, Wang et al. 2020, "Cross-Batch Memory for Embedding Learning").
+
+A ring buffer of the last ``size`` training embeddings (L2-normalised, detached) with their labels. A
+pair loss that has one (``loss.memory``, set by ``build_loss(..., memory_bank=N)`` / ``train.memory_bank``)
+uses its entries as extra candidates — positives and negatives of the batch's anchors, without gradient —
+and then adds the batch to it. Embeddings drift slowly once training settles, which is what makes old
+ones useful negatives (XBM starts the memory after a warm-up; here it fills from the first step).
+
+- Several processes: every rank adds the embeddings of every rank (an all-gather), so all ranks hold the
+  same memory and compute the loss over the same candidates.
+- Gradient cache: the loss runs once per micro-batch on the whole micro-batch's embeddings, so the
+  memory sees each image once.
+- Checkpoints: the buffers are the loss's ``state_dict`` (``loss.memory.*``), so a resumed run continues
+  with exactly the memory it stopped with. Only a loss in training mode adds to it.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from vembed.errors import VembedError
+from vembed.losses.distributed import gather_no_grad
+
+__all__ = ["MemoryBank", "with_memory"]
+
+
+class MemoryBank(nn.Module):
+    """The last ``size`` embeddings and labels (a FIFO ring buffer, float32)."""
+
+    def __init__(self, size: int, dim: int):
+        super().__init__()
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise VembedError(f"train.memory_bank must be a positive number of embeddings, got {size!r}")
+        self.size = size
+        self.register_buffer("embeddings", torch.zeros(size, dim))
+        self.register_buffer("labels", torch.full((size,), -1, dtype=torch.long))
+        self.register_buffer("filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("position", torch.zeros((), dtype=torch.long))
+
+    def entries(self) -> tuple[Tensor, Tensor]:
+        """``(embeddings [M, D], labels [M])`` held now (M <= size)."""
+        count = int(self.filled)
+        return self.embeddings[:count], self.labels[:count]
+
+    @torch.no_grad()
+    def add(self, embeddings: Tensor, labels: Tensor) -> None:
+        """Add this rank's batch (and, on several processes, every rank's), oldest entries first out."""
+        embeddings = gather_no_grad(embeddings.detach().float().contiguous())
+        labels = gather_no_grad(labels.detach().long().contiguous())
+        embeddings, labels = embeddings[-self.size :], labels[-self.size :]
+        n = embeddings.shape[0]
+        slots = (int(self.position) + torch.arange(n, device=self.embeddings.device)) % self.size
+        self.embeddings[slots] = embeddings.to(self.embeddings.device)
+        self.labels[slots] = labels.to(self.labels.device)
+        self.position.fill_((int(self.position) + n) % self.size)
+        self.filled.fill_(min(int(self.filled) + n, self.size))
+
+    def extra_repr(self) -> str:
+        return f"size={self.size}, dim={self.embeddings.shape[1]}"
+
+
+def with_memory(loss: nn.Module, candidates: Tensor, candidate_labels: Tensor) -> tuple[Tensor, Tensor]:
+    """The batch's candidates followed by ``loss.memory``'s entries (none without a memory)."""
+    memory = getattr(loss, "memory", None)
+    if memory is None or int(memory.filled) == 0:
+        return candidates, candidate_labels
+    stored, stored_labels = memory.entries()
+    return (
+        torch.cat([candidates, stored.to(candidates.device, candidates.dtype)]),
+        torch.cat([candidate_labels, stored_labels.to(candidate_labels.device)]),
+    )
+
+
+def remember(loss: nn.Module, anchors: Tensor, labels: Tensor) -> None:
+    """After a training forward: add the batch's (normalised) embeddings to ``loss.memory``."""
+    memory = getattr(loss, "memory", None)
+    if memory is not None and loss.training:
+        memory.add(anchors, labels)
