@@ -24,7 +24,7 @@ from PIL import Image
 
 from vembed.errors import VembedError
 
-FAST, SLOW = 150, 3000
+FAST, SLOW = 200, 3000
 SIZES = [FAST, pytest.param(SLOW, marks=pytest.mark.slow)]
 
 
@@ -277,6 +277,7 @@ store_damage = st.tuples(
 def test_store_reader(examples, store_dirs, tmp_path):
     from vembed.index.faiss_index import load_index
     from vembed.index.store import model_arguments, open_store, store_shards, store_summary
+    from vembed.index.vectors import StoreVectors
 
     work = tmp_path / "store"
 
@@ -305,6 +306,8 @@ def test_store_reader(examples, store_dirs, tmp_path):
         store = open_store(work)
         model_arguments(store)
         load_index(work, count=len(store), dim=store.dim)
+        vectors = StoreVectors(work)  # the memory-mapped reading index build and re-scoring use
+        assert np.array_equal(vectors[np.arange(len(vectors))], store.embeddings.numpy())
 
     run(examples, store_damage, check)
 

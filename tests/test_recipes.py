@@ -104,8 +104,15 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
     from vembed.models.factory import create_embedder
     from vembed.training import train
 
-    segmentation = load_settings(recipe).train.task == "segmentation"
-    if segmentation:  # image + mask records and classes.txt, from the segfolder prepare
+    task = load_settings(recipe).train.task
+    segmentation = task == "segmentation"
+    model_name = str(tiny_model)
+    if task == "image_text":  # a tiny CLIP with its tokenizer, captioned digits
+        from dual_helpers import captioned_digits, save_tiny_dual
+
+        model_name = str(save_tiny_dual(tmp_path / "clip", "clip"))
+        train_file, val_file = captioned_digits(tmp_path / "captions", count=60)
+    elif segmentation:  # image + mask records and classes.txt, from the segfolder prepare
         from vembed.data.prepare import prepare_segfolder
         from vembed.data.shapes import write_shapes
 
@@ -118,7 +125,7 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
     settings = load_settings(
         recipe,
         values={
-            "model.name": str(tiny_model),
+            "model.name": model_name,
             "model.image_size": None,
             "model.device": "cpu",
             "data.train": str(train_file),
@@ -143,6 +150,9 @@ def test_recipe_trains_two_steps_on_a_tiny_model(recipe, tiny_model, tmp_path):
         assert create_segmenter(result.final_dir).decoder_name == settings.model.decoder
         return
     model = create_embedder(str(result.final_dir))
+    if task == "image_text":  # the image tower alone: the dual encoder's projected image embeddings
+        assert model.embed_dim == 24
+        return
     assert model.embed_dim == (settings.model.projection_dim or 32)
 
 

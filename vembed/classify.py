@@ -64,10 +64,12 @@ def load_classifier_model(
 ) -> tuple[Embedder, ClassifierHead]:
     """The embedding model and its classifier head; a model without one is a one-line error."""
     from vembed.models.factory import create_embedder
+    from vembed.models.loader import load_model
 
     settings = settings or Settings()
-    head = require_classifier(model, revision=settings.model.revision)  # before the backbone is loaded
-    embedder = create_embedder(str(model), settings.model)
+    loaded = load_model(model, revision=settings.model.revision, weights=False)  # files read once
+    head = require_classifier(loaded)  # before the backbone is loaded
+    embedder = create_embedder(loaded, settings.model)
     if embedder.embed_dim != head.embed_dim:
         raise VembedError(
             f"{model}: the classifier takes {head.embed_dim}-d embeddings but the model now gives "
@@ -85,6 +87,7 @@ def predict_probabilities(
     num_workers: int = 2,
     skip_bad: bool = False,
     show_progress: bool = True,
+    max_pixels: int | None = None,
 ) -> Probabilities:
     """Embed ``records`` and apply the head: softmax probabilities over its classes."""
     out = embed_records(
@@ -93,6 +96,7 @@ def predict_probabilities(
         batch_size=batch_size,
         num_workers=num_workers,
         skip_bad=skip_bad,
+        max_pixels=max_pixels,
         show_progress=show_progress,
         description="classifying",
     )

@@ -175,6 +175,12 @@ def _table_command(fmt: str):
             None, "--image-root", help="Resolve relative image paths here (default: the file's folder)."
         ),
         delimiter: str = typer.Option(None, "--delimiter", help="CSV delimiter (default: sniffed)."),
+        text_key: str = typer.Option(
+            None,
+            "--text-key",
+            help="Field with a caption: write captioned images ({image, captions}, rows of one image "
+            "merged) for train.task=image_text instead of labelled ones.",
+        ),
         val_ratio: float = VAL,
         test_ratio: float = TEST,
         holdout_classes: float = HOLDOUT,
@@ -201,6 +207,17 @@ def _table_command(fmt: str):
             skip_bad=skip_bad,
         )
         out = out or Path("data") / file.stem
+        if text_key is not None:
+            from vembed.data.prepare.captions import prepare_caption_table
+
+            render_captions(
+                prepare_caption_table(
+                    file, out, fmt=fmt, image_key=image_key, text_key=text_key, split_key=split_key,
+                    image_root=image_root, delimiter=delimiter, val_ratio=val_ratio, test_ratio=test_ratio,
+                    seed=seed, skip_bad=skip_bad,
+                )
+            )  # fmt: skip
+            return
         if fmt == "csv":
             result = prepare_csv(file, out, delimiter=delimiter, **options)
         else:
@@ -217,6 +234,50 @@ def _table_command(fmt: str):
 
 prepare_app.command("jsonl")(_table_command("jsonl"))
 prepare_app.command("csv")(_table_command("csv"))
+
+
+@prepare_app.command("flickr30k")
+def flickr30k_command(
+    root: Path = typer.Option(
+        None,
+        "--root",
+        help="Folder with the Flickr30k images (and dataset_flickr30k.json). Default: kagglehub.",
+    ),
+    splits: Path = typer.Option(None, "--splits", help="The Karpathy split file (dataset_flickr30k.json)."),
+    out: Path = typer.Option(Path("data/flickr30k"), "--out", "-o", help="Output folder."),
+    skip_bad: bool = SKIP_BAD,
+) -> None:
+    """Flickr30k captions, Karpathy splits (29,000 / 1,014 / 1,000 images, 5 captions each)."""
+    from vembed.data.prepare.captions import prepare_flickr30k
+
+    render_captions(prepare_flickr30k(root, out, splits_file=splits, skip_bad=skip_bad))
+
+
+@prepare_app.command("coco-captions")
+def coco_captions_command(
+    root: Path = typer.Option(..., "--root", help="Folder with COCO 2014's train2014/ and val2014/ images."),
+    splits: Path = typer.Option(None, "--splits", help="The Karpathy split file (dataset_coco.json)."),
+    out: Path = typer.Option(Path("data/coco"), "--out", "-o", help="Output folder."),
+    skip_bad: bool = SKIP_BAD,
+) -> None:
+    """COCO captions, Karpathy splits: train (with restval) / 5k val / the 5k test of the papers."""
+    from vembed.data.prepare.captions import prepare_coco_captions
+
+    render_captions(prepare_coco_captions(root, out, splits_file=splits, skip_bad=skip_bad))
+
+
+def render_captions(result) -> None:
+    from rich.table import Table
+
+    table = Table(title=f"captioned images → {result.out}", title_justify="left")
+    for column in ("split", "images", "captions", "file"):
+        table.add_column(column, justify="left" if column in ("split", "file") else "right")
+    for name, counts in result.counts.items():
+        table.add_row(name, f"{counts['images']:,}", f"{counts['captions']:,}", str(result.files[name]))
+    console.print(table)
+    if result.problems:
+        log(f"[yellow]left out {len(result.problems)} bad row(s)[/]; first: {result.problems[0]}")
+    log(f"wrote {result.summary_path}")
 
 
 @prepare_app.command("segfolder")

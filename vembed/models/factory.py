@@ -138,9 +138,28 @@ class ModelOptions:
     revision: str | None = None
 
 
-def create_embedder(model: str | Path | None = None, options: ModelOptions | None = None) -> Embedder:
-    """:func:`load_embedder` with its arguments taken from ``options`` (``model.*`` settings)."""
+def create_embedder(
+    model: str | Path | LoadedModel | None = None, options: ModelOptions | None = None
+) -> Embedder:
+    """:func:`load_embedder` with its arguments taken from ``options`` (``model.*`` settings).
+
+    ``model`` may be a :func:`load_model` result read without weights (``weights=False``, e.g. to check
+    its head first): its files are not read again, only the backbone's weights are loaded.
+    """
     options = options or ModelOptions()
+    if isinstance(model, LoadedModel):
+        if model.backbone is None:
+            model.backbone = load_backbone(model.spec, revision=options.revision, attention=options.attention)
+        return build_embedder(
+            model,
+            pooling=options.pooling,
+            projection_dim=options.projection_dim,
+            normalize=options.normalize,
+            image_size=options.image_size,
+            device=options.device,
+            dtype=options.dtype,
+            truncate_dim=options.truncate_dim,
+        )
     return load_embedder(
         str(model if model is not None else options.name),
         pooling=options.pooling,

@@ -238,9 +238,11 @@ def classifier_from(loaded: LoadedModel) -> ClassifierHead | None:
     return head if isinstance(head, ClassifierHead) else None
 
 
-def require_classifier(model: str | Path, *, revision: str | None = None) -> ClassifierHead:
+def require_classifier(model: str | Path | LoadedModel, *, revision: str | None = None) -> ClassifierHead:
     """The classifier of ``model`` (read without loading the backbone), or a one-line error."""
-    head = classifier_from(load_model(model, revision=revision, weights=False))
+    loaded = model if isinstance(model, LoadedModel) else load_model(model, revision=revision, weights=False)
+    model = loaded.ref.text
+    head = classifier_from(loaded)
     if head is None:
         raise VembedError(
             f"{model}: the model has no classifier head (train one with train.loss=ce, e.g. "

@@ -99,6 +99,17 @@ class ShuffledBatchSampler:
         )
         self.batches = BatchSampler(self.sampler, batch_size, drop_last=True)
 
+    @classmethod
+    def for_run(cls, size: int, settings: TrainSettings, accelerator) -> ShuffledBatchSampler:
+        """``train.batch_size`` per process, ``train.seed``, this process' share under ``accelerator``."""
+        return cls(
+            size,
+            settings.batch_size,
+            seed=settings.seed,
+            num_replicas=accelerator.num_processes,
+            rank=accelerator.process_index,
+        )
+
     def set_epoch(self, epoch: int) -> None:
         self.sampler.set_epoch(epoch)
 

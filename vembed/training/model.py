@@ -8,7 +8,7 @@ from torch import nn
 from vembed.errors import VembedError
 from vembed.losses import build_loss, loss_options
 from vembed.models.embedder import Embedder
-from vembed.models.factory import load_embedder
+from vembed.models.factory import create_embedder
 from vembed.models.lora import apply_lora
 from vembed.settings import Settings, TrainSettings
 
@@ -24,17 +24,7 @@ def trainable_embedder(settings: Settings) -> Embedder:
     """
     model = settings.model
     dtype = "float32" if model.dtype == "auto" else model.dtype
-    embedder = load_embedder(
-        model.name,
-        pooling=model.pooling,
-        projection_dim=model.projection_dim,
-        normalize=model.normalize,
-        image_size=model.image_size,
-        revision=model.revision,
-        device="cpu",
-        dtype=dtype,
-        attention=model.attention,
-    )
+    embedder = create_embedder(model.name, model.model_copy(update={"device": "cpu", "dtype": dtype}))
     train = settings.train
     if train.grad_checkpointing and train.method != "frozen":
         _enable_checkpointing(embedder.backbone)

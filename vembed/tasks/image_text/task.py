@@ -66,14 +66,6 @@ class ImageTextTask:
                 "train.sampler=pk needs class labels; image_text batches are shuffled images, each with "
                 "one of its captions"
             )
-        metric = self.select_metric(settings)
-        if metric not in METRICS:
-            close = difflib.get_close_matches(metric, METRICS, n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
-            raise VembedError(
-                f"train.select_metric={metric!r} is not a metric image_text validation reports{hint}; "
-                f"it reports: {', '.join(METRICS)}"
-            )
         build_pair_loss(name, **self._loss_options(settings, None))  # bad loss options, before any load
 
     def metrics(self, settings: Settings) -> list[str]:
@@ -95,14 +87,7 @@ class ImageTextTask:
         encoder.to(accelerator.device)
         loss = build_pair_loss(self.loss_name(settings), **self._loss_options(settings, encoder))
         loss = loss.to(accelerator.device)
-        s = settings.train
-        sampler = ShuffledBatchSampler(
-            len(data.records),
-            s.batch_size,
-            seed=s.seed,
-            num_replicas=accelerator.num_processes,
-            rank=accelerator.process_index,
-        )
+        sampler = ShuffledBatchSampler.for_run(len(data.records), settings.train, accelerator)
         evaluator = None
         if val is not None:
             options = replace(embed_options(settings), show_progress=show_progress)

@@ -277,14 +277,7 @@ class SegmentationTask:
         report_problems(data, val)
         model = build_segmentation_model(settings, data).to(acc.device)
         loss = PixelCrossEntropy().to(acc.device)
-        s = settings.train
-        sampler = ShuffledBatchSampler(
-            len(data.records),
-            s.batch_size,
-            seed=s.seed,
-            num_replicas=acc.num_processes,
-            rank=acc.process_index,
-        )
+        sampler = ShuffledBatchSampler.for_run(len(data.records), settings.train, acc)
         validator = None
         if val is not None:
             options = SegEvalOptions(
