@@ -12,7 +12,7 @@ from conftest import save_tiny_model
 from vembed.errors import VembedError
 from vembed.export import export_model
 from vembed.models import loader
-from vembed.models.factory import load_embedder, save_model
+from vembed.models.factory import create_embedder, load_embedder, save_model
 from vembed.models.heads import ClassifierHead
 from vembed.models.loader import load_model, read_model_config, resolve_ref, write_model_config
 
@@ -128,3 +128,23 @@ def test_export_writes_exactly_what_it_reads(tiny_model, tmp_path):
         assert getattr(after.config, key) == getattr(before.config, key), key
     x = torch.randn(2, 3, 28, 28)
     assert torch.allclose(load_embedder(src).encode(x), load_embedder(tmp_path / "out").encode(x), atol=1e-6)
+
+
+def test_every_loader_honours_what_the_model_folder_says(tiny_model, tmp_path):
+    """A model trained with model.normalize=false (the cotton recipes) keeps raw embeddings wherever it
+    is loaded with default settings: embed, classify and eval build it from ModelSettings(), whose
+    normalize is null (the folder's), not true. An export says the same."""
+    from vembed.settings import ModelSettings
+
+    raw = load_embedder(tiny_model, normalize=False, device="cpu", dtype="float32")
+    saved = save_model(raw, tmp_path / "final")
+    export_model(saved, tmp_path / "export")
+    batch = torch.randn(3, 3, 28, 28, generator=torch.Generator().manual_seed(0))
+    for folder in (saved, tmp_path / "export"):
+        embedder = create_embedder(folder, ModelSettings(device="cpu", dtype="float32"))
+        assert embedder.normalize is False
+        norms = embedder.encode(batch).norm(dim=-1)
+        assert not torch.allclose(norms, torch.ones_like(norms), atol=1e-3)
+        assert torch.allclose(embedder.encode(batch), raw.encode(batch), atol=1e-5)
+    # an explicit setting still wins over the folder
+    assert create_embedder(saved, ModelSettings(normalize=True, device="cpu")).normalize is True

@@ -147,29 +147,21 @@ def create_embedder(
     its head first): its files are not read again, only the backbone's weights are loaded.
     """
     options = options or ModelOptions()
+    weights = dict(revision=options.revision, attention=options.attention)
     if isinstance(model, LoadedModel):
-        if model.backbone is None:
-            model.backbone = load_backbone(model.spec, revision=options.revision, attention=options.attention)
-        return build_embedder(
-            model,
-            pooling=options.pooling,
-            projection_dim=options.projection_dim,
-            normalize=options.normalize,
-            image_size=options.image_size,
-            device=options.device,
-            dtype=options.dtype,
-            truncate_dim=options.truncate_dim,
-        )
-    return load_embedder(
-        str(model if model is not None else options.name),
+        loaded = model
+        if loaded.backbone is None:
+            loaded.backbone = load_backbone(loaded.spec, **weights)
+    else:
+        loaded = load_model(str(model if model is not None else options.name), **weights)
+    return build_embedder(
+        loaded,
         pooling=options.pooling,
         projection_dim=options.projection_dim,
         normalize=options.normalize,
         image_size=options.image_size,
-        revision=options.revision,
         device=options.device,
         dtype=options.dtype,
-        attention=options.attention,
         truncate_dim=options.truncate_dim,
     )
 
