@@ -110,7 +110,6 @@ INTEGRATION_MODULES = {
     "test_handoff.py",
     "test_ray.py",
     "test_bench.py",
-    "test_docs_commands.py",
 }
 
 

@@ -57,7 +57,7 @@ def test_blocks_are_found():
     assert sum(len(logical_lines(b.text)) for b in BLOCKS) > 50
 
 
-@pytest.mark.integration
+@pytest.mark.docs
 @pytest.mark.parametrize("block", BLOCKS, ids=[b.id for b in BLOCKS])
 def test_docs_block_runs(block, sandbox):
     variables = sandbox.setdefault("variables", {})
@@ -103,7 +103,7 @@ def _run_block(block, script, sandbox) -> None:
     )
 
 
-@pytest.mark.integration
+@pytest.mark.docs
 def test_every_not_run_entry_still_matches_a_command(sandbox):
     if sandbox["ran"] < len(BLOCKS):
         pytest.skip("run the whole file: the list is checked against every block")
