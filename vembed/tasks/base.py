@@ -16,7 +16,7 @@ in training validation and in ``vembed eval``.
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol, runtime_checkable
@@ -71,8 +71,6 @@ class Task(Protocol):
     """One kind of model vembed trains and evaluates."""
 
     name: ClassVar[str]
-    # train.loss values the task trains with ("" entries are not allowed); the first is the default
-    losses: ClassVar[Sequence[str]]
 
     def check(self, settings: Settings) -> None:
         """Every settings mistake found without loading a model or reading data (one VembedError)."""

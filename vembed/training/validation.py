@@ -40,7 +40,6 @@ def inference_autocast(device: torch.device, weights: torch.dtype, dtype: str):
 def retrieval_validator(
     data: LabelledImages,
     settings: Settings,
-    embedder: Embedder,
     *,
     accelerator,
     classifier: Callable[[], ClassifierHead] | None = None,

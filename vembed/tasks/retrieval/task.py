@@ -29,7 +29,6 @@ from vembed.training.validation import CachedFeatureValidator, retrieval_validat
 
 class RetrievalTask:
     name: ClassVar[str] = "retrieval"
-    losses: ClassVar[tuple[str, ...]] = tuple(LOSSES)
 
     def check(self, settings: Settings) -> None:
         s = settings.train
@@ -79,7 +78,7 @@ class RetrievalTask:
         if val is not None:
             trains_classifier = classifier_of_loss(loss, data.class_names) is not None
             classifier = (lambda: classifier_of_loss(loss, data.class_names)) if trains_classifier else None
-            evaluator = retrieval_validator(val, settings, embedder, accelerator=acc, classifier=classifier)
+            evaluator = retrieval_validator(val, settings, accelerator=acc, classifier=classifier)
             if val_features is not None:
                 evaluator = CachedFeatureValidator(evaluator, *val_features, val.labels)
         runner = step_runner(acc, embedder, loss, data, settings, features)

@@ -249,7 +249,6 @@ class SegmentationTask:
     """Everything the loop asks of ``train.task: segmentation``, in the order it asks."""
 
     name: ClassVar[str] = "segmentation"
-    losses: ClassVar[tuple[str, ...]] = (LOSS_NAME, "ce", "cross_entropy")
 
     def check(self, settings: Settings) -> None:
         check_segmentation_settings(settings)
