@@ -17,7 +17,10 @@ from hypothesis import strategies as st
 from vembed.data.records import ImageRecord, parse_negatives, parse_record, read_records
 from vembed.data.samplers import PKBatchSampler
 from vembed.errors import VembedError
+from vembed.inference import EmbedOptions
 from vembed.mining import mine_file, mine_negatives, negative_indices
+
+QUIET = EmbedOptions(num_workers=0, show_progress=False)
 
 
 def _clusters(num_classes=6, per_class=4, dim=16, seed=0, spread=0.05):
@@ -130,7 +133,7 @@ def _embedder(tiny_model):
 def test_mine_file_keeps_records_verbatim_and_adds_negatives(tiny_model, tmp_path):
     data = _write_records(tmp_path, categories=True)
     out = tmp_path / "mined.jsonl"
-    summary = mine_file(_embedder(tiny_model), data, out, k=4, num_workers=0, show_progress=False)
+    summary = mine_file(_embedder(tiny_model), data, out, k=4, options=QUIET)
     inputs = [json.loads(line) for line in data.read_text().splitlines() if line.strip()]
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert len(rows) == len(inputs) == 12
@@ -148,8 +151,7 @@ def test_mine_file_keeps_records_verbatim_and_adds_negatives(tiny_model, tmp_pat
     assert [[records[j].image for j in row] for row in indices] == [list(r.negatives) for r in records]
 
     same = mine_file(
-        _embedder(tiny_model), data, tmp_path / "same.jsonl", k=4, same_category=True, num_workers=0,
-        show_progress=False,
+        _embedder(tiny_model), data, tmp_path / "same.jsonl", k=4, same_category=True, options=QUIET,
     )  # fmt: skip
     assert same["records"] == 12
     for row in map(json.loads, (tmp_path / "same.jsonl").read_text().splitlines()):
@@ -172,7 +174,7 @@ def test_mine_file_writes_atomically(tiny_model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(vembed.io.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        mine_file(_embedder(tiny_model), data, out, k=2, num_workers=0, show_progress=False)
+        mine_file(_embedder(tiny_model), data, out, k=2, options=QUIET)
     assert out.read_text() == "previous\n"  # untouched, and no temporary left beside it
     assert sorted(p.name for p in tmp_path.iterdir() if p.is_file()) == ["mined.jsonl", "train.jsonl"]
 
@@ -186,7 +188,7 @@ def test_mine_file_errors(tiny_model, tmp_path):
         return _embedder(tiny_model)
 
     def mine(path, out, **kw):
-        mine_file(embedder, path, out, num_workers=0, show_progress=False, **kw)
+        mine_file(embedder, path, out, options=QUIET, **kw)
 
     with pytest.raises(VembedError, match="records file not found"):
         mine(tmp_path / "nope.jsonl", tmp_path / "o.jsonl")

@@ -13,6 +13,7 @@ import pytest
 from training_data import checkpoint_weights, make_nuisance_dataset, max_abs_diff, one_thread, tiny_settings
 
 from vembed.errors import VembedError
+from vembed.inference import EmbedOptions
 from vembed.mining import mine_file
 from vembed.training import checkpoint as ckpt
 from vembed.training import train
@@ -26,6 +27,9 @@ def _one_thread():
         yield
 
 
+QUIET = EmbedOptions(num_workers=0, show_progress=False)
+
+
 def _vembed(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}"}
     return subprocess.run(["vembed", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
@@ -37,7 +41,7 @@ def mined(tiny_model, tmp_path_factory):
     train_file = make_nuisance_dataset(root / "train", num_classes=8, per_class=8, categories=2)
     out = train_file.parent / "mined.jsonl"
     with one_thread():
-        mine_file(_embedder(tiny_model), train_file, out, k=4, num_workers=0, show_progress=False)
+        mine_file(_embedder(tiny_model), train_file, out, k=4, options=QUIET)
     return train_file, out
 
 

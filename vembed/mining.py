@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
@@ -27,6 +27,7 @@ import torch
 from vembed.console import log
 from vembed.data.records import ImageRecord, label_codes, read_records
 from vembed.errors import VembedError
+from vembed.inference import EmbedOptions, embed_records
 from vembed.io import check_output_path, decode_line, raw_lines, write_jsonl
 from vembed.neighbours import advancing, as_embeddings, check_positive_int, chunk_bounds, select_top
 
@@ -150,17 +151,15 @@ def mine_file(
     margin: float = 0.05,
     same_category: bool = False,
     image_root: str | Path | None = None,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    max_pixels: int | None = None,
-    show_progress: bool = True,
+    options: EmbedOptions | None = None,
 ) -> dict:
     """Embed ``data`` (labelled image records) with ``embedder``, mine, write ``out`` atomically; the summary.
 
     ``embedder`` is an :class:`~vembed.models.embedder.Embedder` or a zero-argument callable returning
-    one (loaded only after the records and options have been checked).
+    one (loaded only after the records and options have been checked). ``options``: how to embed (every
+    image must decode: ``skip_bad`` is not used).
     """
-    from vembed.inference import embed_records
+    options = replace(options or EmbedOptions(), skip_bad=False)
 
     check_positive_int(k, "--k")
     if isinstance(margin, bool) or not isinstance(margin, (int, float)) or not margin >= 0:
@@ -184,15 +183,7 @@ def mine_file(
     if callable(embedder) and not isinstance(embedder, torch.nn.Module):
         embedder = embedder()
     with torch.inference_mode():
-        found = embed_records(
-            embedder,
-            records,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            show_progress=show_progress,
-            description="embedding",
-            max_pixels=max_pixels,
-        )
+        found = embed_records(embedder, records, options, description="embedding")
     mined = mine_negatives(
         found.embeddings,
         [rec.label for rec in records],

@@ -47,6 +47,7 @@ def mine_command(
     folder: write --out next to --data (or set data.image_root). Prints one JSON summary line on
     stdout; train on the output with train.hard_negatives=K.
     """
+    from vembed.inference import embed_options
     from vembed.mining import log_summary, mine_file
     from vembed.models.factory import create_embedder
 
@@ -62,10 +63,7 @@ def mine_command(
         margin=margin,
         same_category=same_category,
         image_root=settings.data.image_root,
-        batch_size=settings.eval.batch_size,
-        num_workers=settings.data.num_workers,
-        max_pixels=settings.data.max_image_pixels,
-        show_progress=not quiet,
+        options=embed_options(settings, show_progress=not quiet),
     )
     if not quiet:
         log_summary(summary)

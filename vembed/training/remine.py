@@ -12,6 +12,8 @@ mined again from a half-trained model.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 
 from vembed.console import log
@@ -89,7 +91,7 @@ def remining(sampler: PKBatchSampler, embedder, data, settings, accelerator, *, 
     """The :class:`ReminingSampler` of a run: mines ``data.records`` with ``embedder`` on the main process."""
     from accelerate.utils import broadcast_object_list
 
-    from vembed.inference import embed_records
+    from vembed.inference import embed_options, embed_records
     from vembed.mining import mine_negatives
 
     options = dict(MINE_DEFAULTS)
@@ -99,14 +101,9 @@ def remining(sampler: PKBatchSampler, embedder, data, settings, accelerator, *, 
 
     def mine() -> list[list[int]]:
         with torch.inference_mode():
+            how = embed_options(settings, show_progress=show_progress)
             found = embed_records(
-                embedder,
-                data.records,
-                batch_size=settings.eval.batch_size,
-                num_workers=settings.data.num_workers,
-                show_progress=show_progress,
-                description="re-mining",
-                max_pixels=settings.data.max_image_pixels,
+                embedder, data.records, replace(how, skip_bad=False), description="re-mining"
             )
         if len(found.indices) != len(data.records):
             raise VembedError("re-mining: some training images did not decode")
