@@ -200,7 +200,9 @@ class Reranker:
         rows, cols = torch.nonzero(head_c >= 0, as_tuple=True)
         records = list(query_records) + list(reference_records)
         offset = len(query_records)
-        pairs = [(int(q), offset + int(head_c[q, c])) for q, c in zip(rows.tolist(), cols.tolist(), strict=True)]
+        pairs = [
+            (int(q), offset + int(head_c[q, c])) for q, c in zip(rows.tolist(), cols.tolist(), strict=True)
+        ]
         flat, problems = pair_probabilities(
             self.model, records, pairs, batch_size=batch_size, num_workers=num_workers, skip_bad=True,
             show_progress=show_progress, description=f"re-ranking the top {n}",
@@ -232,5 +234,5 @@ def load_reranker(
             "train.task=rerank (docs/training.md, Re-ranking)"
         )
     embedder = build_embedder(loaded, device=device, dtype=dtype)
-    pairwise = PairwiseModel.from_embedder(embedder, head.to(embedder.device, embedder.dtype)).eval()
+    pairwise = PairwiseModel.from_embedder(embedder, head.to(embedder.device)).eval()
     return Reranker(pairwise, str(model))

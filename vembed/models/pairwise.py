@@ -31,7 +31,9 @@ LAYOUT = "side_by_side"
 def side_by_side(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     """``[..., 3, H, W]`` images → ``[..., 3, H, 2W]``: the pair the backbone sees as one image."""
     if left.shape != right.shape:
-        raise VembedError(f"a pair needs images of one size, got {tuple(left.shape)} and {tuple(right.shape)}")
+        raise VembedError(
+            f"a pair needs images of one size, got {tuple(left.shape)} and {tuple(right.shape)}"
+        )
     return torch.cat([left, right], dim=-1)
 
 

@@ -57,7 +57,9 @@ class PairSteps:
             )
             pairs = [(a, b) for a, b, _ in self.data.records]
             self.loaders = EpochLoaders(
-                PairImages(images, pairs), num_workers=self.settings.data.num_workers, seed=self.settings.train.seed
+                PairImages(images, pairs),
+                num_workers=self.settings.data.num_workers,
+                seed=self.settings.train.seed,
             )
         device = self.accelerator.device
         loader = self.loaders.epoch(batches, epoch, first)

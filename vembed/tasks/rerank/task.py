@@ -58,12 +58,16 @@ class RerankTask:
                 "validation set (a re-ranker that does not help there gets weight 0)"
             )
         if "loss" in s.model_fields_set and s.loss.strip().lower() != "bce":
-            raise VembedError(f"train.loss={s.loss!r}: train.task=rerank trains with bce (pairs same/different)")
+            raise VembedError(
+                f"train.loss={s.loss!r}: train.task=rerank trains with bce (pairs same/different)"
+            )
         for key in OTHER_KEYS:
             if key in s.model_fields_set and getattr(s, key, None) not in (None, False, 0):
                 raise VembedError(f"train.{key} does not apply to train.task=rerank (a BCE on mined pairs)")
         if s.sampler == "pk":
-            raise VembedError("train.sampler=pk does not apply to train.task=rerank: its batches are shuffled pairs")
+            raise VembedError(
+                "train.sampler=pk does not apply to train.task=rerank: its batches are shuffled pairs"
+            )
         from vembed.models.loader import resolve_ref
 
         resolve_ref(s.rerank_from)  # a reference that names nothing: before any data is read
@@ -96,7 +100,9 @@ class RerankTask:
         )
         tables = []
         for what, labelled in (("training", data), ("validation", val)):
-            embeddings, rows = embed_for_table(source, labelled.records, settings, show_progress=show, what=what)
+            embeddings, rows = embed_for_table(
+                source, labelled.records, settings, show_progress=show, what=what
+            )
             tables.append(neighbour_table(embeddings, rows, s.rerank_top_n))
         del source
         train_table, val_table = tables

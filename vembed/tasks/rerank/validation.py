@@ -44,7 +44,8 @@ class RerankValidator:
         self.used = torch.nonzero(sizes[self.codes] > 1).squeeze(1)  # queries with a relevant reference
         rows, cols = torch.nonzero(cands[self.used] >= 0, as_tuple=True)
         self.pairs = [
-            (int(self.used[r]), int(cands[self.used[r], c])) for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
+            (int(self.used[r]), int(cands[self.used[r], c]))
+            for r, c in zip(rows.tolist(), cols.tolist(), strict=True)
         ]
         self.cells = (rows, cols)
 
