@@ -105,16 +105,29 @@ class PairwiseHead(nn.Module):
         return head.eval()
 
     def card(self, model_config: dict) -> tuple[str, str]:
+        from vembed.models.registry import FAMILIES
+
         pooling = model_config.get("pooling", "cls")
+        family = FAMILIES.get(model_config.get("family", ""))
+        options = family.forward_options if family is not None else {}
+        extra = "".join(f", {k}={v!r}" for k, v in options.items())
+        prefix = int(model_config.get("num_prefix_tokens", 1))
+        pooled = {
+            "cls": "hidden.last_hidden_state[:, 0]",
+            "mean": f"hidden.last_hidden_state[:, {prefix}:].mean(dim=1)",
+            "cls+mean": "torch.cat([hidden.last_hidden_state[:, 0], "
+            f"hidden.last_hidden_state[:, {prefix}:].mean(dim=1)], dim=-1)",
+            "pooler": "hidden.pooler_output",
+        }.get(pooling, f"...  # {pooling} pooling: see vembed.models.embedder")
         code = (
-            "# the pairwise re-ranker: two images side by side (concatenated along the width) -> one logit\n"
-            "from safetensors.torch import load_file\n"
-            'mlp = load_file(f"{path}/vembed_head.safetensors")\n'
-            "pair = torch.cat([inputs['pixel_values'][0:1], inputs['pixel_values'][1:2]], dim=-1)\n"
-            "hidden = model(pixel_values=pair, interpolate_pos_encoding=True).last_hidden_state\n"
-            f"feats = hidden[:, 0]  # pooling {pooling!r}: see vembed.json\n"
-            "h = torch.nn.functional.gelu(feats @ mlp['task_head.mlp.0.weight'].T + mlp['task_head.mlp.0.bias'])\n"
-            "p_same = torch.sigmoid(h @ mlp['task_head.mlp.2.weight'].T + mlp['task_head.mlp.2.bias'])\n"
+            "# the pairwise re-ranker: images 0 and 1 side by side (concatenated along the width) -> p(same)\n"
+            'pixels = processor(images, return_tensors="pt")["pixel_values"]\n'
+            "pair = torch.cat([pixels[0:1], pixels[1:2]], dim=-1)\n"
+            "with torch.no_grad():\n"
+            f"    hidden = model(pixel_values=pair{extra})\n"
+            f"pair_feats = {pooled}\n"
+            "h = torch.nn.functional.gelu(pair_feats @ head['task_head.mlp.0.weight'].T + head['task_head.mlp.0.bias'])\n"
+            "p_same = torch.sigmoid(h @ head['task_head.mlp.2.weight'].T + head['task_head.mlp.2.bias'])[:, 0]\n"
         )
         text = f"""
 ## Pairwise re-ranker
