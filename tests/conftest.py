@@ -111,6 +111,7 @@ INTEGRATION_MODULES = {
     "test_ray.py",
     "test_bench.py",
     "test_rerank_training.py",
+    "test_mining_training.py",
 }
 
 

@@ -83,6 +83,7 @@ def embed_command(
     """
     from vembed.index.embed import stream_jsonl
     from vembed.index.sources import records_from_source
+    from vembed.inference import embed_options
     from vembed.models.factory import create_embedder
 
     if text is not None:
@@ -128,17 +129,8 @@ def embed_command(
     log(f"embedding {len(records)} images from {source} with [bold]{name}[/]")
     embedder = create_embedder(name, settings.model)
     with _stdout_pipe():
-        summary = stream_jsonl(
-            embedder,
-            records,
-            sys.stdout,
-            batch_size=settings.index.batch_size,
-            num_workers=data.num_workers,
-            skip_bad=data.skip_bad,
-            max_pixels=data.max_image_pixels,
-            problems=problems,
-            show_progress=not quiet,
-        )
+        options = embed_options(settings, batch_size=settings.index.batch_size, show_progress=not quiet)
+        summary = stream_jsonl(embedder, records, sys.stdout, options, problems=problems)
     _report_problems(summary.problems)
     log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
 
@@ -185,6 +177,7 @@ def _embed_into_store(
     """Sharded, restartable embedding; several processes when started by torchrun/accelerate launch."""
     from vembed.index.shards import embed_shards
     from vembed.index.sources import check_source
+    from vembed.inference import embed_options
     from vembed.models.factory import create_embedder
     from vembed.processes import device_for, launched_processes
 
@@ -212,13 +205,11 @@ def _embed_into_store(
             rank=procs.rank,
             world_size=procs.world_size,
             barrier=procs.barrier,
-            batch_size=settings.index.batch_size,
-            num_workers=settings.data.num_workers,
-            skip_bad=settings.data.skip_bad,
-            max_pixels=settings.data.max_image_pixels,
+            embed=embed_options(
+                settings, batch_size=settings.index.batch_size, show_progress=not quiet and main
+            ),
             image_root=settings.data.image_root,
             settings_yaml=settings_to_yaml(settings),
-            show_progress=not quiet and main,
         )
         embedded, skipped = procs.total(run.embedded, run.skipped)
         if not main:

@@ -20,7 +20,7 @@ import torch
 from vembed.console import log
 from vembed.data.records import ImageRecord, RecordSet, read_records
 from vembed.errors import VembedError
-from vembed.inference import embed_records
+from vembed.inference import EmbedOptions, embed_records
 from vembed.models.embedder import Embedder, truncate_embeddings
 
 __all__ = [
@@ -69,18 +69,6 @@ class Evaluator(Protocol):
     def __call__(self, model, *, show_progress: bool = True) -> EvalResult: ...
 
 
-@dataclass(frozen=True)
-class EmbedOptions:
-    """How images are embedded for an evaluation (``eval.batch_size``, ``data.num_workers`` ...; see
-    :func:`vembed.evaluation.options.embed_options`)."""
-
-    batch_size: int = 64
-    num_workers: int = 2
-    skip_bad: bool = False
-    show_progress: bool = True
-    max_pixels: int | None = None  # data.max_image_pixels (None: the default limit)
-
-
 @dataclass
 class LabelledEmbeddings:
     """Embeddings ``[N, D]`` of the records that decoded, with their labels, in record order."""
@@ -126,16 +114,7 @@ def embed_labelled(
     """Embed labelled records through :func:`vembed.inference.embed_records` (the one embedding path)."""
     source = str(records.path) if isinstance(records, RecordSet) else ""
     images = records.images() if isinstance(records, RecordSet) else list(records)
-    out = embed_records(
-        embedder,
-        images,
-        batch_size=options.batch_size,
-        num_workers=options.num_workers,
-        skip_bad=options.skip_bad,
-        max_pixels=options.max_pixels,
-        show_progress=options.show_progress,
-        description=description,
-    )
+    out = embed_records(embedder, images, options, description=description)
     if out.problems:
         log(f"[yellow]{source}: skipped {len(out.problems)} bad image(s)[/]; first: {out.problems[0]}")
     if not out.indices:

@@ -126,16 +126,7 @@ class ClassifyResult:
 
 def _score(embedder: Embedder, head: ClassifierHead, records, options: EmbedOptions, source: str):
     """``(scores, records scored, records left out)``; warnings are the caller's (label_columns)."""
-    result = predict_probabilities(
-        embedder,
-        head,
-        records,
-        batch_size=options.batch_size,
-        num_workers=options.num_workers,
-        skip_bad=options.skip_bad,
-        max_pixels=options.max_pixels,
-        show_progress=options.show_progress,
-    )
+    result = predict_probabilities(embedder, head, records, options)
     if not result.indices:
         raise VembedError(f"{source}: no image could be classified")
     columns = label_columns(

@@ -79,10 +79,7 @@ class ImageTextEvaluator:
             found = embed_records(
                 model,
                 self.data.images(),
-                batch_size=options.batch_size,
-                num_workers=options.num_workers,
-                skip_bad=options.skip_bad,
-                max_pixels=options.max_pixels,
+                options,
                 show_progress=show_progress and options.show_progress,
                 description="embedding images",
             )
@@ -144,7 +141,6 @@ def read_eval_captions(path: str | Path, settings=None) -> CaptionSet:
 
 def compare_image_text(models: Sequence, data: str | Path | CaptionSet, *, settings=None, show_progress=True):
     """:func:`vembed.evaluation.compare.compare` of the image–text evaluator over ``models``."""
-    from dataclasses import replace
 
     from vembed.evaluation.compare import compare
     from vembed.evaluation.options import embed_options
@@ -152,7 +148,7 @@ def compare_image_text(models: Sequence, data: str | Path | CaptionSet, *, setti
 
     settings = settings or Settings()
     captions = data if isinstance(data, CaptionSet) else read_eval_captions(data, settings)
-    options = replace(embed_options(settings), show_progress=show_progress)
+    options = embed_options(settings, show_progress=show_progress)
     return compare(
         models,
         ImageTextEvaluator(captions, options),

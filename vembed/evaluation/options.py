@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vembed.evaluation.base import EmbedOptions
+from vembed.inference import EmbedOptions, embed_options
 
 if TYPE_CHECKING:
     from vembed.settings import Settings
@@ -44,16 +44,6 @@ class RetrievalOptions:
     device: Any = None
     rerank: Any = None
     top_n: int | None = None
-
-
-def embed_options(settings: Settings) -> EmbedOptions:
-    """``eval.batch_size``, ``data.num_workers``, ``data.skip_bad``."""
-    return EmbedOptions(
-        settings.eval.batch_size,
-        settings.data.num_workers,
-        settings.data.skip_bad,
-        max_pixels=settings.data.max_image_pixels,
-    )
 
 
 def record_options(settings: Settings) -> RecordOptions:

@@ -250,10 +250,7 @@ class RetrievalEvaluator:
             out = embed_records(
                 embedder,
                 images,
-                batch_size=self.embed.batch_size,
-                num_workers=self.embed.num_workers,
-                skip_bad=self.embed.skip_bad,
-                max_pixels=self.embed.max_pixels,
+                self.embed,
                 show_progress=show_progress and procs.rank == 0,
                 description=description
                 + (f" (process 0's share of {procs.world_size})" if procs.world_size > 1 else ""),

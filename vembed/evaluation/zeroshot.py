@@ -139,7 +139,6 @@ def compare_zeroshot(
     models, data: str | Path, *, templates: str | Path | None = None, settings=None, show_progress=True
 ):
     """:func:`vembed.evaluation.compare.compare` of the zero-shot evaluator over ``models``."""
-    from dataclasses import replace
 
     from vembed.evaluation.compare import compare
     from vembed.evaluation.image_text import dual_encoder_for
@@ -149,7 +148,7 @@ def compare_zeroshot(
     settings = settings or Settings()
     chosen = read_templates(templates) if templates is not None else IMAGENET_TEMPLATES
     records = read_eval_records(data, image_root=settings.data.image_root, skip_bad=settings.data.skip_bad)
-    options = replace(embed_options(settings), show_progress=show_progress)
+    options = embed_options(settings, show_progress=show_progress)
     return compare(
         models,
         ZeroShotEvaluator(records, chosen, options),

@@ -18,7 +18,7 @@ from vembed.console import log
 from vembed.errors import VembedError
 from vembed.index.faiss_index import FaissIndex, build_index, load_index, save_index
 from vembed.index.store import EmbeddingStore, embedder_for_store
-from vembed.inference import embed_records
+from vembed.inference import embed_options, embed_records
 from vembed.neighbours import topk
 from vembed.settings import IndexSettings, Settings
 
@@ -175,16 +175,8 @@ def search_queries(
             attention=settings.model.attention,
         )
         records = [ImageRecord(queries[i].path, queries[i].label, None, queries[i].name) for i in to_embed]
-        out = embed_records(
-            embedder,
-            records,
-            batch_size=settings.index.batch_size,
-            num_workers=settings.data.num_workers,
-            skip_bad=settings.data.skip_bad,
-            max_pixels=settings.data.max_image_pixels,
-            show_progress=show_progress,
-            description="embedding queries",
-        )
+        options = embed_options(settings, batch_size=settings.index.batch_size, show_progress=show_progress)
+        out = embed_records(embedder, records, options, description="embedding queries")
         problems = out.problems
         for row, i in enumerate(out.indices):
             vectors[to_embed[i]] = out.embeddings[row]

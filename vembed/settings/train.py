@@ -155,6 +155,19 @@ class TrainSettings(Section):
         ge=1,
         description="Draw each batch's classes from this many record categories (harder negatives).",
     )
+    hard_negatives: int | None = Field(
+        None,
+        ge=0,
+        description="Mined hard negatives per drawn class (records with 'negatives': `vembed mine`): each "
+        "class a P x K batch draws brings up to this many classes of its anchor's negatives, each with the "
+        "negative image in its group (null or 0: off).",
+    )
+    remine_every: int | None = Field(
+        None,
+        ge=1,
+        description="With train.hard_negatives: mine the training set again with the current model every "
+        "N epochs (the negatives are saved in checkpoints, so resume stays exact).",
+    )
     augment: AugmentSettings = Field(
         default_factory=lambda: AugmentSettings(),
         description="Training-image augmentation (false: none, the default; true: crops of 90-100 %; or its "
