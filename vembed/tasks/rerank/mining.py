@@ -71,16 +71,12 @@ def mine_pairs(
 def embed_for_table(embedder, records: Sequence[ImageRecord], settings, *, show_progress: bool, what: str):
     """``(embeddings, rows)`` of ``records`` by ``embedder`` (eval preprocessing; ``rows``: the records
     that decoded)."""
-    from vembed.inference import embed_records
+    from vembed.inference import embed_options, embed_records
 
     out = embed_records(
         embedder,
         records,
-        batch_size=settings.eval.batch_size,
-        num_workers=settings.data.num_workers,
-        skip_bad=settings.data.skip_bad,
-        max_pixels=settings.data.max_image_pixels,
-        show_progress=show_progress,
+        embed_options(settings, show_progress=show_progress),
         description=f"embedding the {what} set with train.rerank_from",
     )
     return out.embeddings, out.indices

@@ -36,7 +36,7 @@ from vembed.training.data import AUGMENT_DEFAULTS, ShuffledBatchSampler, read_la
 # train.* keys of the embedding losses: setting one for rerank is an error naming it
 OTHER_KEYS = (
     "margin", "scale", "mining", "temperature", "memory_bank", "matryoshka_dims", "samples_per_class",
-    "categories_per_batch", "hard_negatives",
+    "categories_per_batch", "hard_negatives", "remine_every",
 )  # fmt: skip
 
 
