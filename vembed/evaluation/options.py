@@ -31,7 +31,9 @@ class RetrievalOptions:
 
     ``dims``: also score these truncated widths of the same embeddings; ``index`` (a faiss kind) takes
     the neighbours from that index (``index_settings``: an ``IndexSettings``); ``device``: where exact
-    ranking runs (None: the model's GPU when it has one, else the CPU).
+    ranking runs (None: the model's GPU when it has one, else the CPU); ``rerank`` (a
+    :class:`vembed.rerank.Reranker`) re-scores each query's first ``top_n`` neighbours (default: the
+    re-ranker's own ``top_n``).
     """
 
     ks: tuple[int, ...] = (1, 10, 100)
@@ -40,15 +42,21 @@ class RetrievalOptions:
     index: str | None = None
     index_settings: Any = None
     device: Any = None
+    rerank: Any = None
+    top_n: int | None = None
 
 
 def record_options(settings: Settings) -> RecordOptions:
     return RecordOptions(settings.data.image_root, settings.data.skip_bad)
 
 
-def retrieval_options(settings: Settings, *, dims=(), index: str | None = None) -> RetrievalOptions:
+def retrieval_options(
+    settings: Settings, *, dims=(), index: str | None = None, rerank=None, top_n: int | None = None
+) -> RetrievalOptions:
     """``eval.k`` and ``eval.chunk_size`` (``index.*`` with ``index``)."""
     return RetrievalOptions(
+        rerank=rerank,
+        top_n=top_n,
         ks=tuple(settings.eval.k),
         chunk_size=settings.eval.chunk_size,
         dims=tuple(dims),
