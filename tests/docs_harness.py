@@ -143,6 +143,10 @@ FRESH = {
         "vembed train --config recipes/sop_dinov2_base_lora.yaml",
         ["runs/sop_dinov2_base_lora"],
     ),
+    "docs/segmentation.md": (
+        "vembed train --config recipes/voc_dinov2_lora_linear.yaml",
+        ["runs/voc_dinov2_lora_linear"],
+    ),
 }
 
 # command regex -> module that must import (an optional extra); without it the command is not run
