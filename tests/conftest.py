@@ -110,6 +110,8 @@ INTEGRATION_MODULES = {
     "test_handoff.py",
     "test_ray.py",
     "test_bench.py",
+    "test_rerank_training.py",
+    "test_mining_training.py",
 }
 
 

@@ -26,9 +26,12 @@ from vembed.index.store import (
     open_store,
     write_store,
 )
+from vembed.inference import EmbedOptions
 from vembed.models.factory import create_embedder
 from vembed.neighbours import topk
 from vembed.settings import IndexSettings, Settings, load_settings
+
+QUIET = EmbedOptions(num_workers=0, show_progress=False)
 
 
 def clustered(n: int, dim: int = 16, clusters: int = 20, seed: int = 0) -> torch.Tensor:
@@ -62,9 +65,7 @@ def embedded(tmp_path_factory):
     make_image_dataset(root / "data", num_classes=3, per_class=4)
     embedder = create_embedder(str(model))
     records = records_from_folder(root / "data" / "images").images()
-    store, summary = embed_to_store(
-        embedder, records, root / "store", model=str(model), num_workers=0, show_progress=False
-    )
+    store, summary = embed_to_store(embedder, records, root / "store", model=str(model), options=QUIET)
     return {"root": root, "model": model, "embedder": embedder, "records": records, "store": store}
 
 
@@ -103,8 +104,7 @@ def test_store_detects_a_model_changed_since(tmp_path, embedded):
         embedded["records"][:3],
         tmp_path / "store",
         model=str(model),
-        num_workers=0,
-        show_progress=False,
+        options=QUIET,
     )
     save_tiny_model(tmp_path / "model", seed=1)  # "retrained in place"
     with pytest.raises(VembedError, match="no longer embeds"):
@@ -148,9 +148,7 @@ def test_embed_to_store_writes_nothing_when_an_image_is_bad(tmp_path, embedded):
     bad.write_bytes(b"")
     records = [*embedded["records"][:2], ImageRecord(bad, None, None, str(bad))]
     with pytest.raises(VembedError, match="bad.png"):
-        embed_to_store(
-            embedded["embedder"], records, tmp_path / "store", model="m", num_workers=0, show_progress=False
-        )
+        embed_to_store(embedded["embedder"], records, tmp_path / "store", model="m", options=QUIET)
     assert not (tmp_path / "store").exists()
     assert [p.name for p in tmp_path.iterdir()] == ["bad.png"]
     store, summary = embed_to_store(
@@ -158,9 +156,7 @@ def test_embed_to_store_writes_nothing_when_an_image_is_bad(tmp_path, embedded):
         records,
         tmp_path / "store",
         model="m",
-        num_workers=0,
-        skip_bad=True,
-        show_progress=False,
+        options=EmbedOptions(num_workers=0, skip_bad=True, show_progress=False),
     )
     assert len(store) == 2 and len(summary.problems) == 1 and store.meta["num_skipped"] == 1
 

@@ -21,9 +21,13 @@ from vembed.cli import app
 from vembed.errors import VembedError
 from vembed.index.shards import embed_shards, job_dir
 from vembed.index.store import open_store, store_shards
+from vembed.inference import EmbedOptions
 from vembed.models.factory import create_embedder
 
 runner = CliRunner()
+
+
+QUIET = EmbedOptions(num_workers=0, show_progress=False)
 
 
 def run(*args, code: int = 0):
@@ -132,7 +136,9 @@ class KilledAfter:
 def test_a_killed_process_resumes_only_its_missing_shards(data, tmp_path, monkeypatch):
     embedder = create_embedder(str(data["model"]))
     out = tmp_path / "store"
-    common = dict(model=data["model"], shard_size=4, batch_size=4, num_workers=0, show_progress=False)
+    common = dict(
+        model=data["model"], shard_size=4, embed=EmbedOptions(4, num_workers=0, show_progress=False)
+    )
     # process 0 of 2 finishes its shards (blocks 0 and 2); process 1 is killed after its first (block 1)
     embed_shards(embedder, data["records"], out, rank=0, world_size=2, finalize=False, **common)
     killed = KilledAfter(embedder, batches=1)
@@ -157,7 +163,9 @@ def test_a_killed_process_resumes_only_its_missing_shards(data, tmp_path, monkey
 def test_a_killed_job_refuses_a_source_that_changed_under_its_finished_shards(data, tmp_path, monkeypatch):
     embedder = create_embedder(str(data["model"]))
     out = tmp_path / "store"
-    common = dict(model=data["model"], shard_size=4, batch_size=4, num_workers=0, show_progress=False)
+    common = dict(
+        model=data["model"], shard_size=4, embed=EmbedOptions(4, num_workers=0, show_progress=False)
+    )
     source = tmp_path / "records.jsonl"
     lines = data["records"].read_text().splitlines()
     source.write_text("\n".join(lines) + "\n")
@@ -186,10 +194,10 @@ def test_an_unfinished_job_refuses_another_shard_size(data, tmp_path):
     out = tmp_path / "store"
     embed_shards(
         embedder, data["records"], out, model=data["model"], shard_size=4, rank=0, world_size=2,
-        finalize=False, num_workers=0, show_progress=False,
+        finalize=False, embed=QUIET,
     )  # fmt: skip
     with pytest.raises(VembedError, match=r"job.json: an unfinished embed with a different shard_size"):
-        embed_shards(embedder, data["records"], out, model=data["model"], shard_size=5, show_progress=False)
+        embed_shards(embedder, data["records"], out, model=data["model"], shard_size=5, embed=QUIET)
 
 
 def test_append_equals_embedding_everything_at_once(data, tmp_path):
@@ -278,7 +286,7 @@ def test_append_to_a_version_1_store(data, tmp_path):
     embedder = create_embedder(str(data["model"]))
     records = read_records(data["records"]).images()[:9]
     out = tmp_path / "store"
-    embed_to_store(embedder, records, out, model=data["model"], num_workers=0, show_progress=False)
+    embed_to_store(embedder, records, out, model=data["model"], options=QUIET)
     assert (out / "embeddings.safetensors").is_file()  # the single-file layout
     run(
         "embed",

@@ -15,7 +15,7 @@ import torch
 
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
-from vembed.inference import embed_records
+from vembed.inference import EmbedOptions, embed_options, embed_records
 from vembed.models.embedder import Embedder
 from vembed.models.heads import ClassifierHead, require_classifier
 from vembed.settings import Settings
@@ -82,24 +82,10 @@ def predict_probabilities(
     embedder: Embedder,
     head: ClassifierHead,
     records: Sequence[ImageRecord],
-    *,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    skip_bad: bool = False,
-    show_progress: bool = True,
-    max_pixels: int | None = None,
+    options: EmbedOptions = EmbedOptions(),
 ) -> Probabilities:
     """Embed ``records`` and apply the head: softmax probabilities over its classes."""
-    out = embed_records(
-        embedder,
-        records,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        skip_bad=skip_bad,
-        max_pixels=max_pixels,
-        show_progress=show_progress,
-        description="classifying",
-    )
+    out = embed_records(embedder, records, options, description="classifying")
     probs = head.probabilities(out.embeddings) if out.indices else torch.empty(0, head.num_classes)
     return Probabilities(probs, out.indices, list(head.labels), out.problems)
 
@@ -133,14 +119,6 @@ def classify_images(
     """``(predictions, problems)``: the ``top`` classes of each image, and the images that failed."""
     settings = settings or Settings()
     embedder, head = load_classifier_model(model, settings)
-    result = predict_probabilities(
-        embedder,
-        head,
-        records,
-        batch_size=settings.eval.batch_size,
-        num_workers=settings.data.num_workers,
-        skip_bad=settings.data.skip_bad,
-        max_pixels=settings.data.max_image_pixels,
-        show_progress=show_progress,
-    )
+    options = embed_options(settings, show_progress=show_progress)
+    result = predict_probabilities(embedder, head, records, options)
     return top_predictions(result, records, top), result.problems

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 import torch
 
@@ -14,6 +15,35 @@ from vembed.data.images import EvalTransform
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
 from vembed.models.embedder import Embedder
+
+if TYPE_CHECKING:
+    from vembed.settings import Settings
+
+
+@dataclass(frozen=True)
+class EmbedOptions:
+    """How images are embedded: batch size, decoding workers, bad images skipped or an error, the
+    progress bar, and the pixel limit (``data.max_image_pixels``; None: the default limit)."""
+
+    batch_size: int = 64
+    num_workers: int = 2
+    skip_bad: bool = False
+    show_progress: bool = True
+    max_pixels: int | None = None
+
+
+def embed_options(
+    settings: Settings, *, batch_size: int | None = None, show_progress: bool = True
+) -> EmbedOptions:
+    """``data.num_workers``, ``data.skip_bad``, ``data.max_image_pixels`` and ``batch_size``
+    (default ``eval.batch_size``; embedding a store passes ``index.batch_size``)."""
+    return EmbedOptions(
+        settings.eval.batch_size if batch_size is None else batch_size,
+        settings.data.num_workers,
+        settings.data.skip_bad,
+        show_progress,
+        settings.data.max_image_pixels,
+    )
 
 
 @dataclass
@@ -33,24 +63,26 @@ class Embeddings:
 def iter_embedding_batches(
     embedder: Embedder,
     records: Sequence[ImageRecord],
+    options: EmbedOptions = EmbedOptions(),
     *,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    skip_bad: bool = False,
-    show_progress: bool = True,
     description: str = "embedding",
     pooled: bool = False,
-    max_pixels: int | None = None,
+    **fields,
 ) -> Iterator[tuple[torch.Tensor, list[int], list[str]]]:
     """Yield ``(embeddings, record indices, problems)`` batch by batch (for streaming output).
 
-    ``pooled=True`` yields pooled backbone features instead (see :meth:`Embedder.encode`).
-    ``max_pixels``: ``data.max_image_pixels`` (None: the default limit).
+    ``fields`` replace those of ``options`` (``num_workers=0``). ``pooled=True`` yields pooled
+    backbone features instead (see :meth:`Embedder.encode`).
     """
-    dataset = ImageDataset(records, EvalTransform(embedder.spec), skip_bad=skip_bad, max_pixels=max_pixels)
-    loader = build_loader(
-        dataset, batch_size=batch_size, num_workers=min(num_workers, len(records) // batch_size + 1)
+    opts = replace(options, **fields) if fields else options
+    dataset = ImageDataset(
+        records, EvalTransform(embedder.spec), skip_bad=opts.skip_bad, max_pixels=opts.max_pixels
     )
+    batch_size = opts.batch_size
+    loader = build_loader(
+        dataset, batch_size=batch_size, num_workers=min(opts.num_workers, len(records) // batch_size + 1)
+    )
+    show_progress = opts.show_progress
     width = embedder.feature_dim if pooled else embedder.embed_dim
     start = time.perf_counter()
     done = 0
@@ -95,14 +127,16 @@ def _without_worker_tracebacks(loader, *, keep_workers: bool = False) -> Iterato
             shutdown()
 
 
-def embed_records(embedder: Embedder, records: Sequence[ImageRecord], **options) -> Embeddings:
-    """Embed every record; see :func:`iter_embedding_batches` for the options."""
+def embed_records(
+    embedder: Embedder, records: Sequence[ImageRecord], options: EmbedOptions = EmbedOptions(), **kwargs
+) -> Embeddings:
+    """Embed every record; see :func:`iter_embedding_batches` for the keywords."""
     start = time.perf_counter()
     chunks, indices, problems = [], [], []
-    for emb, idx, bad in iter_embedding_batches(embedder, records, **options):
+    for emb, idx, bad in iter_embedding_batches(embedder, records, options, **kwargs):
         chunks.append(emb)
         indices.extend(idx)
         problems.extend(bad)
-    width = embedder.feature_dim if options.get("pooled") else embedder.embed_dim
+    width = embedder.feature_dim if kwargs.get("pooled") else embedder.embed_dim
     embeddings = torch.cat(chunks) if chunks else torch.empty(0, width)
     return Embeddings(embeddings, indices, problems, time.perf_counter() - start)

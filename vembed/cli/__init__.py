@@ -15,6 +15,7 @@ from vembed.cli import (  # noqa: F401  (registers commands)
     export,
     index,
     inspect,
+    mine,
     prepare,
     segment,
     serve,

@@ -16,6 +16,7 @@ OVERRIDES_HELP = "key=value settings overrides (e.g. index.batch_size=128 model.
 # `vembed --help` lists commands in the order a user runs them; helpers (and any others) come last.
 COMMAND_ORDER = (
     "prepare",
+    "mine",
     "train",
     "eval",
     "export",

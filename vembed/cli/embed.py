@@ -83,6 +83,7 @@ def embed_command(
     """
     from vembed.index.embed import stream_jsonl
     from vembed.index.sources import records_from_source
+    from vembed.inference import embed_options
     from vembed.models.factory import create_embedder
 
     if text is not None:
@@ -128,17 +129,8 @@ def embed_command(
     log(f"embedding {len(records)} images from {source} with [bold]{name}[/]")
     embedder = create_embedder(name, settings.model)
     with _stdout_pipe():
-        summary = stream_jsonl(
-            embedder,
-            records,
-            sys.stdout,
-            batch_size=settings.index.batch_size,
-            num_workers=data.num_workers,
-            skip_bad=data.skip_bad,
-            max_pixels=data.max_image_pixels,
-            problems=problems,
-            show_progress=not quiet,
-        )
+        options = embed_options(settings, batch_size=settings.index.batch_size, show_progress=not quiet)
+        summary = stream_jsonl(embedder, records, sys.stdout, options, problems=problems)
     _report_problems(summary.problems)
     log(f"embedded {summary.count} images ({summary.images_per_second:.1f} img/s)")
 
@@ -185,6 +177,7 @@ def _embed_into_store(
     """Sharded, restartable embedding; several processes when started by torchrun/accelerate launch."""
     from vembed.index.shards import embed_shards
     from vembed.index.sources import check_source
+    from vembed.inference import embed_options
     from vembed.models.factory import create_embedder
     from vembed.processes import device_for, launched_processes
 
@@ -212,13 +205,11 @@ def _embed_into_store(
             rank=procs.rank,
             world_size=procs.world_size,
             barrier=procs.barrier,
-            batch_size=settings.index.batch_size,
-            num_workers=settings.data.num_workers,
-            skip_bad=settings.data.skip_bad,
-            max_pixels=settings.data.max_image_pixels,
+            embed=embed_options(
+                settings, batch_size=settings.index.batch_size, show_progress=not quiet and main
+            ),
             image_root=settings.data.image_root,
             settings_yaml=settings_to_yaml(settings),
-            show_progress=not quiet and main,
         )
         embedded, skipped = procs.total(run.embedded, run.skipped)
         if not main:
@@ -272,6 +263,15 @@ def search_command(
     text_file: str = typer.Option(
         None, "--text-file", help="Text queries, one a line, from this file (- for stdin)."
     ),
+    rerank: str = typer.Option(
+        None,
+        "--rerank",
+        help="A pairwise re-ranker (a train.task=rerank run's final/): re-score each query's first --top-n "
+        "hits (rerank_score); the rest keep their places. A hit whose image is gone keeps its score.",
+    ),
+    top_n: int = typer.Option(
+        None, "--top-n", min=1, help="--rerank: hits re-scored per query (default: the re-ranker's own)."
+    ),
     config: Path = typer.Option(None, "--config", "-c", help=CONFIG_HELP),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="No progress bar."),
 ) -> None:
@@ -293,6 +293,10 @@ def search_command(
         model__device=device,
     )
     texts = list(text or [])
+    if top_n is not None and rerank is None:
+        raise VembedError("--top-n sets how many hits --rerank re-scores; give --rerank too")
+    if rerank is not None and (texts or text_file is not None):
+        raise VembedError("--rerank compares images; it does not apply to text queries")
     if texts or text_file is not None:
         from vembed.index.text_search import read_texts, search_texts
 
@@ -317,6 +321,19 @@ def search_command(
             exclude_self=exclude_self,
             show_progress=not quiet and len(queries) > 1,
         )
+        if rerank is not None:
+            from vembed.index.search import rerank_results
+            from vembed.rerank import load_reranker
+
+            reranker = load_reranker(rerank, device=settings.model.device, dtype=settings.model.dtype)
+            report = rerank_results(
+                report,
+                reranker,
+                top_n=top_n,
+                batch_size=settings.index.batch_size,
+                num_workers=settings.data.num_workers,
+                show_progress=not quiet,
+            )
     _report_problems(problems + report.problems)
     n = len(report.results)
     log(
@@ -363,7 +380,7 @@ def _results_table(report, store: Path) -> Table:
                 str(hit.rank),
                 hit.path,
                 "" if hit.label is None else str(hit.label),
-                f"{hit.score:.4f}",
+                f"{hit.score:.4f}" + (f" → {hit.rerank_score:.4f}" if hit.rerank_score is not None else ""),
                 end_section=hit is result.hits[-1],
             )
     return table

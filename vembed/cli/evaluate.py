@@ -44,6 +44,19 @@ def retrieval_command(
         help="Neighbours from a faiss index (hnsw, ivf, ivfpq, flat) instead of exact search; reports the "
         "recall loss against exact on a sample (no MAP@R).",
     ),
+    rerank: str = typer.Option(
+        None,
+        "--rerank",
+        help="A pairwise re-ranker (a train.task=rerank run's final/): re-score each query's first "
+        "--top-n neighbours; the table shows the embedding's ranking and the re-ranked one, the JSON's "
+        "metrics are the re-ranked ones (before_rerank: the embedding's).",
+    ),
+    top_n: int = typer.Option(
+        None,
+        "--top-n",
+        min=1,
+        help="--rerank: neighbours re-scored per query (default: the re-ranker's own).",
+    ),
     overrides: list[str] = typer.Argument(None, help="key=value settings overrides."),
 ) -> None:
     """Recall@K and MAP@R: all-vs-all (SOP protocol), or query/gallery with --gallery.
@@ -61,6 +74,14 @@ def retrieval_command(
 
     if index is not None and index not in KINDS:
         raise VembedError(f"--index {index}: choose one of {', '.join(KINDS)}")
+    if top_n is not None and rerank is None:
+        raise VembedError("--top-n sets how many neighbours --rerank re-scores; give --rerank too")
+    reranker = None
+    if rerank is not None:
+        from vembed.rerank import load_reranker
+
+        check_models([rerank])
+        reranker = load_reranker(rerank, device=settings.model.device, dtype=settings.model.dtype)
     _evaluate(
         settings,
         [settings.model.name, *(compare or [])],
@@ -70,6 +91,7 @@ def retrieval_command(
         title=f"retrieval on {data}" + (f" ({index} index)" if index else ""),
         dims=widths,
         index=index,
+        rerank=(reranker, top_n),
     )
 
 
@@ -113,6 +135,7 @@ def _evaluate(
     title: str,
     dims: list[int] | None = None,
     index: str | None = None,
+    rerank: tuple = (None, None),
 ) -> None:
     from vembed.evaluation.base import read_eval_records
     from vembed.evaluation.compare import compare
@@ -133,7 +156,9 @@ def _evaluate(
             queries,
             gallery=references,
             embed=embed_options(settings),
-            options=retrieval_options(settings, dims=dims or (), index=index),
+            options=retrieval_options(
+                settings, dims=dims or (), index=index, rerank=rerank[0], top_n=rerank[1]
+            ),
             processes=procs,
         )
         device = device_for(settings.model.device, procs.local_rank, procs.world_size)

@@ -2,6 +2,7 @@
 line by line.
 
 Labelled image: ``{"image": "a/b.jpg", "label": 12, "category": "bicycle"}``
+                (``vembed mine`` adds ``"negatives": ["c/d.jpg", ...]``: mined hard negatives, best first)
 Pair:           ``{"query_image": "q.jpg", "positive": "p.jpg", "label": 12}``
 Segmentation:   ``{"image": "images/a.jpg", "mask": "masks/a.png"}`` (one channel, class indices, 255 = ignore)
 (the field names vembed-factory uses). Relative paths resolve against ``image_root`` or the JSONL
@@ -32,6 +33,7 @@ class ImageRecord:
     category: str | None = None
     source: str = ""  # "file.jsonl:12" — where the record came from, for error messages
     resized: Path | None = None  # a smaller copy to decode instead (``vembed prepare --resize-to``)
+    negatives: tuple[Path, ...] | None = None  # mined hard negatives (``vembed mine``), best first
 
     @property
     def decode_path(self) -> Path:
@@ -218,13 +220,32 @@ def parse_record(line: str, *, root: Path, where: str, require_label: bool = Fal
     resized = obj.get("resized")
     if resized is not None and (not isinstance(resized, str) or not resized):
         raise VembedError(f"{where}: 'resized' must be a path (a string), got {resized!r}")
+    negatives = obj.get("negatives")
     return ImageRecord(
         resolve_path(image, root),
         label,
         None if category is None else str(category),
         where,
         None if resized is None else resolve_path(resized, root),
+        None if negatives is None else parse_negatives(negatives, root=root, where=where),
     )
+
+
+def parse_negatives(value: Any, *, root: Path, where: str) -> tuple[Path, ...]:
+    """A record's ``negatives``: a JSON list of image paths (``vembed mine`` writes the negatives'
+    ``image`` strings, resolved like ``image``); anything else is an error naming ``where``."""
+    if not isinstance(value, list):
+        raise VembedError(
+            f"{where}: 'negatives' must be a list of image paths (as `vembed mine` writes it), "
+            f"got {type(value).__name__} {json.dumps(value)[:60]}"
+        )
+    for i, item in enumerate(value):
+        if not isinstance(item, str) or not item:
+            raise VembedError(
+                f"{where}: negatives[{i}] must be an image path (a non-empty JSON string), "
+                f"got {json.dumps(item)[:60]}"
+            )
+    return tuple(resolve_path(item, root) for item in value)
 
 
 def _bad_field(obj: dict[str, Any], key: str) -> str:
@@ -342,6 +363,8 @@ def record_to_json(rec: Record, *, relative_to: Path | None = None) -> dict[str,
         out["category"] = rec.category
     if isinstance(rec, ImageRecord) and rec.resized is not None:
         out["resized"] = rel(rec.resized)
+    if isinstance(rec, ImageRecord) and rec.negatives is not None:
+        out["negatives"] = [rel(p) for p in rec.negatives]
     return out
 
 

@@ -8,7 +8,8 @@ Usage with a DataLoader (the sampler yields whole batches)::
         sampler.set_epoch(epoch)
         for batch in loader: ...
 
-The batches of an epoch are a pure function of ``(labels, categories, arguments, seed, epoch)``: iterating
+The batches of an epoch are a pure function of ``(labels, categories, negatives, arguments, seed, epoch)``:
+iterating
 twice gives the same batches in the same order, so a run resumes mid-epoch by skipping the first n batches.
 """
 
@@ -71,6 +72,13 @@ class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
     classes cannot fill their share and are left out (``num_excluded_categories``). Without
     ``categories_per_batch`` the categories are ignored.
 
+    With ``negatives`` (mined hard negatives of each record, best first: ``vembed mine``) and
+    ``hard_negatives=H``, each class a batch draws brings up to H more classes: those of its group's first
+    image's (the anchor's) mined negatives, in their order, each as a group of K that holds that negative
+    image (taken from the class' groups of the epoch while it has some). Negatives whose class is already
+    in the batch, left out, or (with categories) of another category than the share being filled are
+    passed over; the batch keeps P distinct classes x K images.
+
     For distributed training every rank builds the same epoch and takes batches ``rank, rank + R, ...``:
     disjoint shares of equal length (the last ``total % R`` batches are dropped).
 
@@ -80,6 +88,8 @@ class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
         categories: super-category id of each record (same length as labels; constant within a class).
         categories_per_batch: C >= 1 (and <= P), number of categories per batch.
         seed: base seed; the epoch set with :meth:`set_epoch` is mixed in.
+        negatives: per record, the dataset indices of its mined negatives, best first.
+        hard_negatives: H >= 1, the negatives' classes each drawn class brings (needs ``negatives``).
         num_replicas, rank: the distributed world size and this process' rank.
     """
 
@@ -91,6 +101,8 @@ class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
         *,
         categories: Sequence[int] | None = None,
         categories_per_batch: int | None = None,
+        negatives: Sequence[Sequence[int]] | None = None,
+        hard_negatives: int | None = None,
         seed: int = 0,
         num_replicas: int = 1,
         rank: int = 0,
@@ -185,6 +197,7 @@ class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
         num_categories = category_ids.shape[0]
         self._classes_by_category = [np.nonzero(self._category == c)[0] for c in range(num_categories)]
         self._eligible_categories = np.nonzero(eligible_category)[0]
+        self._set_negatives(negatives, hard_negatives, label_array.shape[0])
 
         # Groups of K per class per epoch: round(n / K), at least one.
         self._groups = np.maximum(1, (self._counts + K // 2) // K)
@@ -194,6 +207,42 @@ class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
                 f"PKBatchSampler: the dataset gives {self._total_batches} batches of {P} x {K} per epoch, "
                 f"fewer than num_replicas ({self.num_replicas})"
             )
+
+    def _set_negatives(
+        self, negatives: Sequence[Sequence[int]] | None, hard_negatives: int | None, size: int
+    ) -> None:
+        self._size = size
+        self._negatives: list[list[int]] | None = None
+        self.hard_negatives = None
+        if (negatives is None) != (hard_negatives is None):
+            raise VembedError(
+                "PKBatchSampler: negatives and hard_negatives go together (give both or neither)"
+            )
+        if negatives is None:
+            return
+        self.hard_negatives = _check_int(hard_negatives, "hard_negatives", 1)
+        # dense class of every dataset index (-1: a record left out)
+        self._class_of_index = np.full(size, -1, dtype=np.int64)
+        self._class_of_index[self._records] = self._class_of_record
+        self.set_negatives(negatives)
+
+    def set_negatives(self, negatives: Sequence[Sequence[int]]) -> None:
+        """Replace the mined negatives (re-mining); epochs iterated from now on use them."""
+        if self.hard_negatives is None:
+            raise VembedError("PKBatchSampler: set_negatives needs hard_negatives")
+        if len(negatives) != self._size:
+            raise VembedError(
+                f"PKBatchSampler: negatives has {len(negatives)} rows for {self._size} records (one per record)"
+            )
+        rows = []
+        for i, row in enumerate(negatives):
+            row = _as_int_array(list(row), f"negatives[{i}]")
+            if row.size and (row.min() < 0 or row.max() >= self._size):
+                raise VembedError(
+                    f"PKBatchSampler: negatives[{i}] holds an index outside 0..{self._size - 1}"
+                )
+            rows.append(row.tolist())
+        self._negatives = rows
 
     def set_epoch(self, epoch: int) -> None:
         """Select the epoch whose batches :meth:`__iter__` yields (call before each epoch)."""
@@ -224,10 +273,53 @@ class PKBatchSampler(torch.utils.data.Sampler[list[int]]):
         batch: list[int] = []
         for category, share in zip(chosen, shares, strict=True):
             classes = self._classes_by_category[category]
-            picked = classes[_weighted_order(rng, groups_left[classes])[:share]]
-            for c in picked:
-                batch.extend(self._take_group(rng, order, groups_left, int(c)))
+            ranked = classes[_weighted_order(rng, groups_left[classes])]
+            if self._negatives is None:
+                for c in ranked[:share]:
+                    batch.extend(self._take_group(rng, order, groups_left, int(c)))
+                continue
+            taken: set[int] = set()
+            for c in ranked:
+                if len(taken) == share:
+                    break
+                if int(c) in taken:
+                    continue
+                group = self._take_group(rng, order, groups_left, int(c))
+                batch.extend(group)
+                taken.add(int(c))
+                batch.extend(self._negative_groups(rng, order, groups_left, group[0], category, share, taken))
         return batch
+
+    def _negative_groups(
+        self,
+        rng: np.random.Generator,
+        order: np.ndarray,
+        groups_left: np.ndarray,
+        anchor: int,
+        category: int,
+        share: int,
+        taken: set[int],
+    ) -> list[int]:
+        """Groups of up to ``hard_negatives`` classes of ``anchor``'s mined negatives (added to ``taken``),
+        each holding the negative image itself."""
+        out: list[int] = []
+        added = 0
+        for negative in self._negatives[anchor]:
+            if added == self.hard_negatives or len(taken) == share:
+                break
+            c = int(self._class_of_index[negative])
+            if c < 0 or c in taken or self._category[c] != category:
+                continue
+            group = self._take_group(rng, order, groups_left, c)
+            if negative in group:
+                group.remove(negative)
+                group.insert(0, negative)
+            else:
+                group[0] = negative
+            out.extend(group)
+            taken.add(c)
+            added += 1
+        return out
 
     def _take_group(
         self, rng: np.random.Generator, order: np.ndarray, groups_left: np.ndarray, c: int

@@ -9,6 +9,7 @@ and only renders the result.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -20,7 +21,7 @@ import torch
 from vembed.console import log
 from vembed.data.records import ImageRecord, RecordSet, read_records
 from vembed.errors import VembedError
-from vembed.inference import embed_records
+from vembed.inference import EmbedOptions, embed_records
 from vembed.models.embedder import Embedder, truncate_embeddings
 
 __all__ = [
@@ -81,18 +82,6 @@ class Evaluator(Protocol):
     def __call__(self, model, *, show_progress: bool = True) -> EvalResult: ...
 
 
-@dataclass(frozen=True)
-class EmbedOptions:
-    """How images are embedded for an evaluation (``eval.batch_size``, ``data.num_workers`` ...; see
-    :func:`vembed.evaluation.options.embed_options`)."""
-
-    batch_size: int = 64
-    num_workers: int = 2
-    skip_bad: bool = False
-    show_progress: bool = True
-    max_pixels: int | None = None  # data.max_image_pixels (None: the default limit)
-
-
 @dataclass
 class LabelledEmbeddings:
     """Embeddings ``[N, D]`` of the records that decoded, with their labels, in record order."""
@@ -117,6 +106,24 @@ class LabelledEmbeddings:
         return LabelledEmbeddings(emb, self.labels, self.source, self.problems)
 
 
+def report_json(report, *, merged: Sequence[str] = ()) -> dict:
+    """A report dataclass as JSON, field by field in order: ``seconds`` rounded to the millisecond, the
+    ``labels`` and ``confusion`` fields as one ``"confusion": {"labels", "matrix"}``, and the dict
+    fields named in ``merged`` spread in place."""
+    out: dict = {}
+    for f in dataclasses.fields(report):
+        value = getattr(report, f.name)
+        if f.name in merged:
+            out.update(value)
+        elif f.name == "confusion":
+            out["confusion"] = {"labels": report.labels, "matrix": value}
+        elif f.name == "seconds":
+            out["seconds"] = round(value, 3)
+        elif not (f.name == "labels" and hasattr(report, "confusion")):
+            out[f.name] = value
+    return out
+
+
 def read_eval_records(path: str | Path, *, image_root=None, skip_bad: bool = False) -> RecordSet:
     """The labelled image records an evaluation scores (bad records logged, or an error without
     ``skip_bad``; a file with no usable record is an error)."""
@@ -138,16 +145,7 @@ def embed_labelled(
     """Embed labelled records through :func:`vembed.inference.embed_records` (the one embedding path)."""
     source = str(records.path) if isinstance(records, RecordSet) else ""
     images = records.images() if isinstance(records, RecordSet) else list(records)
-    out = embed_records(
-        embedder,
-        images,
-        batch_size=options.batch_size,
-        num_workers=options.num_workers,
-        skip_bad=options.skip_bad,
-        max_pixels=options.max_pixels,
-        show_progress=options.show_progress,
-        description=description,
-    )
+    out = embed_records(embedder, images, options, description=description)
     if out.problems:
         log(f"[yellow]{source}: skipped {len(out.problems)} bad image(s)[/]; first: {out.problems[0]}")
     if not out.indices:

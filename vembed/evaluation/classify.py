@@ -18,7 +18,7 @@ from vembed.classify import predict_probabilities
 from vembed.console import log
 from vembed.data.records import RecordSet
 from vembed.errors import VembedError
-from vembed.evaluation.base import EmbedOptions, EvalResult, class_list
+from vembed.evaluation.base import EmbedOptions, EvalResult, class_list, report_json
 from vembed.models.embedder import Embedder
 from vembed.models.heads import ClassifierHead
 
@@ -111,31 +111,12 @@ class ClassifyResult:
     seconds: float = 0.0
 
     def to_json(self) -> dict:
-        return {
-            "model": self.model,
-            "data": self.data,
-            "top1": self.top1,
-            "top5": self.top5,
-            "per_class": self.per_class,
-            "confusion": {"labels": self.labels, "matrix": self.confusion},
-            "queries": self.queries,
-            "num_skipped": self.num_skipped,
-            "seconds": round(self.seconds, 3),
-        }
+        return report_json(self)
 
 
 def _score(embedder: Embedder, head: ClassifierHead, records, options: EmbedOptions, source: str):
     """``(scores, records scored, records left out)``; warnings are the caller's (label_columns)."""
-    result = predict_probabilities(
-        embedder,
-        head,
-        records,
-        batch_size=options.batch_size,
-        num_workers=options.num_workers,
-        skip_bad=options.skip_bad,
-        max_pixels=options.max_pixels,
-        show_progress=options.show_progress,
-    )
+    result = predict_probabilities(embedder, head, records, options)
     if not result.indices:
         raise VembedError(f"{source}: no image could be classified")
     columns = label_columns(

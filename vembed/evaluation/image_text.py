@@ -21,6 +21,7 @@ from vembed.console import log
 from vembed.data.captions import CaptionSet, read_captions
 from vembed.errors import VembedError
 from vembed.evaluation.base import EmbedOptions, EvalResult
+from vembed.evaluation.compare import comparison_json as with_deltas
 from vembed.evaluation.retrieval import retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.dual import DualEncoder, load_dual_encoder
@@ -79,10 +80,7 @@ class ImageTextEvaluator:
             found = embed_records(
                 model,
                 self.data.images(),
-                batch_size=options.batch_size,
-                num_workers=options.num_workers,
-                skip_bad=options.skip_bad,
-                max_pixels=options.max_pixels,
+                options,
                 show_progress=show_progress and options.show_progress,
                 description="embedding images",
             )
@@ -144,7 +142,6 @@ def read_eval_captions(path: str | Path, settings=None) -> CaptionSet:
 
 def compare_image_text(models: Sequence, data: str | Path | CaptionSet, *, settings=None, show_progress=True):
     """:func:`vembed.evaluation.compare.compare` of the image–text evaluator over ``models``."""
-    from dataclasses import replace
 
     from vembed.evaluation.compare import compare
     from vembed.evaluation.options import embed_options
@@ -152,7 +149,7 @@ def compare_image_text(models: Sequence, data: str | Path | CaptionSet, *, setti
 
     settings = settings or Settings()
     captions = data if isinstance(data, CaptionSet) else read_eval_captions(data, settings)
-    options = replace(embed_options(settings), show_progress=show_progress)
+    options = embed_options(settings, show_progress=show_progress)
     return compare(
         models,
         ImageTextEvaluator(captions, options),
@@ -169,12 +166,4 @@ def evaluate_image_text(model, data, *, settings=None, show_progress=True) -> Im
 
 def comparison_json(reports: Sequence[ImageTextReport]) -> dict:
     """The first report at the top level, the others under ``compare`` with their deltas."""
-    if not reports:
-        return {}
-    first, *others = reports
-    out = first.to_json()
-    if others:
-        out["compare"] = [
-            {**r.to_json(), "delta": {k: r.metrics[k] - first.metrics[k] for k in METRICS}} for r in others
-        ]
-    return out
+    return with_deltas(reports, METRICS)

@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from vembed.evaluation.base import EmbedOptions
+from vembed.inference import EmbedOptions, embed_options
 
 if TYPE_CHECKING:
     from vembed.settings import Settings
@@ -31,7 +31,9 @@ class RetrievalOptions:
 
     ``dims``: also score these truncated widths of the same embeddings; ``index`` (a faiss kind) takes
     the neighbours from that index (``index_settings``: an ``IndexSettings``); ``device``: where exact
-    ranking runs (None: the model's GPU when it has one, else the CPU).
+    ranking runs (None: the model's GPU when it has one, else the CPU); ``rerank`` (a
+    :class:`vembed.rerank.Reranker`) re-scores each query's first ``top_n`` neighbours (default: the
+    re-ranker's own ``top_n``).
     """
 
     ks: tuple[int, ...] = (1, 10, 100)
@@ -40,25 +42,21 @@ class RetrievalOptions:
     index: str | None = None
     index_settings: Any = None
     device: Any = None
-
-
-def embed_options(settings: Settings) -> EmbedOptions:
-    """``eval.batch_size``, ``data.num_workers``, ``data.skip_bad``."""
-    return EmbedOptions(
-        settings.eval.batch_size,
-        settings.data.num_workers,
-        settings.data.skip_bad,
-        max_pixels=settings.data.max_image_pixels,
-    )
+    rerank: Any = None
+    top_n: int | None = None
 
 
 def record_options(settings: Settings) -> RecordOptions:
     return RecordOptions(settings.data.image_root, settings.data.skip_bad)
 
 
-def retrieval_options(settings: Settings, *, dims=(), index: str | None = None) -> RetrievalOptions:
+def retrieval_options(
+    settings: Settings, *, dims=(), index: str | None = None, rerank=None, top_n: int | None = None
+) -> RetrievalOptions:
     """``eval.k`` and ``eval.chunk_size`` (``index.*`` with ``index``)."""
     return RetrievalOptions(
+        rerank=rerank,
+        top_n=top_n,
         ks=tuple(settings.eval.k),
         chunk_size=settings.eval.chunk_size,
         dims=tuple(dims),

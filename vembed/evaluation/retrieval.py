@@ -55,8 +55,12 @@ def retrieval_metrics(
     chunk_size: int = 4096,
     progress: bool = False,
     device: torch.device | str | None = None,
+    rerank=None,
 ) -> dict[str, float]:
     """Recall@K for each K in ``ks`` and MAP@R, by exact inner-product search.
+
+    ``rerank`` (a :class:`vembed.evaluation.reranked.EvalRerank`) re-scores each query's first N
+    neighbours with a pairwise re-ranker before the metrics are counted.
 
     ``device``: where to rank (default: the query embeddings' device); evaluation passes the model's
     GPU, where the similarity products take a fraction of the CPU's time.
@@ -103,6 +107,8 @@ def retrieval_metrics(
     query_codes = query_codes.to(queries.device)
     reference_codes = reference_codes.to(queries.device)
     source = ExactNeighbours(queries, references, reference_codes, int(query_codes.max()) + 1, all_vs_all)
+    if rerank is not None:
+        source = rerank.wrap(source)
     return ranked_metrics(
         source, query_codes, reference_codes, all_vs_all=all_vs_all, ks=ks, chunk_size=chunk_size,
         progress=progress,

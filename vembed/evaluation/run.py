@@ -45,6 +45,8 @@ class RetrievalReport:
     seconds: float = 0.0
     problems: list[str] = field(default_factory=list)
     dims: dict[int, dict[str, float]] = field(default_factory=dict)  # width → metrics (--dims)
+    before_rerank: dict[str, float] | None = None  # --rerank: the embedding's own metrics
+    rerank: dict | None = None  # --rerank: {"model", "top_n", "blend_weight"}
 
     def to_json(self) -> dict:
         out = {
@@ -58,11 +60,22 @@ class RetrievalReport:
         }
         if self.dims:
             out["dims"] = {str(d): m for d, m in self.dims.items()}
+        if self.before_rerank is not None:
+            out["before_rerank"] = self.before_rerank
+            out["rerank"] = self.rerank
         return out
 
     def by_width(self) -> list[RetrievalReport]:
-        """This report first, then one per ``--dims`` width (named ``model @ N-d``), for tables."""
-        return [self] + [
+        """This report first, then one per ``--dims`` width (named ``model @ N-d``), for tables; with
+        ``--rerank`` the embedding's own row comes first, then the re-ranked one."""
+        first = [self]
+        if self.before_rerank is not None:
+            before = RetrievalReport(
+                f"{self.model} (embedding)", self.data, self.before_rerank, self.protocol, self.gallery
+            )
+            name = f"{self.model} + {self.rerank['model']} (top {self.rerank['top_n']})"
+            first = [before, RetrievalReport(name, self.data, self.metrics, self.protocol, self.gallery)]
+        return first + [
             RetrievalReport(f"{self.model} @ {d}-d", self.data, m, self.protocol, self.gallery)
             for d, m in self.dims.items()
         ]
@@ -105,6 +118,11 @@ class RetrievalEvaluator:
         self.processes = processes or Processes()
         if self.processes.world_size > 1 and options.index is not None:
             raise VembedError("--index ranks in one process; run it without torchrun / accelerate launch")
+        if options.rerank is not None and (self.processes.world_size > 1 or options.index is not None):
+            raise VembedError(
+                "--rerank re-scores exact neighbours in one process; drop --index and run it without "
+                "torchrun / accelerate launch"
+            )
         self.data = str(records.path) if isinstance(records, RecordSet) else ""
         self.gallery_name = None
         if gallery is not None:
@@ -131,12 +149,12 @@ class RetrievalEvaluator:
 
     def __call__(self, embedder: Embedder, *, show_progress: bool = True) -> EvalResult:
         both = self.gallery is not None
-        q_emb, q_labels, problems = self._embed(
+        q_emb, q_labels, problems, q_records = self._embed(
             embedder, self.records, self.labels, self.description, show_progress
         )
-        g_emb = g_labels = None
+        g_emb = g_labels = g_records = None
         if both:
-            g_emb, g_labels, g_problems = self._embed(
+            g_emb, g_labels, g_problems, g_records = self._embed(
                 embedder, *self.gallery, "embedding gallery", show_progress
             )
             problems = problems + g_problems
@@ -151,6 +169,7 @@ class RetrievalEvaluator:
             normalize=embedder.normalize,
             device=self.options.device or ranking_device(embedder),
             show_progress=show_progress,
+            records=(q_records, g_records),
         )
 
     def score(
@@ -164,12 +183,16 @@ class RetrievalEvaluator:
         normalize: bool = True,
         device=None,
         show_progress: bool = False,
+        records: tuple | None = None,
     ) -> EvalResult:
-        """The metrics of embeddings computed elsewhere (this process' share under ``processes``)."""
+        """The metrics of embeddings computed elsewhere (this process' share under ``processes``).
+
+        ``records``: the (query, gallery) records behind the embedding rows, which ``--rerank`` reads.
+        """
         o = self.options
         procs = self.processes
 
-        def rank(dim: int | None) -> dict[str, float]:
+        def rank(dim: int | None, rerank=None) -> dict[str, float]:
             kwargs = {}
             if gallery_embeddings is not None:
                 kwargs = {
@@ -184,12 +207,20 @@ class RetrievalEvaluator:
                     kind=o.index, settings=o.index_settings, ks=o.ks,
                 )  # fmt: skip
             metric = retrieval_metrics if procs.world_size == 1 else sharded_retrieval_metrics
+            if rerank is not None:
+                kwargs["rerank"] = rerank
             return metric(
                 _width(embeddings, dim, normalize), labels, **kwargs, ks=o.ks, chunk_size=o.chunk_size,
                 progress=show_progress and dim is None and procs.rank == 0, device=device,
             )  # fmt: skip
 
         metrics = rank(None)
+        before = rerank_info = None
+        if o.rerank is not None:
+            before, rerank = metrics, self._rerank(embeddings, gallery_embeddings, records)
+            metrics = rank(None, rerank)
+            problems = list(problems) + [p for p in rerank.problems if p not in problems]
+            rerank_info = {"model": o.rerank.name, "top_n": rerank.top_n, "blend_weight": o.rerank.weight}
         if self.classifier is not None and procs.world_size == 1:
             from vembed.evaluation.classify import classifier_accuracy
 
@@ -206,6 +237,8 @@ class RetrievalEvaluator:
             gallery=self.gallery_name,
             problems=list(problems),
             dims=by_dim,
+            before_rerank=before,
+            rerank=rerank_info,
         )
         return EvalResult(metrics, self.primary_metric, self.greater_is_better, details={"report": report})
 
@@ -217,15 +250,38 @@ class RetrievalEvaluator:
             out = embed_records(
                 embedder,
                 images,
-                batch_size=self.embed.batch_size,
-                num_workers=self.embed.num_workers,
-                skip_bad=self.embed.skip_bad,
-                max_pixels=self.embed.max_pixels,
+                self.embed,
                 show_progress=show_progress and procs.rank == 0,
                 description=description
                 + (f" (process 0's share of {procs.world_size})" if procs.world_size > 1 else ""),
             )
-        return out.embeddings, [labels[i] for i in out.indices], out.problems
+        return (
+            out.embeddings,
+            [labels[i] for i in out.indices],
+            out.problems,
+            [images[i] for i in out.indices],
+        )
+
+    def _rerank(self, embeddings, gallery_embeddings, records):
+        """The :class:`~vembed.evaluation.reranked.EvalRerank` of ``--rerank`` for these embeddings."""
+        from vembed.evaluation.reranked import EvalRerank
+
+        if records is None or records[0] is None:
+            raise VembedError("--rerank needs the records behind the embeddings (their images)")
+        o = self.options
+        queries = embeddings.float().cpu()
+        all_vs_all = gallery_embeddings is None
+        return EvalRerank(
+            o.rerank,
+            o.top_n or o.rerank.head.top_n,
+            queries,
+            queries if all_vs_all else gallery_embeddings.float().cpu(),
+            records[0],
+            records[0] if all_vs_all else records[1],
+            all_vs_all=all_vs_all,
+            batch_size=self.embed.batch_size,
+            num_workers=self.embed.num_workers,
+        )
 
 
 def evaluate_retrieval(

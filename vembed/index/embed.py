@@ -14,7 +14,7 @@ import torch
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
 from vembed.index.store import EmbeddingStore, build_store, is_store, write_store
-from vembed.inference import embed_records, iter_embedding_batches
+from vembed.inference import EmbedOptions, embed_records, iter_embedding_batches
 from vembed.models.embedder import Embedder
 
 
@@ -37,12 +37,8 @@ def embed_to_store(
     model: str | Path,
     revision: str | None = None,
     source: str = "",
-    batch_size: int = 64,
-    num_workers: int = 2,
-    skip_bad: bool = False,
-    max_pixels: int | None = None,
+    options: EmbedOptions = EmbedOptions(),
     problems: Sequence[str] = (),
-    show_progress: bool = True,
     settings_yaml: str | None = None,
 ) -> tuple[EmbeddingStore, EmbedSummary]:
     """Embed ``records`` and write the store folder ``out`` (atomically, only when all went well).
@@ -53,15 +49,7 @@ def embed_to_store(
     out = Path(out)
     if out.exists() and not is_store(out):  # fail before the slow part
         raise VembedError(f"{out} exists and is not a vembed store; refusing to replace it")
-    result = embed_records(
-        embedder,
-        records,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        skip_bad=skip_bad,
-        max_pixels=max_pixels,
-        show_progress=show_progress,
-    )
+    result = embed_records(embedder, records, options)
     skipped = [*problems, *result.problems]
     kept = [records[i] for i in result.indices]
     check_finite(result.embeddings, kept)
@@ -76,13 +64,9 @@ def stream_jsonl(
     embedder: Embedder,
     records: Sequence[ImageRecord],
     stream: TextIO,
+    options: EmbedOptions = EmbedOptions(),
     *,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    skip_bad: bool = False,
-    max_pixels: int | None = None,
     problems: Sequence[str] = (),
-    show_progress: bool = True,
 ) -> EmbedSummary:
     """Write ``{"path": ..., "label": ..., "embedding": [...]}`` lines to ``stream`` as batches finish.
 
@@ -93,15 +77,7 @@ def stream_jsonl(
     start = time.perf_counter()
     count = 0
     skipped = list(problems)
-    for emb, indices, bad in iter_embedding_batches(
-        embedder,
-        records,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        skip_bad=skip_bad,
-        max_pixels=max_pixels,
-        show_progress=show_progress,
-    ):
+    for emb, indices, bad in iter_embedding_batches(embedder, records, options):
         skipped += bad
         check_finite(emb, [records[i] for i in indices])
         stream.write(

@@ -18,7 +18,7 @@ from vembed.console import log
 from vembed.errors import VembedError
 from vembed.index.faiss_index import FaissIndex, build_index, load_index, save_index
 from vembed.index.store import EmbeddingStore, embedder_for_store
-from vembed.inference import embed_records
+from vembed.inference import embed_options, embed_records
 from vembed.neighbours import topk
 from vembed.settings import IndexSettings, Settings
 
@@ -40,6 +40,7 @@ class Hit:
     path: str
     label: Any
     score: float
+    rerank_score: float | None = None  # --rerank: the blended score of a re-scored hit
 
 
 @dataclass
@@ -48,11 +49,21 @@ class QueryResult:
     hits: list[Hit]
 
     def to_rows(self) -> list[dict[str, Any]]:
-        """JSON lines: ``{"query", "rank", "path", "label", "score"}`` per hit."""
-        return [
-            {"query": self.query.name, "rank": h.rank, "path": h.path, "label": h.label, "score": h.score}
-            for h in self.hits
-        ]
+        """JSON lines: ``{"query", "rank", "path", "label", "score"}`` per hit (``rerank_score`` too for
+        the hits ``--rerank`` re-scored)."""
+        rows = []
+        for h in self.hits:
+            row = {
+                "query": self.query.name,
+                "rank": h.rank,
+                "path": h.path,
+                "label": h.label,
+                "score": h.score,
+            }
+            if h.rerank_score is not None:
+                row["rerank_score"] = h.rerank_score
+            rows.append(row)
+        return rows
 
 
 @dataclass
@@ -164,16 +175,8 @@ def search_queries(
             attention=settings.model.attention,
         )
         records = [ImageRecord(queries[i].path, queries[i].label, None, queries[i].name) for i in to_embed]
-        out = embed_records(
-            embedder,
-            records,
-            batch_size=settings.index.batch_size,
-            num_workers=settings.data.num_workers,
-            skip_bad=settings.data.skip_bad,
-            max_pixels=settings.data.max_image_pixels,
-            show_progress=show_progress,
-            description="embedding queries",
-        )
+        options = embed_options(settings, batch_size=settings.index.batch_size, show_progress=show_progress)
+        out = embed_records(embedder, records, options, description="embedding queries")
         problems = out.problems
         for row, i in enumerate(out.indices):
             vectors[to_embed[i]] = out.embeddings[row]
@@ -203,3 +206,58 @@ def search_queries(
 
 def _labels_by_path(store: EmbeddingStore) -> dict[str, Any]:
     return {row["path"]: row.get("label") for row in store.manifest if row.get("label") is not None}
+
+
+def rerank_results(
+    report: SearchReport,
+    reranker,
+    *,
+    top_n: int | None = None,
+    batch_size: int = 64,
+    num_workers: int = 2,
+    show_progress: bool = False,
+) -> SearchReport:
+    """Re-rank each query's first ``top_n`` hits (default: the re-ranker's own) with a
+    :class:`vembed.rerank.Reranker`; the hits after them keep their places.
+
+    Re-scored hits carry ``rerank_score`` (``w * p + (1 - w) * score``); ``score`` stays the embedding
+    similarity. A hit whose image can no longer be read (moved or deleted since it was embedded) keeps
+    its similarity as its re-rank score and is named in ``problems``. Each query needs its image: a
+    query given as an embedding cannot be re-ranked.
+    """
+    from vembed.data.records import ImageRecord
+
+    top_n = top_n or reranker.head.top_n
+    results = [r for r in report.results if r.hits]
+    for result in results:
+        if result.query.path is None:
+            raise VembedError(
+                f"{result.query.name}: --rerank needs the query image, and this query is an embedding"
+            )
+    if not results:
+        return report
+    n = min(top_n, max(len(r.hits) for r in results))
+    candidates = torch.full((len(results), n), -1, dtype=torch.long)
+    sims = torch.full((len(results), n), float("-inf"))
+    refs: list[ImageRecord] = []
+    for row, result in enumerate(results):
+        for col, hit in enumerate(result.hits[:n]):
+            candidates[row, col] = len(refs)
+            sims[row, col] = hit.score
+            refs.append(ImageRecord(Path(hit.path), hit.label, None, hit.path))
+    queries = [ImageRecord(r.query.path, r.query.label, None, r.query.name) for r in results]
+    order, scores, problems = reranker.rerank(
+        queries, refs, candidates, sims, top_n=n, batch_size=batch_size, num_workers=num_workers,
+        show_progress=show_progress,
+    )  # fmt: skip
+    for row, result in enumerate(results):
+        m = min(n, len(result.hits))
+        by_ref = {candidates[row, col].item(): hit for col, hit in enumerate(result.hits[:m])}
+        head = [by_ref[int(i)] for i in order[row, :m].tolist()]
+        for hit, score in zip(head, scores[row, :m].tolist(), strict=True):
+            hit.rerank_score = round(float(score), 6)
+        result.hits = head + result.hits[m:]
+        for rank, hit in enumerate(result.hits, 1):
+            hit.rank = rank
+    report.problems = list(report.problems) + [f"--rerank: {p}" for p in problems]
+    return report

@@ -44,6 +44,7 @@ from vembed.index.store import (
     store_meta,
     store_shards,
 )
+from vembed.inference import EmbedOptions, iter_embedding_batches
 from vembed.io import atomic_path, read_json, write_json, write_jsonl, write_text
 from vembed.models.embedder import Embedder
 
@@ -88,13 +89,9 @@ def embed_shards(
     rank: int = 0,
     world_size: int = 1,
     barrier: Callable[[], None] = lambda: None,
-    batch_size: int = 64,
-    num_workers: int = 2,
-    skip_bad: bool = False,
-    max_pixels: int | None = None,
+    embed: EmbedOptions = EmbedOptions(),
     image_root: str | Path | None = None,
     settings_yaml: str | None = None,
-    show_progress: bool = True,
     finalize: bool = True,
 ) -> ShardRun:
     """Embed this process' blocks of ``source`` into shards, then (process 0) assemble the store ``out``.
@@ -108,26 +105,57 @@ def embed_shards(
     with contextlib.ExitStack() as stack:
         if rank == 0:  # one command writing the store at a time (its other processes share this one's job)
             stack.enter_context(vembed.io.process_lock(lock_file(out), what=f"store {out}"))
-        return _embed_shards(
-            embedder,
-            source,
-            out,
-            model=model,
-            revision=revision,
-            shard_size=shard_size,
-            append=append,
-            rank=rank,
-            world_size=world_size,
-            barrier=barrier,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            skip_bad=skip_bad,
-            max_pixels=max_pixels,
-            image_root=image_root,
-            settings_yaml=settings_yaml,
-            show_progress=show_progress,
-            finalize=finalize,
-        )
+        start = time.perf_counter()
+        exclude, part = set(), 0
+        if append:
+            base = _check_append_target(out, embedder, model)
+            exclude = {
+                row["path"] for shard in store_shards(out, base) for row in _read_manifest(shard.manifest)
+            }
+            part = int(base.get("parts", 1))
+        elif out.exists() and not is_store(out):
+            raise VembedError(f"{out} exists and is not a vembed store; refusing to replace it")
+        job = job_dir(out)
+        spec = {
+            "source": str(Path(str(source)).expanduser().resolve()) if str(source) != "-" else "-",
+            "model": model_source(model),
+            "revision": revision,
+            "preprocessing": embedder.spec.preprocessing(),
+            "shard_size": shard_size,
+            "append": append,
+            "part": part,
+        }
+        _check_job(job, spec)
+        if rank == 0:
+            (job / SHARD_DIR).mkdir(parents=True, exist_ok=True)
+            if not (job / JOB_FILE).is_file():
+                write_json(job / JOB_FILE, spec)
+        barrier()
+        try:
+            run = _embed_blocks(
+                embedder,
+                source,
+                job,
+                part,
+                rank,
+                world_size,
+                exclude,
+                shard_size=shard_size,
+                embed=embed,
+                image_root=image_root,
+            )
+        except Exception:
+            if world_size == 1 and not any((job / SHARD_DIR).glob("*.safetensors")):
+                shutil.rmtree(job, ignore_errors=True)  # nothing embedded to resume: leave no trace
+            raise
+        if rank == 0 and run.blocks_reused:
+            log(f"resumed: {run.blocks_reused} shard(s) were already embedded")
+        barrier()
+        if finalize and rank == 0:
+            _finalize(job, out, spec, run.num_blocks, embedder, settings_yaml)
+        barrier()
+        run.seconds = time.perf_counter() - start
+        return run
 
 
 def lock_file(out: str | Path) -> Path:
@@ -136,95 +164,20 @@ def lock_file(out: str | Path) -> Path:
     return out.parent / f".{out.name}.lock"
 
 
-def _embed_shards(
+def _embed_blocks(
     embedder: Embedder,
     source: str | Path,
-    out: Path,
-    *,
-    model: str | Path,
-    revision: str | None,
-    shard_size: int,
-    append: bool,
+    job: Path,
+    part: int,
     rank: int,
     world_size: int,
-    barrier: Callable[[], None],
-    batch_size: int,
-    num_workers: int,
-    skip_bad: bool,
-    max_pixels: int | None,
-    image_root: str | Path | None,
-    settings_yaml: str | None,
-    show_progress: bool,
-    finalize: bool,
-) -> ShardRun:
-    start = time.perf_counter()
-    options = dict(
-        shard_size=shard_size,
-        batch_size=batch_size,
-        num_workers=num_workers,
-        skip_bad=skip_bad,
-        max_pixels=max_pixels,
-        image_root=image_root,
-        show_progress=show_progress,
-    )
-    exclude, part = set(), 0
-    if append:
-        base = _check_append_target(out, embedder, model)
-        exclude = {row["path"] for shard in store_shards(out, base) for row in _read_manifest(shard.manifest)}
-        part = int(base.get("parts", 1))
-    elif out.exists() and not is_store(out):
-        raise VembedError(f"{out} exists and is not a vembed store; refusing to replace it")
-    job = job_dir(out)
-    spec = {
-        "source": str(Path(str(source)).expanduser().resolve()) if str(source) != "-" else "-",
-        "model": model_source(model),
-        "revision": revision,
-        "preprocessing": embedder.spec.preprocessing(),
-        "shard_size": shard_size,
-        "append": append,
-        "part": part,
-    }
-    _check_job(job, spec)
-    if rank == 0:
-        (job / SHARD_DIR).mkdir(parents=True, exist_ok=True)
-        if not (job / JOB_FILE).is_file():
-            write_json(job / JOB_FILE, spec)
-    barrier()
-    try:
-        run = _embed_blocks(embedder, source, job, part, rank, world_size, exclude, **options)
-    except Exception:
-        if world_size == 1 and not any((job / SHARD_DIR).glob("*.safetensors")):
-            shutil.rmtree(job, ignore_errors=True)  # nothing embedded to resume: leave no trace
-        raise
-    if rank == 0 and run.blocks_reused:
-        log(f"resumed: {run.blocks_reused} shard(s) were already embedded")
-    barrier()
-    if finalize and rank == 0:
-        _finalize(job, out, spec, run.num_blocks, embedder, settings_yaml)
-    barrier()
-    run.seconds = time.perf_counter() - start
-    return run
-
-
-def _embed_blocks(
-    embedder,
-    source,
-    job,
-    part,
-    rank,
-    world_size,
-    exclude,
+    exclude: set[str],
     *,
-    shard_size,
-    batch_size,
-    num_workers,
-    skip_bad,
-    max_pixels,
-    image_root,
-    show_progress,
+    shard_size: int,
+    embed: EmbedOptions,
+    image_root: str | Path | None,
 ) -> ShardRun:
     from vembed.index.embed import check_finite
-    from vembed.inference import iter_embedding_batches
 
     run = ShardRun()
     blocks = iter_blocks(
@@ -232,7 +185,7 @@ def _embed_blocks(
         shard_size,
         owned=lambda b: b % world_size == rank and not _done_file(job, part, b).is_file(),
         image_root=image_root,
-        skip_bad=skip_bad,
+        skip_bad=embed.skip_bad,
         exclude=exclude,
     )
     for block in blocks:
@@ -244,16 +197,8 @@ def _embed_blocks(
             continue
         chunks, kept = [], []
         problems = list(block.problems)
-        for emb, indices, bad in iter_embedding_batches(
-            embedder,
-            block.records,
-            batch_size=batch_size,
-            num_workers=num_workers,
-            skip_bad=skip_bad,
-            max_pixels=max_pixels,
-            show_progress=show_progress,
-            description=f"shard {block.number}",
-        ):
+        batches = iter_embedding_batches(embedder, block.records, embed, description=f"shard {block.number}")
+        for emb, indices, bad in batches:
             check_finite(emb, [block.records[i] for i in indices])
             chunks.append(emb)
             kept += [block.records[i] for i in indices]

@@ -8,8 +8,9 @@ writer (:func:`vembed.models.factory.save_model`) stores whichever head it is gi
 writes its section of the exported model card (:meth:`Head.card`) and may check an export beyond the
 embedding (:meth:`Head.check_export`).
 
-The heads: :class:`ClassifierHead` (the linear or cosine classifier a ``ce`` run trains) and
-:class:`~vembed.models.segmenter.SegmenterHead` (a segmentation decoder).
+The heads: :class:`ClassifierHead` (the linear or cosine classifier a ``ce`` run trains),
+:class:`~vembed.models.segmenter.SegmenterHead` (a segmentation decoder) and
+:class:`~vembed.models.pairwise.PairwiseHead` (a re-ranker's same/different MLP).
 
 A model folder with a classifier keeps it as its task head (see :mod:`vembed.models.loader`): the
 weights (``classifier.weight`` and, for a linear head, ``classifier.bias``) in
@@ -36,6 +37,7 @@ from torch import nn
 
 from vembed.errors import VembedError
 from vembed.models.loader import VEMBED_CONFIG, LoadedModel, load_model
+from vembed.models.pairwise import PairwiseHead
 from vembed.models.segmenter import SegmenterHead
 
 
@@ -214,7 +216,7 @@ def classifier_of_loss(loss: nn.Module, labels: Sequence) -> ClassifierHead | No
     return ClassifierHead.from_loss(loss, labels)
 
 
-HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (ClassifierHead, SegmenterHead)}
+HEADS: dict[str, type[Head]] = {cls.kind: cls for cls in (ClassifierHead, SegmenterHead, PairwiseHead)}
 
 
 def load_head(loaded: LoadedModel) -> Head | None:

@@ -42,7 +42,8 @@ class TrainSettings(Section):
         description="What is trained (vembed.tasks.TASKS): retrieval, an embedding model (train.loss); "
         "segmentation, a decoder on the patch tokens, pixel cross-entropy (255 ignored), best model by "
         "validation mIoU; image_text, a CLIP / SigLIP dual encoder on image-caption pairs (train.loss "
-        "clip or siglip), best by mean_recall@1.",
+        "clip or siglip), best by mean_recall@1; rerank, a pairwise re-ranker of train.rerank_from's "
+        "neighbours (BCE on mined pairs), best by re-ranked recall@1.",
     )
     towers: Literal["both", "image", "text"] = Field(
         "both",
@@ -127,6 +128,19 @@ class TrainSettings(Section):
     matryoshka_dims: list[int] | None = Field(
         None, description="Also train these truncated widths (infonce / supcon / triplet)."
     )
+    # train.task=rerank: the pairwise re-ranker
+    rerank_from: str | None = Field(
+        None,
+        description="train.task=rerank: the embedding model whose top train.rerank_top_n neighbours (on "
+        "data.train) give the training pairs and (on data.val) the ranking the re-ranker is validated and "
+        "calibrated on; also the default model.name (the pairwise model starts from its backbone).",
+    )
+    rerank_top_n: int = Field(
+        5,
+        ge=1,
+        description="train.task=rerank: neighbours per image mined for pairs and re-scored in validation "
+        "(and the re-ranker's default --top-n).",
+    )
     # sampling
     sampler: Literal["auto", "pk", "random"] = Field(
         "auto",
@@ -140,6 +154,19 @@ class TrainSettings(Section):
         None,
         ge=1,
         description="Draw each batch's classes from this many record categories (harder negatives).",
+    )
+    hard_negatives: int | None = Field(
+        None,
+        ge=0,
+        description="Mined hard negatives per drawn class (records with 'negatives': `vembed mine`): each "
+        "class a P x K batch draws brings up to this many classes of its anchor's negatives, each with the "
+        "negative image in its group (null or 0: off).",
+    )
+    remine_every: int | None = Field(
+        None,
+        ge=1,
+        description="With train.hard_negatives: mine the training set again with the current model every "
+        "N epochs (the negatives are saved in checkpoints, so resume stays exact).",
     )
     augment: AugmentSettings = Field(
         default_factory=lambda: AugmentSettings(),

@@ -11,10 +11,13 @@ import difflib
 from vembed.errors import VembedError
 from vembed.tasks.base import Task, TrainParts
 from vembed.tasks.image_text import ImageTextTask
+from vembed.tasks.rerank import RerankTask
 from vembed.tasks.retrieval import RetrievalTask
 from vembed.tasks.segmentation import SegmentationTask
 
-TASKS: dict[str, type[Task]] = {cls.name: cls for cls in (RetrievalTask, SegmentationTask, ImageTextTask)}
+TASKS: dict[str, type[Task]] = {
+    cls.name: cls for cls in (RetrievalTask, SegmentationTask, ImageTextTask, RerankTask)
+}
 
 
 def get_task(name: str) -> Task:

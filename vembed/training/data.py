@@ -125,8 +125,9 @@ def build_batch_sampler(
 ) -> PKBatchSampler | ShuffledBatchSampler:
     """P x K class-balanced batches (optionally few categories per batch), or shuffled batches."""
     if not uses_pk(data, settings):
-        if settings.categories_per_batch is not None:
-            raise VembedError("train.categories_per_batch needs P x K batches (train.sampler=pk)")
+        for key in ("categories_per_batch", "hard_negatives"):
+            if getattr(settings, key):
+                raise VembedError(f"train.{key} needs P x K batches (train.sampler=pk)")
         return ShuffledBatchSampler(
             len(data.records), settings.batch_size, seed=settings.seed, num_replicas=num_replicas, rank=rank
         )
@@ -135,6 +136,12 @@ def build_batch_sampler(
         raise VembedError(
             f"train.batch_size={settings.batch_size} must be a multiple of train.samples_per_class={k} "
             "(P classes x K images per batch)"
+        )
+    negatives = hard_negatives = None
+    if settings.hard_negatives:
+        negatives, hard_negatives = (
+            mined_negatives(data, settings, say=log if rank == 0 else None),
+            settings.hard_negatives,
         )
     categories = None
     if settings.categories_per_batch is not None:
@@ -162,10 +169,34 @@ def build_batch_sampler(
         k,
         categories=categories,
         categories_per_batch=settings.categories_per_batch,
+        negatives=negatives,
+        hard_negatives=hard_negatives,
         seed=settings.seed,
         num_replicas=num_replicas,
         rank=rank,
     )
+
+
+def mined_negatives(data: LabelledImages, settings: TrainSettings, *, say=None) -> list[list[int]]:
+    """``train.hard_negatives``: the records' ``negatives`` as dataset indices (said once by ``say``)."""
+    from vembed.mining import negative_indices
+
+    negatives = negative_indices(data.records)
+    if negatives is None:
+        first = data.records[0]
+        raise VembedError(
+            f"train.hard_negatives={settings.hard_negatives} but the training records "
+            f"({first.source.rsplit(':', 1)[0] or first.image}) have no 'negatives': mine them first, "
+            "`vembed mine --model MODEL --data TRAIN.jsonl --out MINED.jsonl`, and train on MINED.jsonl"
+        )
+    if say is not None:
+        carrying = sum(1 for row in negatives if row)
+        say(
+            f"hard negatives: each class a batch draws brings up to {settings.hard_negatives} classes of its "
+            f"anchor's mined negatives ({carrying} of {len(negatives)} records carry negatives, "
+            f"{sum(map(len, negatives)) / len(negatives):.1f} per record)"
+        )
+    return negatives
 
 
 def fit_pk(batch_size: int, k: int, num_classes: int, *, say=log) -> tuple[int, int]:

@@ -319,6 +319,7 @@ class _Trainer:
         if acc.is_main_process:
             state.scheduler = self.scheduler.state_dict()
             state.scaler = acc.scaler.state_dict() if acc.scaler is not None else None
+            state.sampler = self.sampler.state_dict() if hasattr(self.sampler, "state_dict") else None
             ckpt.write_main(
                 tmp,
                 model_state=trainable_state(self.embedder, self.loss),
@@ -358,6 +359,8 @@ class _Trainer:
         self.scheduler.load_state_dict(saved.scheduler)
         if saved.scaler and acc.scaler is not None:
             acc.scaler.load_state_dict(saved.scaler)
+        if saved.sampler and hasattr(self.sampler, "load_state_dict"):
+            self.sampler.load_state_dict(saved.sampler)
         saved.total_steps = self.state.total_steps
         self.state = saved
         self.last_saved = saved.step

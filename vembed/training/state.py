@@ -71,6 +71,7 @@ class TrainState:
     window: LossWindow = field(default_factory=LossWindow)
     scheduler: dict | None = None
     scaler: dict | None = None
+    sampler: dict | None = None  # the batch sampler's state_dict, when it has one (re-mined negatives)
     settings: dict = field(default_factory=dict)
 
     @property

@@ -17,7 +17,7 @@ import torch
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.inference import embed_records
+from vembed.inference import embed_options, embed_records
 from vembed.settings import Settings
 from vembed.training.data import EpochLoaders, LabelledImages, train_loaders
 from vembed.training.gradcache import grad_cache_backward
@@ -140,21 +140,15 @@ def cache_features(
     Returns ``(data, features, val_features)``: ``data`` without the records that failed to decode, and
     ``val_features`` = ``(embeddings, indices)`` or None without validation data.
     """
-    options = dict(
-        batch_size=settings.eval.batch_size,
-        num_workers=settings.data.num_workers,
-        skip_bad=settings.data.skip_bad,
-        max_pixels=settings.data.max_image_pixels,
-        show_progress=show_progress,
-    )
+    options = embed_options(settings, show_progress=show_progress)
     devices = [accelerator.device] if accelerator.device.type == "cuda" else []
     with torch.random.fork_rng(devices=devices), accelerator.autocast():
-        cached = embed_records(embedder, data.records, pooled=True, description="caching features", **options)
+        cached = embed_records(embedder, data.records, options, pooled=True, description="caching features")
         if cached.problems:
             data = data.subset(cached.indices)
         if val is None:
             return data, cached.embeddings, None
         found = embed_records(
-            embedder, val.records, pooled=True, description="caching validation features", **options
+            embedder, val.records, options, pooled=True, description="caching validation features"
         )
     return data, cached.embeddings, (found.embeddings, found.indices)

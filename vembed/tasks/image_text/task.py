@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import replace
 from pathlib import Path
 from typing import ClassVar
 
@@ -90,7 +89,7 @@ class ImageTextTask:
         sampler = ShuffledBatchSampler.for_run(len(data.records), settings.train, accelerator)
         evaluator = None
         if val is not None:
-            options = replace(embed_options(settings), show_progress=show_progress)
+            options = embed_options(settings, show_progress=show_progress)
             evaluator = ImageTextEvaluator(val, options, primary=self.select_metric(settings))
         runner = PairSteps(accelerator, encoder, loss, data, settings)
         return TrainParts(encoder, data, loss, sampler, runner, evaluator)

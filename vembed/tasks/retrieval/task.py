@@ -23,6 +23,7 @@ from vembed.settings.augment import AugmentSettings
 from vembed.tasks.base import TrainParts
 from vembed.training.data import AUGMENT_DEFAULTS, build_batch_sampler, read_labelled, report_problems
 from vembed.training.model import check_objective, loss_kwargs, make_loss, trainable_embedder
+from vembed.training.remine import remining
 from vembed.training.steps import cache_features, step_runner, uses_feature_cache
 from vembed.training.validation import CachedFeatureValidator, retrieval_validator
 
@@ -38,6 +39,10 @@ class RetrievalTask:
             except VembedError as exc:
                 raise VembedError(f"train.loss={s.loss!r}: {exc}") from None
         loss_kwargs(s)
+        if s.remine_every and not s.hard_negatives:
+            raise VembedError(
+                "train.remine_every re-mines the negatives of train.hard_negatives; set train.hard_negatives=K"
+            )
 
     def metrics(self, settings: Settings) -> list[str]:
         metrics = [f"recall@{k}" for k in settings.eval.k] + ["map@r"]
@@ -74,6 +79,8 @@ class RetrievalTask:
         sampler = build_batch_sampler(
             data, settings.train, num_replicas=acc.num_processes, rank=acc.process_index
         )
+        if settings.train.remine_every:
+            sampler = remining(sampler, embedder, data, settings, acc, show_progress=show_progress)
         evaluator = None
         if val is not None:
             trains_classifier = classifier_of_loss(loss, data.class_names) is not None
