@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -327,17 +327,24 @@ class EpochLoaders:
         self.loader._iterator = None
 
 
-def train_loaders(data: LabelledImages, *, spec: ModelSpec, settings: Settings) -> EpochLoaders:
-    """The epoch loaders of the training images, decoding and augmenting in ``data.num_workers`` workers."""
-    dataset = AugmentedImages(
-        ImageDataset(
-            data.records,
-            train_transform(spec, settings.train),
-            skip_bad=settings.data.skip_bad,
-            max_pixels=settings.data.max_image_pixels,
-        )
+def train_loaders(
+    records: Sequence[ImageRecord],
+    *,
+    spec: ModelSpec,
+    settings: Settings,
+    items: Callable[[ImageDataset], Dataset] = AugmentedImages,
+) -> EpochLoaders:
+    """The epoch loaders of the training images, decoding and augmenting in ``data.num_workers`` workers.
+
+    ``items`` makes what a batch holds of the images (one image each; the re-ranker: pairs of them).
+    """
+    images = ImageDataset(
+        records,
+        train_transform(spec, settings.train),
+        skip_bad=settings.data.skip_bad,
+        max_pixels=settings.data.max_image_pixels,
     )
-    return EpochLoaders(dataset, num_workers=settings.data.num_workers, seed=settings.train.seed)
+    return EpochLoaders(items(images), num_workers=settings.data.num_workers, seed=settings.train.seed)
 
 
 def report_problems(data, val) -> None:

@@ -31,6 +31,7 @@ from vembed.tasks.base import TrainParts
 from vembed.tasks.segmentation.data import SegEvalTransform, SegmentationImages, SegTrainTransform
 from vembed.tasks.segmentation.evaluator import SegEvalOptions, SegmentationEvaluator
 from vembed.training.data import EpochLoaders, ShuffledBatchSampler, report_problems
+from vembed.training.steps import ModelSteps
 
 # train.augment's segmentation defaults for the keys left null: on, a 0.5-2x zoom crop, hflip 0.5
 AUGMENT_DEFAULTS = {"enabled": True, "hflip": 0.5}
@@ -210,39 +211,19 @@ class _Fixed:
         return self.transform(img, mask)
 
 
-class SegmentationSteps:
-    """Step runner: image batches through the (accelerate-wrapped) segmenter, masks as labels."""
+class SegmentationSteps(ModelSteps):
+    """Step runner: image batches through the (accelerate-wrapped) segmenter (``module``), masks as labels."""
 
-    def __init__(
-        self, accelerator, segmenter: Segmenter, loss: nn.Module, data: MaskRecords, settings: Settings
-    ):
-        self.accelerator, self.segmenter, self.loss = accelerator, segmenter, loss
-        self.data, self.settings = data, settings
-        self.loaders: EpochLoaders | None = None
-
-    def prepare(self, optimizer):
-        self.model, optimizer = self.accelerator.prepare(self.segmenter, optimizer)
-        return self.model, optimizer
-
-    def outside_parameters(self) -> list:
-        return list(self.loss.parameters())
+    module: Segmenter
+    data: MaskRecords
 
     def micro_batches(self, epoch: int, batches: list[list[int]], first: int):
         if self.loaders is None:
-            self.loaders = seg_loaders(self.data, segmenter=self.segmenter, settings=self.settings)
+            self.loaders = seg_loaders(self.data, segmenter=self.module, settings=self.settings)
         device = self.accelerator.device
         loader = self.loaders.epoch(batches, epoch, first)
         for pixels, masks in _without_worker_tracebacks(loader, keep_workers=True):
             yield pixels.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-
-    def close(self) -> None:
-        if self.loaders is not None:
-            self.loaders.close()
-
-    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = self.loss(self.model(inputs), labels)
-        self.accelerator.backward(loss)
-        return loss.detach()
 
 
 class SegmentationTask:
