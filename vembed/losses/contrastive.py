@@ -16,8 +16,7 @@ from torch import Tensor, nn
 
 from vembed.errors import VembedError
 from vembed.losses._common import check_batch, check_positive, float32_forward, normalize, zero_with_grad
-from vembed.losses.distributed import gather_candidates, self_mask
-from vembed.losses.memory import remember, with_memory
+from vembed.losses.memory import pair_masks, remember
 from vembed.losses.miners import build_miner
 
 __all__ = ["InfoNCELoss", "SupConLoss"]
@@ -68,22 +67,10 @@ class _TemperatureLoss(nn.Module):
         return self._fixed_temperature
 
     def _logits_and_masks(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits [N, M], positives [N, M], negatives [N, M])`` for local anchors vs. all candidates.
-
-        Without a miner the positives are every other same-label candidate and the negatives every
-        other-label one; with a miner, the pairs it mined.
-        """
-        anchors = normalize(embeddings)
-        candidates, candidate_labels, offset = gather_candidates(anchors, labels)
-        candidates, candidate_labels = with_memory(self, candidates, candidate_labels)
-        similarities = anchors @ candidates.T
-        logits = similarities / self.temperature
-        own = self_mask(anchors.shape[0], candidates.shape[0], offset, anchors.device)
-        same = labels[:, None] == candidate_labels[None, :]
-        positives, negatives = same & ~own, ~same
-        if self.miner is not None:
-            positives, negatives = self.miner.pairs(1.0 - similarities.detach(), positives, negatives)
-        return logits, positives, negatives
+        """``(logits [N, M], positives [N, M], negatives [N, M])``: :func:`pair_masks`' similarities
+        over the temperature."""
+        similarities, positives, negatives = pair_masks(self, embeddings, labels)
+        return similarities / self.temperature, positives, negatives
 
     def extra_repr(self) -> str:
         temperature = self.temperature
