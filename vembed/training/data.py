@@ -232,18 +232,22 @@ def epoch_batches(sampler, epoch: int) -> list[list[int]]:
     return [list(batch) for batch in sampler]
 
 
-class AugmentedImages(Dataset):
-    """An :class:`ImageDataset` whose random augmentation is seeded per draw.
+class SeededItems(Dataset):
+    """A dataset of ``images`` whose items are ``(index, tag)``: each draws its random augmentation from
+    ``random.Random(tag)`` (tag = seed/epoch/position, see :class:`EpochLoaders`), so the crop does not
+    depend on worker count or on resuming, and no global generator is touched."""
 
-    Items are ``(index, tag)``; the transform draws from ``random.Random(tag)`` (tag = seed/epoch/position),
-    so the crop does not depend on worker count or on resuming, and no global generator is touched.
-    """
-
-    def __init__(self, images: ImageDataset):
+    def __init__(self, images):
         self.images = images
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+class AugmentedImages(SeededItems):
+    """An :class:`ImageDataset` whose random augmentation is seeded per draw."""
+
+    images: ImageDataset
 
     def __getitem__(self, item):
         index, tag = item
@@ -259,15 +263,7 @@ def train_transform(spec: ModelSpec, settings: TrainSettings):
     aug = settings.augment.with_defaults(**AUGMENT_DEFAULTS)
     if not aug.enabled:
         return EvalTransform(spec)
-    return TrainTransform(
-        spec,
-        scale=aug.scale,
-        ratio=aug.ratio,
-        hflip=aug.hflip,
-        vflip=aug.vflip,
-        color_jitter=aug.color_jitter,
-        grayscale=aug.grayscale,
-    )
+    return TrainTransform(spec, **aug.transform_options())
 
 
 def tag_batches(batches: list[list[int]], seed: int, epoch: int) -> list[list[tuple[int, str]]]:

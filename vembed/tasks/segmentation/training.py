@@ -16,7 +16,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from vembed.data.images import IGNORE_INDEX
 from vembed.data.records import SegRecord, read_records
@@ -30,7 +29,7 @@ from vembed.settings import AugmentSettings, Settings
 from vembed.tasks.base import TrainParts
 from vembed.tasks.segmentation.data import SegEvalTransform, SegmentationImages, SegTrainTransform
 from vembed.tasks.segmentation.evaluator import SegEvalOptions, SegmentationEvaluator
-from vembed.training.data import EpochLoaders, ShuffledBatchSampler, report_problems
+from vembed.training.data import EpochLoaders, SeededItems, ShuffledBatchSampler, report_problems
 from vembed.training.steps import ModelSteps
 
 # train.augment's segmentation defaults for the keys left null: on, a 0.5-2x zoom crop, hflip 0.5
@@ -150,14 +149,10 @@ class PixelCrossEntropy(nn.Module):
         return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
 
 
-class _SeededPairs(Dataset):
-    """Items ``(index, tag)`` → the pair's transform drawn from ``random.Random(tag)``."""
+class _SeededPairs(SeededItems):
+    """Items ``(index, tag)`` → the image/mask pair's transform drawn from ``random.Random(tag)``."""
 
-    def __init__(self, images: SegmentationImages):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
+    images: SegmentationImages
 
     def __getitem__(self, item):
         index, tag = item
@@ -187,18 +182,9 @@ def seg_train_transform(spec, aug: AugmentSettings):
     aug = aug.with_defaults(**AUGMENT_DEFAULTS)
     if not aug.enabled:
         return _Fixed(SegEvalTransform(spec.image_size, spec.mean, spec.std, spec.interpolation))
-    return SegTrainTransform(
-        spec.image_size,
-        spec.mean,
-        spec.std,
-        spec.interpolation,
-        crop_scale=aug.scale,
-        crop_ratio=aug.ratio,
-        hflip=aug.hflip,
-        vflip=aug.vflip,
-        color_jitter=aug.color_jitter,
-        grayscale=aug.grayscale,
-    )
+    options = aug.transform_options()
+    crop = {"crop_scale": options.pop("scale"), "crop_ratio": options.pop("ratio")}
+    return SegTrainTransform(spec.image_size, spec.mean, spec.std, spec.interpolation, **crop, **options)
 
 
 class _Fixed:
