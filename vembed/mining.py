@@ -29,7 +29,14 @@ from vembed.data.records import ImageRecord, label_codes, read_records
 from vembed.errors import VembedError
 from vembed.inference import EmbedOptions, embed_records
 from vembed.io import check_output_path, decode_line, raw_lines, write_jsonl
-from vembed.neighbours import advancing, as_embeddings, check_positive_int, chunk_bounds, select_top
+from vembed.neighbours import (
+    advancing,
+    as_embeddings,
+    check_positive_int,
+    chunk_bounds,
+    ranking_device,
+    select_top,
+)
 
 __all__ = ["Mined", "mine_file", "mine_negatives", "negative_indices"]
 
@@ -184,8 +191,9 @@ def mine_file(
         embedder = embedder()
     with torch.inference_mode():
         found = embed_records(embedder, records, options, description="embedding")
+    device = ranking_device(embedder)  # the model's GPU when it has one: exact there too, and faster
     mined = mine_negatives(
-        found.embeddings,
+        found.embeddings if device is None else found.embeddings.to(device),
         [rec.label for rec in records],
         k=k,
         margin=margin,

@@ -25,14 +25,26 @@ from vembed.inference import EmbedOptions, embed_records
 from vembed.models.embedder import Embedder, truncate_embeddings
 
 __all__ = [
+    "IN_PERCENT_POINTS",
     "EmbedOptions",
     "EvalResult",
     "Evaluator",
     "LabelledEmbeddings",
+    "as_percent",
     "embed_labelled",
     "parse_dims",
     "read_eval_records",
 ]
+
+
+# metrics already in percent points (``rsum``: six recalls in percent, summed, 0-600); every other
+# score an evaluator reports is a fraction, shown × 100
+IN_PERCENT_POINTS = frozenset({"rsum"})
+
+
+def as_percent(name: str, value: float) -> float:
+    """Metric ``name``'s ``value`` in percent points, as tables print it."""
+    return value if name in IN_PERCENT_POINTS else 100 * value
 
 
 @dataclass
