@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from vembed.errors import VembedError
-from vembed.losses._common import normalize
+from vembed.losses._common import check_batch, float32_forward, normalize, zero_with_grad
 from vembed.losses.distributed import gather_candidates, gather_no_grad, self_mask
 
 __all__ = ["MemoryBank", "with_memory"]
@@ -90,6 +90,26 @@ def pair_masks(loss: nn.Module, embeddings: Tensor, labels: Tensor) -> tuple[Ten
     if loss.miner is not None:
         positives, negatives = loss.miner.pairs(1.0 - similarities.detach(), positives, negatives)
     return similarities, positives, negatives
+
+
+class PairMaskLoss(nn.Module):
+    """An in-batch pair loss: anchors against every candidate (other ranks' batches, the memory),
+    mined, through :meth:`from_pairs`; the batch is remembered after. An empty batch gives 0 (with grad)."""
+
+    miner = None
+
+    @float32_forward
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_batch(embeddings, labels, self.name)
+        if embeddings.shape[0] == 0:
+            return zero_with_grad(embeddings)
+        loss = self.from_pairs(*pair_masks(self, embeddings, labels))
+        remember(self, normalize(embeddings), labels)
+        return loss
+
+    def from_pairs(self, similarities: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+        """The loss from :func:`pair_masks`' similarities [N, M] and masks."""
+        raise NotImplementedError
 
 
 def remember(loss: nn.Module, anchors: Tensor, labels: Tensor) -> None:
