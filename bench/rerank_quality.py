@@ -111,7 +111,9 @@ def main(argv: list[str] | None = None) -> int:
             files = (make_digits if name == "digits" else make_photos)(root / "data", seed)
             model = build_model(root / "model", seed)
             start = time.perf_counter()
-            embedder = train_embedder(files, model, root / "embedder", loss=args.loss, seed=seed, epochs=args.epochs)
+            embedder = train_embedder(
+                files, model, root / "embedder", loss=args.loss, seed=seed, epochs=args.epochs
+            )
             backbone = model if args.pairwise_backbone == "random" else None
             result = train_reranker(files, embedder, root / f"rerank-{args.pairwise_backbone}", backbone=backbone,
                                     args=args, seed=seed)  # fmt: skip
