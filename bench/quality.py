@@ -3,6 +3,7 @@
     python bench/quality.py                          # both sets, infonce + supcon, 1 seed, 15 epochs
     python bench/quality.py --sets photos --losses infonce --seeds 0 1 2 --epochs 15 --json out.json
     python bench/quality.py --tables a.json b.json     # one table (means over seeds) of earlier runs
+    python bench/quality.py --sets photos --losses triplet --hard-negatives 0 2   # without / with mined negatives
 
 Two real, offline data sets (no download):
 
@@ -20,6 +21,10 @@ checkpoint at each epoch end kept). Every checkpoint is then evaluated on the te
 answers for every rule: before training, the last step, the best validation Recall@1 / MAP@R, and the same
 with the metric smoothed over 3 validations (``train.select_smoothing=3``). The oracle row (best test
 Recall@1 of any validated step) bounds what selection can gain.
+
+``--hard-negatives 0 2`` runs every loss twice: as it is (0), and on the training records mined with the
+untrained model (``vembed mine``'s library call: 8 negatives per image, margin 0.05) with
+``train.hard_negatives=2``; ``--remine N`` adds ``train.remine_every=N`` to the mined runs.
 """
 
 from __future__ import annotations
@@ -73,7 +78,8 @@ def make_photos(root: Path, seed: int, *, px: int = 40) -> dict[str, Path]:
     rng = random.Random(seed)
     classes = []
     for name in PHOTOS:
-        array = getattr(skimage.data, name)()
+        # binary_blobs is drawn at random: seeded, so that every invocation cuts the same photos
+        array = skimage.data.binary_blobs(rng=0) if name == "binary_blobs" else getattr(skimage.data, name)()
         if isinstance(array, tuple):
             array = array[0]
         array = np.asarray(array)
@@ -123,6 +129,26 @@ def _crop(image: Image.Image, rng: random.Random, px: int) -> Image.Image:
         cw = ch = min(w, h)
     left, top = rng.randint(0, w - cw), rng.randint(0, h - ch)
     return image.resize((px, px), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
+
+
+def mine(files: dict[str, Path], model: Path) -> Path:
+    """The training records with ``negatives`` mined by the untrained model (its mean pooling)."""
+    from vembed.inference import EmbedOptions
+    from vembed.mining import mine_file
+    from vembed.models.factory import create_embedder
+
+    options = load_settings(None, ["model.pooling=mean", "model.device=cpu"]).model
+    out = files["train"].parent / "train-mined.jsonl"
+    summary = mine_file(
+        lambda: create_embedder(str(model), options),
+        files["train"],
+        out,
+        k=8,
+        margin=0.05,
+        options=EmbedOptions(batch_size=256, num_workers=0, show_progress=False),
+    )
+    print(f"mined: {summary}", file=sys.stderr)
+    return out
 
 
 def build_model(folder: Path, seed: int) -> Path:
@@ -212,6 +238,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", nargs="+", type=int, default=[0])
     parser.add_argument("--epochs", type=int, default=15)
     parser.add_argument("--extra", nargs="*", default=[], help="more key=value settings for every run")
+    parser.add_argument(
+        "--hard-negatives",
+        nargs="+",
+        type=int,
+        default=[0],
+        help="train.hard_negatives values to run each loss with (0: off; >0: on records mined by the untrained model)",
+    )
+    parser.add_argument("--remine", type=int, help="train.remine_every for the hard-negative runs")
     parser.add_argument("--json", type=Path, help="write every run's history and the table here")
     parser.add_argument("--work", type=Path, help="keep the data and runs here (default: a temp folder)")
     parser.add_argument("--tables", nargs="+", type=Path, help="only print the table of these --json files")
@@ -234,22 +268,39 @@ def main(argv: list[str] | None = None) -> int:
             files = (make_digits if name == "digits" else make_photos)(root / "data", seed)
             model = build_model(root / "model", seed)
             for loss in args.losses:
-                history, seconds = train_and_test(
-                    files,
-                    model,
-                    root / f"run-{loss}",
-                    loss=loss,
-                    seed=seed,
-                    epochs=args.epochs,
-                    extra=args.extra,
-                )
-                runs.append({"set": name, "loss": loss, "seed": seed, "seconds": seconds, "history": history})
-                runs[-1]["picks"] = _picks(history)
-                queries = history[0].get("num_queries")
-                print(
-                    f"{name} {loss} seed {seed}: {seconds:.0f} s, {queries} validation queries",
-                    file=sys.stderr,
-                )
+                for hard in args.hard_negatives:
+                    name_of_run, extra, run_files = loss, list(args.extra), files
+                    if hard:
+                        run_files = {**files, "train": mine(files, model)}
+                        extra.append(f"train.hard_negatives={hard}")
+                        name_of_run += f" +hard{hard}"
+                        if args.remine:
+                            extra.append(f"train.remine_every={args.remine}")
+                            name_of_run += f" remine{args.remine}"
+                    history, seconds = train_and_test(
+                        run_files,
+                        model,
+                        root / f"run-{name_of_run.replace(' ', '_')}",
+                        loss=loss,
+                        seed=seed,
+                        epochs=args.epochs,
+                        extra=extra,
+                    )
+                    runs.append(
+                        {
+                            "set": name,
+                            "loss": name_of_run,
+                            "seed": seed,
+                            "seconds": seconds,
+                            "history": history,
+                        }
+                    )
+                    runs[-1]["picks"] = _picks(history)
+                    queries = history[0].get("num_queries")
+                    print(
+                        f"{name} {name_of_run} seed {seed}: {seconds:.0f} s, {queries} validation queries",
+                        file=sys.stderr,
+                    )
     table = _table(runs)
     print(table)
     if args.json:

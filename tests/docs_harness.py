@@ -36,7 +36,8 @@ TESTS = Path(__file__).resolve().parent
 # ---------------------------------------------------------------------------------------------- tables
 
 # hub ids that are not registry sources -> the family of the tiny stand-in (registry names and their
-# hub ids are mapped by the registry's own family)
+# hub ids are mapped by the registry's own family). The clip and siglip stand-ins are dual encoders
+# (image + text tower and a tokenizer: tests/dual_helpers.py), as the hub checkpoints are.
 HUB_MODELS = {
     "facebook/dinov2-with-registers-base": "dinov2_with_registers",
     "openai/clip-vit-base-patch16": "clip",
@@ -47,6 +48,8 @@ KAGGLE = {
     "liucong12601/stanford-online-products-dataset": "sop_kaggle",
     "saeedazfar/customized-cotton-disease-dataset": "imagefolder",
     "OWNER/NAME": "imagefolder",
+    "hsankesara/flickr-image-dataset": "flickr_images",  # flickr30k_images/flickr30k_images/*.jpg
+    "shtvkumar/karpathy-splits": "karpathy_splits",  # dataset_flickr30k.json
 }
 
 # URLs urllib is asked for -> fixture kind; the file is built on first request
@@ -73,6 +76,9 @@ PATHS = {
     "catalogue.jsonl": "many_records",
     "test.jsonl": "records",
     "my_records.jsonl": "records_class_key",
+    "labelled.jsonl": "records",
+    "queries.txt": "text_lines",
+    "captions.txt": "text_lines",
     "products.csv": "products_csv",
     "home/data/cotton": "imagefolder",
     "home/data/Stanford_Online_Products": "sop_root",
@@ -136,6 +142,10 @@ FRESH = {
     "docs/prepare.md": (
         "vembed train --config recipes/sop_dinov2_base_lora.yaml",
         ["runs/sop_dinov2_base_lora"],
+    ),
+    "docs/segmentation.md": (
+        "vembed train --config recipes/voc_dinov2_lora_linear.yaml",
+        ["runs/voc_dinov2_lora_linear"],
     ),
 }
 
@@ -307,6 +317,8 @@ def build_fixture(path: Path, kind: str, root: Path) -> Path:
             key = "class" if kind == "records_class_key" else "label"
             lines.append(json.dumps({"image": str(img), key: img.parent.name, "category": str(i % 2)}))
         path.write_text("\n".join(lines) + "\n")
+    elif kind == "text_lines":
+        path.write_text("a red seven\nthe digit two written in blue ink\na picture of a green cat\n")
     elif kind == "many_records":
         folder = root / "home" / f"many-{path.stem}"
         lines = []
@@ -359,6 +371,20 @@ def build_dataset(kind: str, where: Path) -> Path:
         return where
     if kind == "imagefolder":
         return build_fixture(where / "tree", "imagefolder", where)
+    if kind == "flickr_images":
+        images = where / "flickr30k_images" / "flickr30k_images"
+        images.mkdir(parents=True, exist_ok=True)
+        for name, img, _captions in flickr_items():
+            img.save(images / name)
+        (where / "flickr30k_images" / "results.csv").write_text("image_name| comment_number| comment\n")
+        return where
+    if kind == "karpathy_splits":
+        entries = [
+            {"filename": name, "split": split, "sentences": [{"raw": c} for c in captions]}
+            for (name, _img, captions), split in zip(flickr_items(), FLICKR_SPLITS, strict=True)
+        ]
+        (where / "dataset_flickr30k.json").write_text(json.dumps({"images": entries, "dataset": "flickr30k"}))
+        return where
     if kind.startswith("flowers:"):
         from test_prepare_flowers import make_official_files
 
@@ -393,3 +419,15 @@ def build_dataset(kind: str, where: Path) -> Path:
                     zf.write(p, p.relative_to(src))
         return archive
     raise AssertionError(f"unknown data set kind {kind!r}")
+
+
+FLICKR_SPLITS = ["train"] * 24 + ["restval"] * 4 + ["val"] * 6 + ["test"] * 6
+
+
+def flickr_items() -> list:
+    """``[(file name, image, captions)]``: captioned sklearn digits standing in for Flickr30k's photos
+    (the same every call, so the images download and the splits download agree)."""
+    from dual_helpers import digit_captions
+
+    items = digit_captions(seed=0, count=len(FLICKR_SPLITS), size=32)
+    return [(f"{1000000 + k}.jpg", img, captions) for k, (img, captions, _l, _c) in enumerate(items)]

@@ -22,10 +22,14 @@ STANDINS = SANDBOX / "standins"
 
 def tiny_model(family: str) -> Path:
     from conftest import save_tiny_model
+    from dual_helpers import save_tiny_dual
 
     folder = STANDINS / "models" / family
     if not (folder / "config.json").is_file():
-        save_tiny_model(folder, family=family)
+        if family in ("clip", "siglip"):  # the hub's CLIP / SigLIP checkpoints hold both towers
+            save_tiny_dual(folder, family=family)
+        else:
+            save_tiny_model(folder, family=family)
     return folder
 
 

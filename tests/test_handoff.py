@@ -61,6 +61,7 @@ def test_the_check_catches_a_database_that_answers_wrong(store):
 def test_parquet_one_file_per_shard_same_rows_and_meta(store, tmp_path):
     pq = pytest.importorskip("pyarrow.parquet", reason="needs pyarrow: pip install 'vembed[parquet]'")
     import pyarrow as pa
+    import pyarrow.dataset as ds
 
     from vembed.handoff.parquet import export_parquet, read_parquet_meta
 
@@ -78,6 +79,8 @@ def test_parquet_one_file_per_shard_same_rows_and_meta(store, tmp_path):
     vectors = table["embedding"].combine_chunks().flatten().to_numpy().reshape(-1, DIM)
     assert np.array_equal(vectors, original.embeddings.numpy())
     assert read_parquet_meta(files[0])["count"] == 400
+    # the folder is one data set to Arrow (docs/scale.md): the manifest is not taken for a Parquet file
+    assert ds.dataset(out).to_table().num_rows == 400
     export_parquet(store, out, show_progress=False)  # a previous export is replaced
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep")

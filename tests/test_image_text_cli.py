@@ -180,3 +180,25 @@ def test_embed_text_needs_a_dual_encoder(tmp_path):
     model = save_tiny_model(tmp_path / "dino")
     result = runner.invoke(app, ["embed", "--text", str(texts), "--model", str(model), "--jsonl"])
     assert result.exit_code != 0 and "without a text tower" in result.output
+
+
+def test_train_summary_prints_rsum_in_percent_points_like_eval():
+    """rsum is already a sum of percents (0-600): the training table showed it × 100 (37222.22)."""
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from vembed.cli.eval_image_text import _delta
+    from vembed.cli.train import _summary
+
+    row = {"step": 0, "t2i_recall@1": 0.2222, "rsum": 372.22, "mean_recall@1": 0.1944}
+    result = SimpleNamespace(
+        run_dir="runs/x", history=[row], best=row, selected="best", steps=2, images_per_second=1.0,
+        seconds=1.0, final_dir="runs/x/final",
+    )  # fmt: skip
+    console = Console(width=200, record=True)
+    console.print(_summary(result, ["t2i_recall@1", "rsum", "mean_recall@1"]))
+    text = console.export_text()
+    assert "372.22" in text and "37222" not in text and "22.22" in text and "19.44" in text
+    assert _delta("rsum", 372.22, 350.0).startswith("372.22 [green](+22.22)")
+    assert _delta("top1", 0.5, 0.25).startswith("50.00 [green](+25.00)")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -155,3 +156,26 @@ def test_remining_resumes_exactly(tiny_model, mined, tmp_path, remined_reference
     last = ckpt.checkpoint_dir(out, 7)
     reference = ckpt.checkpoint_dir(remined_reference.run_dir, 7)
     assert max_abs_diff(checkpoint_weights(last), checkpoint_weights(reference)) <= 1e-6
+
+
+@pytest.mark.skipif(shutil.which("torchrun") is None, reason="torchrun is not installed")
+def test_two_processes_train_on_mined_negatives_and_remine_once(tiny_model, mined, tmp_path):
+    _, mined_file = mined
+    out = tmp_path / "run"
+    args = [
+        f"model.name={tiny_model}", f"data.train={mined_file}", f"train.output_dir={out}",
+        "data.num_workers=0", "train.method=lora", "model.projection_dim=8", "train.loss=triplet",
+        "train.batch_size=16", "train.samples_per_class=4", "train.hard_negatives=2", "train.remine_every=1",
+        "train.max_steps=3",  # 64 images / (16 x 2 processes): 2 steps per epoch, re-mined once
+    ]  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "-m", "vembed", "train", *args],
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stderr.count("re-mined hard negatives") == 1  # the main process mines, the other receives
+    state = json.loads((ckpt.checkpoint_dir(out, 3) / "state.json").read_text())
+    assert state["steps_per_epoch"] == 2 and state["sampler"]["mined_epoch"] == 1

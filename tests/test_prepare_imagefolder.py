@@ -13,6 +13,7 @@ from typer.testing import CliRunner
 
 from vembed.cli import app
 from vembed.data.prepare import prepare_imagefolder
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import read_records
 from vembed.errors import VembedError
 
@@ -100,7 +101,7 @@ def test_corrupt_image_found_with_check_images(tmp_path):
     result = prepare_imagefolder(root, tmp_path / "out")  # existence only: not noticed
     assert result.summary["images"] == 10
     with pytest.raises(VembedError, match=r"(?s)1 problem.*bad-image.*\n  cannot decode image .*001.png"):
-        prepare_imagefolder(root, tmp_path / "out2", check_images=True)
+        prepare_imagefolder(root, tmp_path / "out2", check=CheckOptions(check_images=True))
     assert not (tmp_path / "out2").exists()
 
 

@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from vembed.cli import app
 from vembed.data.images import load_mask
 from vembed.data.prepare import download, prepare_ade20k, prepare_segfolder, prepare_voc
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import read_records
 from vembed.data.shapes import write_shapes
 from vembed.errors import VembedError
@@ -69,7 +70,9 @@ def test_segfolder_problems_are_named_by_file_and_skip_bad_drops_them(tmp_path):
     assert "0003.png holds class index 7 but there are 3 classes" in text
     assert "0004.png: the mask is a RGB image (colours, not class indices)" in text
     assert not (tmp_path / "out").exists()
-    result = prepare_segfolder(root, tmp_path / "out", skip_bad=True, val_ratio=0, test_ratio=0)
+    result = prepare_segfolder(
+        root, tmp_path / "out", check=CheckOptions(skip_bad=True), val_ratio=0, test_ratio=0
+    )
     assert len(read_lines(result.files["train"])) == 4
     assert result.summary["problems"]["counts"] == {"missing-mask": 1, "bad-mask": 3}
     assert (tmp_path / "out" / "problems.txt").is_file()

@@ -14,6 +14,7 @@ from typer.testing import CliRunner
 from vembed.cli import app
 from vembed.data.prepare import prepare_sop
 from vembed.data.prepare.sop import KAGGLE_SLUG
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import read_records
 from vembed.errors import VembedError
 
@@ -124,7 +125,7 @@ def test_missing_image_stops_with_its_path_and_writes_nothing(tmp_path, sop_tree
 def test_skip_bad_leaves_missing_and_undecodable_images_out_and_lists_them(tmp_path, sop_tree):
     (sop_tree / "chair_final/000005_1.JPG").unlink()
     (sop_tree / "bicycle_final/000013_2.JPG").write_bytes(b"\xff\xd8 not a jpeg")
-    result = prepare_sop(sop_tree, tmp_path / "out", check_images=True, skip_bad=True, workers=2)
+    result = prepare_sop(sop_tree, tmp_path / "out", check=CheckOptions(True, workers=2, skip_bad=True))
     counts = result.summary["problems"]["counts"]
     assert counts == {"missing-image": 1, "bad-image": 1}
     assert result.summary["images"] == 52

@@ -12,6 +12,7 @@ from typer.testing import CliRunner
 
 from vembed.cli import app
 from vembed.data.prepare import prepare_csv, prepare_jsonl
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import read_records
 from vembed.errors import VembedError
 
@@ -93,7 +94,7 @@ def test_skip_bad_writes_the_good_records_and_lists_the_rest(images, tmp_path):
     src = write_lines(
         images / "some_bad.jsonl", [*good, {"image": "images/missing.png", "label": 0}, "[1, 2]"]
     )
-    result = prepare_jsonl(src, tmp_path / "out", skip_bad=True)
+    result = prepare_jsonl(src, tmp_path / "out", check=CheckOptions(skip_bad=True))
     assert result.summary["images"] == 40
     assert result.summary["problems"]["counts"] == {"bad-record": 1, "missing-image": 1}
     listed = (tmp_path / "out" / "problems.txt").read_text().splitlines()

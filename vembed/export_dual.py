@@ -9,11 +9,7 @@ graph per tower, ``image_encoder.onnx`` (pixel_values → image embeddings) and 
 
 from __future__ import annotations
 
-import contextlib
-import io
-import logging
 import shutil
-import warnings
 from pathlib import Path
 
 import torch
@@ -22,7 +18,7 @@ from torch import nn
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.export_onnx import ONNX_ATOL, RELOAD_ATOL, ExportResult, check_batch, write_onnx
+from vembed.export_onnx import RELOAD_ATOL, ExportResult, check_batch, onnx_diff, onnx_export, write_onnx
 from vembed.io import atomic_dir, make_readable, write_text
 from vembed.models.dual import DualEncoder, load_dual_encoder, merged, save_dual_encoder
 from vembed.models.loader import LoadedModel, read_model_config, write_model_config
@@ -153,50 +149,25 @@ class _TextTower(nn.Module):
 
 def _write_text_onnx(encoder: DualEncoder, path: Path, opset: int) -> float:
     """``text_encoder.onnx`` (dynamic batch; dynamic length unless captions are padded to a fixed one)."""
-    import onnxruntime
-
     tokens = encoder.tokenize(CHECK_TEXTS[:2])
     names = list(tokens)
     batch = torch.export.Dim("batch", min=1)
     dims = {0: batch}
     if encoder.towers.text_padding != "max_length":
         dims[1] = torch.export.Dim("length", min=2, max=encoder.max_text_length)
-    noise = io.StringIO()
-    loggers = [logging.getLogger(n) for n in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise), warnings.catch_warnings():
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                _TextTower(encoder),
-                tuple(tokens[n] for n in names),
-                str(path),
-                input_names=names,
-                output_names=["embeddings"],
-                dynamic_shapes={n: dict(dims) for n in names},
-                opset_version=opset,
-                dynamo=True,
-                verbose=False,
-            )
-    except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VembedError(f"ONNX export of the text tower failed: {first}") from None
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_export(
+        _TextTower(encoder),
+        tuple(tokens[n] for n in names),
+        path,
+        input_names=names,
+        dynamic_shapes={n: dict(dims) for n in names},
+        opset=opset,
+        external_data=True,  # torch.onnx.export's default, as this export always had
+        what="ONNX export of the text tower",
+    )
     check = encoder.tokenize(CHECK_TEXTS)  # another batch size (and length) than the traced one
     got = torch.from_numpy(session.run(["embeddings"], {n: check[n].numpy() for n in names})[0])
-    expected = encoder.encode_text(CHECK_TEXTS)
-    diff = float((got - expected).abs().max())
-    if not diff <= ONNX_ATOL:
-        raise VembedError(
-            f"text ONNX output differs from PyTorch by {diff:.2e} (max abs, allowed {ONNX_ATOL:.0e}); "
-            "nothing was written"
-        )
-    return diff
+    return onnx_diff(got, encoder.encode_text(CHECK_TEXTS), "text ONNX output")
 
 
 def _card(encoder: DualEncoder, onnx: bool) -> str:

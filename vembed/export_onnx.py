@@ -67,40 +67,17 @@ def write_onnx(
     embedder: nn.Module, path: Path, check: torch.Tensor, reference: torch.Tensor, opset: int
 ) -> float:
     """Export ``embedder`` (pixel_values → embeddings, dynamic batch) and compare onnxruntime with PyTorch."""
-    import onnxruntime
-
     batch = torch.export.Dim("batch", min=1)
-    noise = io.StringIO()
-    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
-    levels = [lg.level for lg in loggers]
-    try:
-        for lg in loggers:
-            lg.setLevel(logging.ERROR)
-        with (
-            contextlib.redirect_stdout(noise),
-            contextlib.redirect_stderr(noise),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore")
-            torch.onnx.export(
-                embedder,
-                (check,),
-                str(path),
-                input_names=["pixel_values"],
-                output_names=["embeddings"],
-                dynamic_shapes={"pixel_values": {0: batch}},
-                opset_version=opset,
-                dynamo=True,
-                external_data=num_bytes(embedder) > ONNX_SINGLE_FILE_BYTES,
-                verbose=False,
-            )
-    except Exception as exc:  # the exporter raises many types; report one line with the cause
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise VembedError(f"ONNX export failed: {first}") from None
-    finally:
-        for lg, level in zip(loggers, levels, strict=True):
-            lg.setLevel(level)
-    session = onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = onnx_export(
+        embedder,
+        (check,),
+        path,
+        input_names=["pixel_values"],
+        dynamic_shapes={"pixel_values": {0: batch}},
+        opset=opset,
+        external_data=num_bytes(embedder) > ONNX_SINGLE_FILE_BYTES,
+        what="ONNX export",
+    )
     # run a different batch size than the one traced, to check the batch axis really is dynamic
     bigger = torch.cat([check, check.flip(0)[:1]])
     with torch.inference_mode():
@@ -108,11 +85,60 @@ def write_onnx(
     got = torch.from_numpy(session.run(["embeddings"], {"pixel_values": bigger.numpy()})[0])
     if got.shape != expected.shape:
         raise VembedError(f"ONNX graph returned shape {tuple(got.shape)}, expected {tuple(expected.shape)}")
+    return onnx_diff(got, expected, "ONNX output")
+
+
+def onnx_export(
+    module: nn.Module,
+    args: tuple,
+    path: Path,
+    *,
+    input_names: list[str],
+    dynamic_shapes: dict,
+    opset: int,
+    what: str,
+    external_data: bool,
+):
+    """``torch.onnx.export`` (dynamo) of ``module`` to ``path`` with the exporter's chatter silenced and
+    its many exception types turned into one line (``{what} failed: ...``); an onnxruntime session.
+    ``external_data``: the weights in ``PATH.data`` beside the graph."""
+    import onnxruntime
+
+    noise = io.StringIO()
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "torch.export", "onnxscript", "onnx_ir")]
+    levels = [lg.level for lg in loggers]
+    try:
+        for lg in loggers:
+            lg.setLevel(logging.ERROR)
+        with contextlib.redirect_stdout(noise), contextlib.redirect_stderr(noise), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                args,
+                str(path),
+                input_names=input_names,
+                output_names=["embeddings"],
+                dynamic_shapes=dynamic_shapes,
+                opset_version=opset,
+                dynamo=True,
+                external_data=external_data,
+                verbose=False,
+            )
+    except Exception as exc:  # the exporter raises many types; report one line with the cause
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise VembedError(f"{what} failed: {first}") from None
+    finally:
+        for lg, level in zip(loggers, levels, strict=True):
+            lg.setLevel(level)
+    return onnxruntime.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+
+def onnx_diff(got: torch.Tensor, expected: torch.Tensor, what: str) -> float:
+    """Max abs difference of onnxruntime's output from PyTorch's; over ``ONNX_ATOL`` is an error."""
     diff = float((got - expected).abs().max())
     if not diff <= ONNX_ATOL:
         raise VembedError(
-            f"ONNX output differs from PyTorch by {diff:.2e} (max abs, allowed {ONNX_ATOL:.0e}); "
-            "nothing was written"
+            f"{what} differs from PyTorch by {diff:.2e} (max abs, allowed {ONNX_ATOL:.0e}); nothing was written"
         )
     return diff
 

@@ -49,8 +49,9 @@ def fewshot_command(
 ) -> None:
     """k-shot prototype accuracy (top-1/top-5) on seen and unseen classes, side by side."""
     from vembed.evaluation.base import parse_dims
-    from vembed.evaluation.class_report import comparison_json, fewshot_table
+    from vembed.evaluation.class_report import fewshot_table
     from vembed.evaluation.compare import compare as compare_models
+    from vembed.evaluation.compare import comparison_json
     from vembed.evaluation.fewshot import FewShotEvaluator, fewshot_sets, read_fewshot_sets
     from vembed.evaluation.options import embed_options
 

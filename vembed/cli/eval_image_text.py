@@ -18,11 +18,13 @@ from vembed.settings import settings_to_yaml
 DUAL_HELP = MODEL_HELP + " A dual encoder: clip-vit-b32, siglip-base, ... or a run of train.task=image_text."
 
 
-def _delta(value: float, base: float | None, scale: float) -> str:
-    cell = f"{scale * value:.2f}"
+def _delta(metric: str, value: float, base: float | None) -> str:
+    from vembed.evaluation.base import as_percent
+
+    cell = f"{as_percent(metric, value):.2f}"
     if base is None:
         return cell
-    delta = scale * (value - base)
+    delta = as_percent(metric, value) - as_percent(metric, base)
     colour = "green" if delta > 0 else "red" if delta < 0 else "dim"
     return cell + f" [{colour}]({delta:+.2f})[/]"
 
@@ -59,9 +61,7 @@ def image_text_command(
         table.add_column(metric.replace("_recall", " R"), justify="right")
     base = reports[0].metrics
     for i, report in enumerate(reports):
-        cells = [
-            _delta(report.metrics[m], base[m] if i else None, 1 if m == "rsum" else 100) for m in METRICS
-        ]
+        cells = [_delta(m, report.metrics[m], base[m] if i else None) for m in METRICS]
         table.add_row(report.model, *cells)
     Console().print(table)
     if json_out is not None:
@@ -103,8 +103,8 @@ def zeroshot_command(
         m = r.metrics
         table.add_row(
             r.model,
-            _delta(m["top1"], base["top1"] if i else None, 100),
-            _delta(m["top5"], base["top5"] if i else None, 100),
+            _delta("top1", m["top1"], base["top1"] if i else None),
+            _delta("top5", m["top5"], base["top5"] if i else None),
             str(int(m["num_images"])),
             str(len(r.labels)),
             str(r.templates),

@@ -20,6 +20,7 @@ from vembed.data.prepare import (
     prepare_voc,
 )
 from vembed.data.prepare.summary import problem_lines
+from vembed.data.prepare.validate import CheckOptions
 
 prepare_app = typer.Typer(
     help="Turn a public data set or your own files into validated, seeded JSONL splits "
@@ -75,9 +76,7 @@ def sop_command(
         out,
         seed=seed,
         val_classes_ratio=val_classes,
-        check_images=check_images,
-        workers=workers,
-        skip_bad=skip_bad,
+        check=CheckOptions(check_images, workers, skip_bad),
     )
     finish(result, resize_to, workers)
 
@@ -119,9 +118,7 @@ def flowers_command(
         test_ratio=test_ratio,
         official_split=official_split,
         shots=shots,
-        check_images=check_images,
-        workers=workers,
-        skip_bad=skip_bad,
+        check=CheckOptions(check_images, workers, skip_bad),
     )
     finish(result, resize_to, workers)
 
@@ -154,9 +151,7 @@ def imagefolder_command(
         test_ratio=test_ratio,
         holdout_ratio=holdout_classes,
         shots=shots,
-        check_images=check_images,
-        workers=workers,
-        skip_bad=skip_bad,
+        check=CheckOptions(check_images, workers, skip_bad),
     )
     finish(result, resize_to, workers)
 
@@ -202,9 +197,7 @@ def _table_command(fmt: str):
             test_ratio=test_ratio,
             holdout_ratio=holdout_classes,
             shots=shots,
-            check_images=check_images,
-            workers=workers,
-            skip_bad=skip_bad,
+            check=CheckOptions(check_images, workers, skip_bad),
         )
         out = out or Path("data") / file.stem
         if text_key is not None:
@@ -303,9 +296,7 @@ def segfolder_command(
         seed=seed,
         val_ratio=val_ratio,
         test_ratio=test_ratio,
-        check_images=check_images,
-        workers=workers,
-        skip_bad=skip_bad,
+        check=CheckOptions(check_images, workers, skip_bad),
     )
     render(result)
 
@@ -323,7 +314,7 @@ def _segset_command(name: str, title: str, prepare):
         skip_bad: bool = SKIP_BAD,
     ) -> None:
         result = prepare(
-            root, out, kaggle=kaggle, seed=seed, check_images=check_images, workers=workers, skip_bad=skip_bad
+            root, out, kaggle=kaggle, seed=seed, check=CheckOptions(check_images, workers, skip_bad)
         )
         render(result)
 

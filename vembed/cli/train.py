@@ -52,6 +52,8 @@ def train_command(
 
 def _summary(result, reported: list[str]) -> Table:
     """The validations (the task's reported metrics, in its order) with the selected row marked."""
+    from vembed.evaluation.base import as_percent
+
     table = Table(title=f"vembed train: {result.run_dir}")
     table.add_column("step")
     metric_keys = [key for key in reported if any(key in row for row in result.history)]
@@ -63,7 +65,7 @@ def _summary(result, reported: list[str]) -> Table:
     for row in _some_rows(result.history, selected_step):
         label = _label(row["step"], selected_step, last_step, result.selected)
         style = "bold green" if label.endswith("final/") else None
-        cells = (f"{100 * row[k]:.2f}" if isinstance(row.get(k), float) else "" for k in metric_keys)
+        cells = (f"{as_percent(k, row[k]):.2f}" if isinstance(row.get(k), float) else "" for k in metric_keys)
         table.add_row(str(row["step"]), *cells, label, style=style)
     table.caption = (
         f"{result.steps} steps, {result.images_per_second:.1f} img/s, {result.seconds:.0f} s; "

@@ -9,6 +9,7 @@ and only renders the result.
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,14 +25,26 @@ from vembed.inference import EmbedOptions, embed_records
 from vembed.models.embedder import Embedder, truncate_embeddings
 
 __all__ = [
+    "IN_PERCENT_POINTS",
     "EmbedOptions",
     "EvalResult",
     "Evaluator",
     "LabelledEmbeddings",
+    "as_percent",
     "embed_labelled",
     "parse_dims",
     "read_eval_records",
 ]
+
+
+# metrics already in percent points (``rsum``: six recalls in percent, summed, 0-600); every other
+# score an evaluator reports is a fraction, shown × 100
+IN_PERCENT_POINTS = frozenset({"rsum"})
+
+
+def as_percent(name: str, value: float) -> float:
+    """Metric ``name``'s ``value`` in percent points, as tables print it."""
+    return value if name in IN_PERCENT_POINTS else 100 * value
 
 
 @dataclass
@@ -91,6 +104,24 @@ class LabelledEmbeddings:
             )
         emb = truncate_embeddings(self.embeddings, dim, normalize=normalize)
         return LabelledEmbeddings(emb, self.labels, self.source, self.problems)
+
+
+def report_json(report, *, merged: Sequence[str] = ()) -> dict:
+    """A report dataclass as JSON, field by field in order: ``seconds`` rounded to the millisecond, the
+    ``labels`` and ``confusion`` fields as one ``"confusion": {"labels", "matrix"}``, and the dict
+    fields named in ``merged`` spread in place."""
+    out: dict = {}
+    for f in dataclasses.fields(report):
+        value = getattr(report, f.name)
+        if f.name in merged:
+            out.update(value)
+        elif f.name == "confusion":
+            out["confusion"] = {"labels": report.labels, "matrix": value}
+        elif f.name == "seconds":
+            out["seconds"] = round(value, 3)
+        elif not (f.name == "labels" and hasattr(report, "confusion")):
+            out[f.name] = value
+    return out
 
 
 def read_eval_records(path: str | Path, *, image_root=None, skip_bad: bool = False) -> RecordSet:

@@ -57,16 +57,6 @@ def fewshot_table(reports: Sequence[FewShotReport], title: str = "k-shot prototy
     return table
 
 
-def comparison_json(reports: Sequence) -> dict:
-    """The first report's JSON at the top level, the others' under ``"compare"``."""
-    if not reports:
-        return {}
-    out = reports[0].to_json()
-    if len(reports) > 1:
-        out["compare"] = [r.to_json() for r in reports[1:]]
-    return out
-
-
 def accuracy_table(title: str, rows: Sequence[tuple[str, str]], per_class: dict[str, float]) -> Table:
     """Headline numbers, then per-class accuracy (worst first) for kNN / linear probe / classify."""
     table = Table(title=title, title_justify="left")

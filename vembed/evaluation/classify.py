@@ -18,7 +18,7 @@ from vembed.classify import predict_probabilities
 from vembed.console import log
 from vembed.data.records import RecordSet
 from vembed.errors import VembedError
-from vembed.evaluation.base import EmbedOptions, EvalResult, class_list
+from vembed.evaluation.base import EmbedOptions, EvalResult, class_list, report_json
 from vembed.models.embedder import Embedder
 from vembed.models.heads import ClassifierHead
 
@@ -111,17 +111,7 @@ class ClassifyResult:
     seconds: float = 0.0
 
     def to_json(self) -> dict:
-        return {
-            "model": self.model,
-            "data": self.data,
-            "top1": self.top1,
-            "top5": self.top5,
-            "per_class": self.per_class,
-            "confusion": {"labels": self.labels, "matrix": self.confusion},
-            "queries": self.queries,
-            "num_skipped": self.num_skipped,
-            "seconds": round(self.seconds, 3),
-        }
+        return report_json(self)
 
 
 def _score(embedder: Embedder, head: ClassifierHead, records, options: EmbedOptions, source: str):

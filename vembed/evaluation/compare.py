@@ -101,6 +101,21 @@ def compare(
     return out
 
 
+def comparison_json(reports: Sequence, delta_keys: Sequence[str] | None = None) -> dict:
+    """The first report's JSON at the top level, the others' under ``"compare"``; with ``delta_keys``
+    each of those also has ``"delta"``: its metrics minus the first's, for the keys it reports."""
+    if not reports:
+        return {}
+    first, *others = reports
+    out = first.to_json()
+    if others:
+        out["compare"] = [r.to_json() for r in others]
+    if others and delta_keys is not None:
+        for row, r in zip(out["compare"], others, strict=True):
+            row["delta"] = {k: r.metrics[k] - first.metrics[k] for k in delta_keys if k in r.metrics}
+    return out
+
+
 def _name(model) -> str:
     spec = getattr(model, "spec", None)
     return spec.name if spec is not None else str(model)

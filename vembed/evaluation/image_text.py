@@ -21,6 +21,7 @@ from vembed.console import log
 from vembed.data.captions import CaptionSet, read_captions
 from vembed.errors import VembedError
 from vembed.evaluation.base import EmbedOptions, EvalResult
+from vembed.evaluation.compare import comparison_json as with_deltas
 from vembed.evaluation.retrieval import retrieval_metrics
 from vembed.inference import embed_records
 from vembed.models.dual import DualEncoder, load_dual_encoder
@@ -165,12 +166,4 @@ def evaluate_image_text(model, data, *, settings=None, show_progress=True) -> Im
 
 def comparison_json(reports: Sequence[ImageTextReport]) -> dict:
     """The first report at the top level, the others under ``compare`` with their deltas."""
-    if not reports:
-        return {}
-    first, *others = reports
-    out = first.to_json()
-    if others:
-        out["compare"] = [
-            {**r.to_json(), "delta": {k: r.metrics[k] - first.metrics[k] for k in METRICS}} for r in others
-        ]
-    return out
+    return with_deltas(reports, METRICS)

@@ -24,6 +24,7 @@ from vembed.evaluation.base import (
     drop_unknown_labels,
     embed_labelled,
     label_sort_key,
+    report_json,
 )
 from vembed.models.embedder import Embedder
 from vembed.neighbours import topk
@@ -74,17 +75,7 @@ class KnnResult:
     seconds: float = 0.0
 
     def to_json(self) -> dict:
-        return {
-            "model": self.model,
-            "train": self.train,
-            "test": self.test,
-            "k": self.k,
-            "top1": self.top1,
-            "per_class": self.per_class,
-            "queries": self.queries,
-            "num_skipped": self.num_skipped,
-            "seconds": round(self.seconds, 3),
-        }
+        return report_json(self)
 
 
 def knn_accuracy(train: LabelledEmbeddings, test: LabelledEmbeddings, *, k: int = DEFAULT_K) -> dict:

@@ -6,6 +6,7 @@ from collections.abc import Sequence
 
 from rich.table import Table
 
+from vembed.evaluation.compare import comparison_json as with_deltas
 from vembed.evaluation.run import RetrievalReport
 
 COUNT_KEYS = ("num_queries", "num_skipped", "num_bad_images")
@@ -47,18 +48,4 @@ def comparison_table(reports: Sequence[RetrievalReport], title: str = "retrieval
 
 def comparison_json(reports: Sequence[RetrievalReport]) -> dict:
     """The first report's metrics at the top level (``recall@1`` ...), the others under ``compare``."""
-    if not reports:
-        return {}
-    first, *others = reports
-    out = first.to_json()
-    if others:
-        out["compare"] = [
-            {
-                **r.to_json(),
-                "delta": {
-                    k: r.metrics[k] - first.metrics[k] for k in metric_names([first]) if k in r.metrics
-                },
-            }
-            for r in others
-        ]
-    return out
+    return with_deltas(reports, metric_names(reports[:1]))

@@ -8,14 +8,21 @@ the records' ``label`` values (as text); a templates file has one template a lin
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from vembed.errors import VembedError
-from vembed.evaluation.base import EmbedOptions, EvalResult, embed_labelled, label_sort_key, read_eval_records
+from vembed.evaluation.base import (
+    EmbedOptions,
+    EvalResult,
+    embed_labelled,
+    label_sort_key,
+    read_eval_records,
+    report_json,
+)
 from vembed.evaluation.classify import classification_scores
 from vembed.models.dual import DualEncoder
 
@@ -104,10 +111,10 @@ class ZeroShotEvaluator:
             getattr(model.spec, "name", ""),
             images.source,
             metrics,
+            len(self.templates),
+            scores["per_class"],
             names,
             scores["confusion"],
-            len(self.templates),
-            per_class=scores["per_class"],
         )
         return EvalResult(metrics, self.primary_metric, True, {"report": report})
 
@@ -117,22 +124,14 @@ class ZeroShotReport:
     model: str
     data: str
     metrics: dict[str, float]
+    templates: int
+    per_class: dict
     labels: list[str]
     confusion: list[list[int]]
-    templates: int
     seconds: float = 0.0
-    per_class: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {
-            "model": self.model,
-            "data": self.data,
-            **self.metrics,
-            "templates": self.templates,
-            "per_class": self.per_class,
-            "confusion": {"labels": self.labels, "matrix": self.confusion},
-            "seconds": round(self.seconds, 3),
-        }
+        return report_json(self, merged=("metrics",))
 
 
 def compare_zeroshot(

@@ -17,14 +17,18 @@ from vembed.handoff.report import ExportReport
 from vembed.handoff.rows import META_KEY, iter_tables, store_layout
 from vembed.io import atomic_dir, write_json
 
-MARKER = "vembed-export.json"
+# "_" first: Arrow, Spark, DuckDB and Hive-style readers skip it (like Spark's _SUCCESS), so the folder
+# reads as one Parquet data set; the name before that is still recognised as a previous export
+MARKER = "_vembed-export.json"
+MARKERS = (MARKER, "vembed-export.json")
 
 
 def export_parquet(store: str | Path, out: str | Path, *, show_progress: bool = True) -> ExportReport:
-    """Write ``out/part-NNNNN.parquet`` (one per shard) and ``out/vembed-export.json``; see :mod:`rows`."""
+    """Write ``out/part-NNNNN.parquet`` (one per shard) and ``out/_vembed-export.json``; see :mod:`rows`."""
     pq = require("pyarrow.parquet", "parquet", what="vembed store export --to parquet")
     out = Path(out)
-    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MARKER).is_file())):
+    previous = any((out / name).is_file() for name in MARKERS)
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not previous)):
         raise VembedError(f"{out} exists and is not a vembed Parquet export; refusing to replace it")
     layout = store_layout(store)
     start = time.perf_counter()

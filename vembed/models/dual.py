@@ -111,16 +111,12 @@ class DualEncoder(Embedder):
     @torch.inference_mode()
     def encode_text(self, texts: Sequence[str], *, batch_size: int = 256) -> torch.Tensor:
         """Text embeddings ``[N, D]`` float32 on the CPU (normalised like the image embeddings)."""
-        was_training = self.training
-        self.eval()
         chunks = []
-        try:
+        with self.evaluating():
             for start in range(0, len(texts), batch_size):
                 tokens = self.tokenize(texts[start : start + batch_size])
                 tokens = {k: v.to(self.device) for k, v in tokens.items()}
                 chunks.append(self(**tokens).float().cpu())
-        finally:
-            self.train(was_training)
         return torch.cat(chunks) if chunks else torch.empty(0, self.embed_dim)
 
     # -- which parameters belong to which tower ---------------------------------------------------

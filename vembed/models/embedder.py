@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from vembed.errors import VembedError
+from vembed.models.precision import BackboneModule
 from vembed.models.registry import ModelSpec
 
 POOLINGS = ("cls", "mean", "cls+mean", "gem", "pooler")
@@ -49,7 +50,7 @@ class GeM(nn.Module):
         return (mean + m.squeeze(1)).to(tokens.dtype)
 
 
-class Embedder(nn.Module):
+class Embedder(BackboneModule):
     """A vision backbone turned into an image embedding model.
 
     ``forward(pixel_values)`` returns embeddings with gradients (training); ``encode`` is the one
@@ -139,14 +140,6 @@ class Embedder(nn.Module):
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return self.head(self.features(pixel_values))
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.backbone.parameters()).dtype
-
     @torch.inference_mode()
     def encode(self, pixel_values: torch.Tensor, *, pooled: bool = False) -> torch.Tensor:
         """Embeddings for a batch of preprocessed images: float32 ``[N, D]`` on the CPU.
@@ -154,11 +147,7 @@ class Embedder(nn.Module):
         ``pooled=True`` stops before the head: pooled backbone features ``[N, feature_dim]``
         (what a frozen-backbone run caches once and trains its head on).
         """
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             pixels = pixel_values.to(self.device, self.dtype, non_blocking=True)
             out = self.features(pixels) if pooled else self(pixels)
-        finally:
-            self.train(was_training)
         return out.float().cpu()

@@ -8,12 +8,15 @@ than fp32, so ``auto`` stays fp32. Training keeps fp32 master weights whatever t
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
+from torch import nn
 
 # /proc/cpuinfo flags that mean the CPU multiplies bf16 in hardware (x86 "flags", ARM "Features").
 X86_BF16_FLAGS = ("amx_bf16", "avx512_bf16")
@@ -99,3 +102,25 @@ def resolve_device(device: str = "auto") -> torch.device:
     if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
         return torch.device("mps")
     return torch.device("cpu")
+
+
+class BackboneModule(nn.Module):
+    """A model around a transformers ``self.backbone``: where it runs, the type it computes in, and
+    the eval mode its inference methods run in (the training mode is restored after)."""
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return next(self.backbone.parameters()).dtype
+
+    @contextlib.contextmanager
+    def evaluating(self) -> Iterator[None]:
+        was_training = self.training
+        self.eval()
+        try:
+            yield
+        finally:
+            self.train(was_training)

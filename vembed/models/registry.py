@@ -18,6 +18,9 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 HALF = (0.5, 0.5, 0.5)
+# LoRA's candidate Linear names in the attention blocks (old and new transformers spellings)
+VIT_LORA = ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value")
+CLIP_LORA = ("q_proj", "k_proj", "v_proj", "out_proj")
 
 
 @dataclass(frozen=True)
@@ -71,7 +74,7 @@ CLIP_TOWERS = DualTowers(
     "CLIPModel",
     ("vision_model", "visual_projection"),
     ("text_model", "text_projection"),
-    ("q_proj", "k_proj", "v_proj", "out_proj"),
+    CLIP_LORA,
     ("visual_projection",),
     ("text_projection",),
 )
@@ -79,7 +82,7 @@ SIGLIP_TOWERS = DualTowers(
     "SiglipModel",
     ("vision_model",),
     ("text_model",),
-    ("q_proj", "k_proj", "v_proj", "out_proj"),
+    CLIP_LORA,
     ("vision_model.head",),
     ("text_model.head",),
     text_padding="max_length",
@@ -87,28 +90,17 @@ SIGLIP_TOWERS = DualTowers(
 )
 
 
+DINOV2 = Family("dinov2", ("dinov2",), "Dinov2Model", True, "cls", IMAGENET_MEAN, IMAGENET_STD, VIT_LORA)
+
 FAMILIES: dict[str, Family] = {
     f.name: f
     for f in [
-        Family(
-            "dinov2",
-            ("dinov2",),
-            "Dinov2Model",
-            True,
-            "cls",
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value"),
-        ),
-        Family(
-            "dinov2_with_registers",
-            ("dinov2_with_registers",),
-            "Dinov2WithRegistersModel",
-            True,
-            "cls",
-            IMAGENET_MEAN,
-            IMAGENET_STD,
-            ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value"),
+        DINOV2,
+        dataclasses.replace(
+            DINOV2,
+            name="dinov2_with_registers",
+            model_types=("dinov2_with_registers",),
+            model_class="Dinov2WithRegistersModel",
         ),
         Family(
             "dinov3",
@@ -131,7 +123,7 @@ FAMILIES: dict[str, Family] = {
             "pooler",
             CLIP_MEAN,
             CLIP_STD,
-            ("q_proj", "k_proj", "v_proj", "out_proj"),
+            CLIP_LORA,
             crop_pct=1.0,
             dual=CLIP_TOWERS,
         ),
@@ -143,7 +135,7 @@ FAMILIES: dict[str, Family] = {
             "pooler",
             HALF,
             HALF,
-            ("q_proj", "k_proj", "v_proj", "out_proj"),
+            CLIP_LORA,
             crop_pct=1.0,
             resize="square",  # SiglipImageProcessor: 224 x 224 bicubic, no crop
             dual=SIGLIP_TOWERS,
@@ -160,7 +152,7 @@ FAMILIES: dict[str, Family] = {
             "cls",
             IMAGENET_MEAN,
             IMAGENET_STD,
-            ("q_proj", "k_proj", "v_proj", "o_proj", "query", "key", "value"),
+            VIT_LORA,
             load_options=(("add_pooling_layer", False),),
             interpolate_position=True,  # ViT refuses another input size without it
         ),

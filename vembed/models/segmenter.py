@@ -22,7 +22,7 @@ from torch import nn
 from vembed.console import log
 from vembed.errors import VembedError
 from vembed.models.loader import HEAD_WEIGHTS, VEMBED_CONFIG, LoadedModel, load_model
-from vembed.models.precision import resolve_device, resolve_dtype
+from vembed.models.precision import BackboneModule, resolve_device, resolve_dtype
 from vembed.models.registry import ModelSpec
 
 DECODERS = ("linear", "fpn")
@@ -102,7 +102,7 @@ class FPNDecoder(nn.Module):
         return self.classifier(fused)
 
 
-class Segmenter(nn.Module):
+class Segmenter(BackboneModule):
     """Backbone + decoder; ``forward(pixel_values)`` → logits ``[B, num_classes, H, W]``."""
 
     def __init__(
@@ -191,23 +191,11 @@ class Segmenter(nn.Module):
             logits.float(), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False
         )
 
-    @property
-    def device(self) -> torch.device:
-        return next(self.parameters()).device
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return next(self.backbone.parameters()).dtype
-
     @torch.inference_mode()
     def predict(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """Float32 logits ``[B, K, H, W]`` on the CPU for preprocessed images (eval mode)."""
-        was_training = self.training
-        self.eval()
-        try:
+        with self.evaluating():
             out = self(pixel_values.to(self.device, self.dtype, non_blocking=True))
-        finally:
-            self.train(was_training)
         return out.float().cpu()
 
 

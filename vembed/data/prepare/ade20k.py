@@ -23,6 +23,8 @@ from vembed.data.prepare import download
 from vembed.data.prepare.output import PrepareResult
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.segmasks import check_pairs, write_seg_prepared
+from vembed.data.prepare.summary import Provenance
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import SegRecord
 from vembed.errors import VembedError
 from vembed.io import write_image
@@ -38,9 +40,7 @@ def prepare_ade20k(
     *,
     kaggle: str | None = None,
     seed: int = 0,
-    check_images: bool = False,
-    workers: int | None = None,
-    skip_bad: bool = False,
+    check: CheckOptions = CheckOptions(),
 ) -> PrepareResult:
     """Write ``train.jsonl``, ``val.jsonl``, converted masks, ``classes.txt`` and ``summary.json``."""
     out = Path(out)
@@ -59,27 +59,26 @@ def prepare_ade20k(
             )
             for p in images
         ]
-    convert_masks([r for recs in splits.values() for r in recs], log, workers=workers)
+    convert_masks([r for recs in splits.values() for r in recs], log, workers=check.workers)
     kept, pixels = check_pairs(
         [r for recs in splits.values() for r in recs],
         log,
         num_classes=NUM_CLASSES,
-        check_images=check_images,
-        workers=workers,
-        skip_bad=skip_bad,
+        check=check,
     )
     good = {rec.image for rec in kept}
     return write_seg_prepared(
         out,
-        dataset="ade20k",
-        source=str(folder.absolute()) if root or kaggle else URL,
-        seed=seed,
-        options={
-            "split": "official",
-            "labels": "0 (other) → 255, k → k-1",
-            "check_images": check_images,
-            "skip_bad": skip_bad,
-        },
+        Provenance(
+            "ade20k",
+            str(folder.absolute()) if root or kaggle else URL,
+            seed,
+            {
+                "split": "official",
+                "labels": "0 (other) → 255, k → k-1",
+                **check.recorded(),
+            },
+        ),
         class_names=names,
         splits={name: [r for r in recs if r.image in good] for name, recs in splits.items()},
         pixel_counts=pixels,

@@ -21,6 +21,7 @@ from vembed.data.prepare import download
 from vembed.data.prepare.output import PrepareResult, clean_records, write_prepared
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.splits import SplitOptions, make_splits
+from vembed.data.prepare.summary import Provenance
 from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
@@ -42,9 +43,7 @@ def prepare_flowers102(
     test_ratio: float = 0.3,
     official_split: bool = False,
     shots: int = 10,
-    check_images: bool = False,
-    workers: int | None = None,
-    skip_bad: bool = False,
+    check: CheckOptions = CheckOptions(),
 ) -> PrepareResult:
     """Write the seen/unseen splits and k-shot support/query files for Flowers-102 into ``out``.
 
@@ -62,7 +61,7 @@ def prepare_flowers102(
         ImageRecord(images / f"image_{i:05d}.jpg", int(label), None, f"{folder / LABELS}[{i}]")
         for i, label in enumerate(labels, start=1)
     ]
-    kept = clean_records(records, log, CheckOptions(check_images, workers, skip_bad))
+    kept = clean_records(records, log, check)
     predefined = official_splits(kept, folder / SETID) if official_split else None
     splits = make_splits(kept, splitting, log=log, predefined=predefined)
     options = {
@@ -70,15 +69,11 @@ def prepare_flowers102(
         "split": "official" if official_split else {"val_ratio": val_ratio, "test_ratio": test_ratio},
         "shots": shots,
         "unseen_classes": sorted({rec.label for rec in splits.get("unseen", [])}),
-        "check_images": check_images,
-        "skip_bad": skip_bad,
+        **check.recorded(),
     }
     return write_prepared(
         out,
-        dataset="flowers102",
-        source=str(folder.absolute()) if kaggle or root else BASE_URL,
-        seed=seed,
-        options=options,
+        Provenance("flowers102", str(folder.absolute()) if kaggle or root else BASE_URL, seed, options),
         records=kept,
         splits=splits,
         log=log,

@@ -14,6 +14,7 @@ from vembed.data.prepare import download
 from vembed.data.prepare.output import PrepareResult, clean_records, write_prepared
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.splits import SplitOptions, make_splits
+from vembed.data.prepare.summary import Provenance
 from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import IMAGE_EXTENSIONS, ImageRecord
 from vembed.errors import VembedError
@@ -35,9 +36,7 @@ def prepare_imagefolder(
     test_ratio: float = 0.1,
     holdout_ratio: float = 0.0,
     shots: int = 0,
-    check_images: bool = False,
-    workers: int | None = None,
-    skip_bad: bool = False,
+    check: CheckOptions = CheckOptions(),
 ) -> PrepareResult:
     """Write stratified splits of an ImageFolder tree into ``out`` (labels are the class folder names).
 
@@ -66,7 +65,7 @@ def prepare_imagefolder(
             f"{base}: no images in class folders (expected {base}/<class>/<image>, "
             f"extensions {', '.join(IMAGE_EXTENSIONS)})"
         )
-    kept = clean_records(records, log, CheckOptions(check_images, workers, skip_bad))
+    kept = clean_records(records, log, check)
     if predefined is not None:
         good = {id(rec) for rec in kept}
         predefined = {name: [r for r in recs if id(r) in good] for name, recs in predefined.items()}
@@ -79,15 +78,13 @@ def prepare_imagefolder(
         "test_ratio": test_ratio,
         "holdout_ratio": holdout_ratio,
         "shots": shots,
-        "check_images": check_images,
-        "skip_bad": skip_bad,
+        **check.recorded(),
     }
     return write_prepared(
         out,
-        dataset=f"kaggle:{kaggle}" if kaggle else f"imagefolder:{base.name}",
-        source=str(base.absolute()),
-        seed=seed,
-        options=options,
+        Provenance(
+            f"kaggle:{kaggle}" if kaggle else f"imagefolder:{base.name}", str(base.absolute()), seed, options
+        ),
         records=kept,
         splits=splits,
         log=log,

@@ -17,7 +17,7 @@ from typing import Any
 
 from vembed.console import log as console_log
 from vembed.data.prepare.problems import Problem, ProblemLog
-from vembed.data.prepare.summary import build_summary
+from vembed.data.prepare.summary import Provenance, build_summary
 from vembed.data.prepare.validate import CheckOptions, single_image_classes, validate_records
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
@@ -63,11 +63,8 @@ def clean_records(records: Sequence[ImageRecord], log: ProblemLog, checks: Check
 
 def write_prepared(
     out: str | Path,
+    made: Provenance,
     *,
-    dataset: str,
-    source: str,
-    seed: int,
-    options: dict[str, Any],
     records: Sequence[ImageRecord],
     splits: dict[str, Sequence[ImageRecord]],
     log: ProblemLog,
@@ -78,7 +75,7 @@ def write_prepared(
     """
     out = Path(out)
     if not any(splits.values()):
-        raise VembedError(f"{dataset}: every split is empty; nothing to write")
+        raise VembedError(f"{made.dataset}: every split is empty; nothing to write")
     for name, recs in splits.items():
         if not recs:
             log.add("empty-split", name, "no images ended up in this split; it is not written")
@@ -87,16 +84,7 @@ def write_prepared(
     files = {name: f"{name}.jsonl" for name, recs in splits.items() if recs}
     written = {name: out / file for name, file in files.items()}
     extra = [PROBLEMS] if len(log) else []
-    summary = build_summary(
-        dataset=dataset,
-        source=source,
-        seed=seed,
-        options=options,
-        records=records,
-        splits=splits,
-        files=files,
-        log=log,
-    )
+    summary = build_summary(made, records=records, splits=splits, files=files, log=log)
     summary["files"] = sorted([*files.values(), *extra, SUMMARY])
     previous = _previous_files(out)
     out.mkdir(parents=True, exist_ok=True)

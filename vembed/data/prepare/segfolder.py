@@ -19,6 +19,8 @@ from vembed.data.prepare.segmasks import (
     write_seg_prepared,
 )
 from vembed.data.prepare.splits import SPLITS, check_ratios, seeded
+from vembed.data.prepare.summary import Provenance
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import IMAGE_EXTENSIONS, SegRecord
 from vembed.errors import VembedError
 
@@ -30,9 +32,7 @@ def prepare_segfolder(
     seed: int = 0,
     val_ratio: float = 0.1,
     test_ratio: float = 0.1,
-    check_images: bool = False,
-    workers: int | None = None,
-    skip_bad: bool = False,
+    check: CheckOptions = CheckOptions(),
 ) -> PrepareResult:
     """Write ``train/val/test.jsonl`` of image/mask records, ``classes.txt`` and ``summary.json``."""
     check_ratios(val_ratio=val_ratio, test_ratio=test_ratio)
@@ -54,9 +54,7 @@ def prepare_segfolder(
         records,
         log,
         num_classes=len(names) if names else None,
-        check_images=check_images,
-        workers=workers,
-        skip_bad=skip_bad,
+        check=check,
     )
     if names is None:
         names = infer_class_names(pixels)
@@ -71,15 +69,11 @@ def prepare_segfolder(
         if predefined is not None
         else {"val_ratio": val_ratio, "test_ratio": test_ratio},
         "class_list": "classes.txt" if (root / "classes.txt").is_file() else "inferred",
-        "check_images": check_images,
-        "skip_bad": skip_bad,
+        **check.recorded(),
     }
     return write_seg_prepared(
         out,
-        dataset=f"segfolder:{root.absolute().name}",
-        source=str(root.absolute()),
-        seed=seed,
-        options=options,
+        Provenance(f"segfolder:{root.absolute().name}", str(root.absolute()), seed, options),
         class_names=names,
         splits=splits,
         pixel_counts=pixels,

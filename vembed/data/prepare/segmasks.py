@@ -17,12 +17,12 @@ from typing import Any
 import numpy as np
 from rich.table import Table
 
-from vembed import __version__
 from vembed.console import log as console_log
 from vembed.console import progress
 from vembed.data.prepare.output import PROBLEMS, SUMMARY, PrepareResult, _previous_files
 from vembed.data.prepare.problems import ProblemLog
-from vembed.data.prepare.summary import SHOWN_PROBLEMS
+from vembed.data.prepare.summary import SHOWN_PROBLEMS, Provenance
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import SegRecord
 from vembed.errors import VembedError
 from vembed.io import write_json, write_jsonl, write_text
@@ -51,9 +51,7 @@ def check_pairs(
     log: ProblemLog,
     *,
     num_classes: int | None,
-    check_images: bool = False,
-    workers: int | None = None,
-    skip_bad: bool = False,
+    check: CheckOptions = CheckOptions(),
 ) -> tuple[list[SegRecord], np.ndarray]:
     """Keep the good pairs; return them and the pixel count of every class value 0-255 over them.
 
@@ -71,13 +69,13 @@ def check_pairs(
         seen.add(key)
         unique.append(rec)
 
-    def check(rec: SegRecord) -> tuple[str, str] | np.ndarray:
+    def inspect_pair(rec: SegRecord) -> tuple[str, str] | np.ndarray:
         if not os.path.isfile(rec.image):
             return "missing-image", f"image not found: {rec.image}"
         if not os.path.isfile(rec.mask):
             return "missing-mask", f"no mask for {rec.image} (expected {rec.mask})"
         try:
-            size = load_image(rec.image).size if check_images else image_size(rec.image)
+            size = load_image(rec.image).size if check.check_images else image_size(rec.image)
         except VembedError as exc:
             return "bad-image", str(exc)
         try:
@@ -100,18 +98,18 @@ def check_pairs(
                 )
         return counts
 
-    workers = workers or min(16, (os.cpu_count() or 1) + 4)
+    workers = check.workers or min(16, (os.cpu_count() or 1) + 4)
     kept, total = [], np.zeros(256, dtype=np.int64)
     with progress() as bar, ThreadPoolExecutor(max_workers=workers) as pool:
         task = bar.add_task("checking images and masks", total=len(unique))
-        for rec, result in zip(unique, pool.map(check, unique), strict=True):
+        for rec, result in zip(unique, pool.map(inspect_pair, unique), strict=True):
             bar.advance(task)
             if isinstance(result, tuple):
                 log.add(result[0], rec.source if rec.source != str(rec.image) else "", result[1])
             else:
                 kept.append(rec)
                 total += result
-    log.raise_if_fatal(skip_bad=skip_bad)
+    log.raise_if_fatal(skip_bad=check.skip_bad)
     if not kept:
         raise VembedError("no usable image/mask pairs left after validation")
     return kept, total
@@ -126,11 +124,8 @@ def infer_class_names(pixel_counts: np.ndarray) -> list[str]:
 
 def write_seg_prepared(
     out: str | Path,
+    made: Provenance,
     *,
-    dataset: str,
-    source: str,
-    seed: int,
-    options: dict[str, Any],
     class_names: Sequence[str],
     splits: dict[str, Sequence[SegRecord]],
     pixel_counts: np.ndarray,
@@ -139,19 +134,14 @@ def write_seg_prepared(
     """Write every non-empty split, ``classes.txt``, problems and the summary; return the result."""
     out = Path(out)
     if not any(splits.values()):
-        raise VembedError(f"{dataset}: every split is empty; nothing to write")
+        raise VembedError(f"{made.dataset}: every split is empty; nothing to write")
     for name, recs in splits.items():
         if not recs:
             log.add("empty-split", name, "no images ended up in this split; it is not written")
     files = {name: f"{name}.jsonl" for name, recs in splits.items() if recs}
     extra = [PROBLEMS] if len(log) else []
     summary = {
-        "dataset": dataset,
-        "task": "segmentation",
-        "source": source,
-        "seed": seed,
-        "options": options,
-        "vembed_version": __version__,
+        **made.summary(task="segmentation"),
         "images": sum(len(recs) for recs in splits.values()),
         "classes": len(class_names),
         "class_names": list(class_names),

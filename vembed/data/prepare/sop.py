@@ -16,6 +16,7 @@ from vembed.data.prepare import download
 from vembed.data.prepare.output import PrepareResult, clean_records, write_prepared
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.splits import hold_out_classes
+from vembed.data.prepare.summary import Provenance
 from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import ImageRecord
 from vembed.errors import VembedError
@@ -31,9 +32,7 @@ def prepare_sop(
     *,
     seed: int = 0,
     val_classes_ratio: float = 0.1,
-    check_images: bool = False,
-    workers: int | None = None,
-    skip_bad: bool = False,
+    check: CheckOptions = CheckOptions(),
 ) -> PrepareResult:
     """Write ``train/val/test.jsonl`` and ``summary.json`` for SOP into ``out``.
 
@@ -48,7 +47,7 @@ def prepare_sop(
     log = ProblemLog()
     train = read_ebay_list(folder / TRAIN_LIST, log)
     test = read_ebay_list(folder / TEST_LIST, log)
-    kept = clean_records(train + test, log, CheckOptions(check_images, workers, skip_bad))
+    kept = clean_records(train + test, log, check)
     good = {id(rec) for rec in kept}
     train = [rec for rec in train if id(rec) in good]
     test = [rec for rec in test if id(rec) in good]
@@ -60,10 +59,9 @@ def prepare_sop(
     splits["test"] = test
     return write_prepared(
         out,
-        dataset="sop",
-        source=str(folder.absolute()),
-        seed=seed,
-        options={"val_classes_ratio": val_classes_ratio, "check_images": check_images, "skip_bad": skip_bad},
+        Provenance(
+            "sop", str(folder.absolute()), seed, {"val_classes_ratio": val_classes_ratio, **check.recorded()}
+        ),
         records=kept,
         splits=splits,
         log=log,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import statistics
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from rich.table import Table
@@ -34,12 +35,31 @@ def split_stats(records: Sequence[ImageRecord]) -> dict[str, Any]:
     }
 
 
+@dataclass(frozen=True)
+class Provenance:
+    """Where prepared data came from and how it was made (the options given): what ``summary.json``
+    starts with."""
+
+    dataset: str
+    source: str
+    seed: int
+    options: dict[str, Any]
+
+    def summary(self, **extra: Any) -> dict[str, Any]:
+        """``dataset``, then ``extra`` (a ``task``), ``source``, ``seed``, ``options`` and ``vembed_version``."""
+        return {
+            "dataset": self.dataset,
+            **extra,
+            "source": self.source,
+            "seed": self.seed,
+            "options": self.options,
+            "vembed_version": __version__,
+        }
+
+
 def build_summary(
+    made: Provenance,
     *,
-    dataset: str,
-    source: str,
-    seed: int,
-    options: dict[str, Any],
     records: Sequence[ImageRecord],
     splits: dict[str, Sequence[ImageRecord]],
     files: dict[str, str],
@@ -47,11 +67,7 @@ def build_summary(
 ) -> dict[str, Any]:
     """Everything worth knowing about the prepared data, deterministic (no timestamps)."""
     return {
-        "dataset": dataset,
-        "source": source,
-        "seed": seed,
-        "options": options,
-        "vembed_version": __version__,
+        **made.summary(),
         **split_stats(records),
         "splits": {name: {"file": files.get(name), **split_stats(recs)} for name, recs in splits.items()},
         "problems": {

@@ -18,6 +18,7 @@ from vembed.console import log as console_log
 from vembed.data.prepare.output import PrepareResult, clean_records, write_prepared
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.splits import SPLITS, SplitOptions, make_splits
+from vembed.data.prepare.summary import Provenance
 from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import ImageRecord, json_object, resolve_path
 from vembed.errors import VembedError
@@ -61,9 +62,7 @@ def prepare_table(
     test_ratio: float = 0.1,
     holdout_ratio: float = 0.0,
     shots: int = 0,
-    check_images: bool = False,
-    workers: int | None = None,
-    skip_bad: bool = False,
+    check: CheckOptions = CheckOptions(),
 ) -> PrepareResult:
     """Read ``file`` with ``rows`` (yielding ``(line, dict | error)``), then validate, split and write."""
     file = Path(file)
@@ -94,7 +93,7 @@ def prepare_table(
                 log.add("bad-record", rec.source, f"no '{split_key}' value, but other lines have one")
         records = [rec for rec in records if id(rec) in split_of]
     console_log(f"{len(records):,} records from {file}")
-    kept = clean_records(records, log, CheckOptions(check_images, workers, skip_bad))
+    kept = clean_records(records, log, check)
     predefined = None
     if predefined_split:
         predefined = {}
@@ -113,15 +112,11 @@ def prepare_table(
         "split": "column" if predefined_split else {"val_ratio": val_ratio, "test_ratio": test_ratio},
         "holdout_ratio": holdout_ratio,
         "shots": shots,
-        "check_images": check_images,
-        "skip_bad": skip_bad,
+        **check.recorded(),
     }
     return write_prepared(
         out,
-        dataset=f"{fmt}:{file.name}",
-        source=str(file.absolute()),
-        seed=seed,
-        options=options,
+        Provenance(f"{fmt}:{file.name}", str(file.absolute()), seed, options),
         records=kept,
         splits=splits,
         log=log,

@@ -22,6 +22,10 @@ class CheckOptions:
     workers: int | None = None
     skip_bad: bool = False
 
+    def recorded(self) -> dict:
+        """What ``summary.json`` records of them (under ``options``)."""
+        return {"check_images": self.check_images, "skip_bad": self.skip_bad}
+
 
 def image_key(rec: ImageRecord) -> str:
     """The normalised absolute path that identifies an image."""

@@ -17,6 +17,8 @@ from vembed.data.prepare import download
 from vembed.data.prepare.output import PrepareResult
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.segmasks import check_pairs, write_seg_prepared
+from vembed.data.prepare.summary import Provenance
+from vembed.data.prepare.validate import CheckOptions
 from vembed.data.records import SegRecord
 from vembed.errors import VembedError
 
@@ -53,9 +55,7 @@ def prepare_voc(
     *,
     kaggle: str | None = None,
     seed: int = 0,
-    check_images: bool = False,
-    workers: int | None = None,
-    skip_bad: bool = False,
+    check: CheckOptions = CheckOptions(),
 ) -> PrepareResult:
     """Write ``train.jsonl``, ``val.jsonl``, ``classes.txt`` and ``summary.json`` for VOC 2012."""
     out = Path(out)
@@ -67,17 +67,17 @@ def prepare_voc(
         [r for recs in splits.values() for r in recs],
         log,
         num_classes=len(CLASSES),
-        check_images=check_images,
-        workers=workers,
-        skip_bad=skip_bad,
+        check=check,
     )
     good = {rec.image for rec in kept}
     return write_seg_prepared(
         out,
-        dataset="voc2012",
-        source=str(folder.absolute()) if root or kaggle else URL,
-        seed=seed,
-        options={"split": "official", "check_images": check_images, "skip_bad": skip_bad},
+        Provenance(
+            "voc2012",
+            str(folder.absolute()) if root or kaggle else URL,
+            seed,
+            {"split": "official", **check.recorded()},
+        ),
         class_names=CLASSES,
         splits={name: [r for r in recs if r.image in good] for name, recs in splits.items()},
         pixel_counts=pixels,

@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from vembed.evaluation.base import report_json
+
 IGNORE_INDEX = 255
 
 
@@ -61,13 +63,7 @@ class SegmentationMetrics:
     extra: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
-        return {
-            "miou": self.miou,
-            "pixel_accuracy": self.pixel_accuracy,
-            "per_class_iou": self.per_class_iou,
-            "pixels": self.pixels,
-            **self.extra,
-        }
+        return report_json(self, merged=("extra",))
 
 
 def segmentation_metrics(
