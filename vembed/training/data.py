@@ -181,7 +181,8 @@ def mined_negatives(data: LabelledImages, settings: TrainSettings, *, say=None) 
     """``train.hard_negatives``: the records' ``negatives`` as dataset indices (said once by ``say``)."""
     from vembed.mining import negative_indices
 
-    negatives = negative_indices(data.records)
+    # records skipped as bad (data.skip_bad) may be some records' negatives: those are passed over
+    negatives = negative_indices(data.records, skip_unknown=bool(data.problems))
     if negatives is None:
         first = data.records[0]
         raise VembedError(
