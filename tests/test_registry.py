@@ -101,6 +101,14 @@ def test_cls_pooling_on_siglip_is_refused(tmp_path):
         create_embedder(str(path), ModelSettings(pooling="cls"))
 
 
+@pytest.mark.parametrize("family", ["vit", "vit_google"])
+def test_pooler_pooling_on_vit_is_refused(tmp_path, family):
+    """vembed loads ViTModel without its pooler (DINO has none, google's is a classifier layer)."""
+    path = save_tiny_model(tmp_path / family, family)
+    with pytest.raises(VembedError, match="needs a pooler layer.*use 'cls' or 'mean'"):
+        create_embedder(str(path), ModelSettings(pooling="pooler"))
+
+
 def test_saved_embedder_round_trips_with_head(tiny_model, tmp_path):
     emb = create_embedder(str(tiny_model), ModelSettings(pooling="gem", projection_dim=8))
     torch.nn.init.normal_(emb.projection.weight)

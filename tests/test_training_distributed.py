@@ -60,3 +60,22 @@ def test_two_processes_train_checkpoint_and_resume(tiny_model, tmp_path):
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stderr and "step 6/6" in resumed.stderr
     assert (out / "final" / "model.safetensors").read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "method",
+    [["train.method=full"], ["train.method=frozen"], ["train.method=full", "train.grad_cache_chunk=4"]],
+)
+def test_two_processes_train_every_method(tiny_model, tmp_path, method):
+    """DDP refuses a step in which a trainable parameter got no gradient (DINOv2's mask token is only
+    used for masked-image modelling): full fine-tuning and a frozen backbone must train as LoRA does."""
+    train_file = make_nuisance_dataset(tmp_path / "train", per_class=8)
+    out = tmp_path / "run"
+    args = [
+        f"model.name={tiny_model}", f"data.train={train_file}", f"train.output_dir={out}",
+        "data.num_workers=0", *method, "train.batch_size=8", "train.loss=infonce",
+        "model.projection_dim=8", "train.max_steps=2",
+    ]  # fmt: skip
+    done = _torchrun(args, {**os.environ, "OMP_NUM_THREADS": "1"})
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert create_embedder(str(out / "final")).embed_dim == 8

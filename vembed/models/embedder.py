@@ -75,6 +75,11 @@ class Embedder(BackboneModule):
             raise VembedError(
                 f"pooling {pooling!r} needs a CLS token, which {spec.family} models lack; use 'pooler' or 'mean'"
             )
+        if pooling == "pooler" and not spec.family_info.has_pooler:
+            raise VembedError(
+                f"pooling 'pooler' needs a pooler layer, which vembed loads {spec.family} models without; "
+                "use 'cls' or 'mean'"
+            )
         self.backbone = backbone
         self.spec = spec
         self.pooling = pooling

@@ -42,6 +42,7 @@ class Family:
     dual: DualTowers | None = None
     load_options: tuple[tuple[str, object], ...] = ()  # extra from_pretrained keywords
     interpolate_position: bool = False  # pass interpolate_pos_encoding=True (other input sizes)
+    has_pooler: bool = True  # the backbone returns a pooler_output (``model.pooling: pooler``)
 
     @property
     def forward_options(self) -> dict:
@@ -155,6 +156,7 @@ FAMILIES: dict[str, Family] = {
             VIT_LORA,
             load_options=(("add_pooling_layer", False),),
             interpolate_position=True,  # ViT refuses another input size without it
+            has_pooler=False,
         ),
     ]
 }

@@ -8,7 +8,7 @@ import os
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedDataParallelKwargs, DistributedType
 
 from vembed.errors import VembedError
 from vembed.models.factory import resolve_device
@@ -24,6 +24,10 @@ def make_accelerator(settings: Settings) -> Accelerator:
         "cpu": resolve_device(settings.model.device).type == "cpu",
         # train.compile: accelerate wraps the prepared model in torch.compile (inductor)
         "dynamo_backend": "inductor" if s.compile else "no",
+        # a backbone carries parameters an embedding's forward never uses (DINOv2's mask token, CLIP's
+        # post-layernorm under cls/mean pooling, SigLIP's attention-pooling head under mean pooling): DDP
+        # must look for them each step, or it stops at the second step waiting for their gradients
+        "kwargs_handlers": [DistributedDataParallelKwargs(find_unused_parameters=True)],
     }
     from accelerate.utils import is_tensorboard_available
 
