@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import vembed.losses.contrastive as contrastive_module
+import vembed.losses.memory as pair_losses_module
 import vembed.losses.triplet as triplet_module
 from vembed.errors import VembedError
 from vembed.losses import (
@@ -499,7 +499,7 @@ def test_simulated_two_ranks_equal_one_big_batch(name, monkeypatch):
             candidates[local] = emb
             return candidates, labels, 4 * rank
 
-        module = triplet_module if name == "triplet" else contrastive_module
+        module = triplet_module if name == "triplet" else pair_losses_module  # pair_masks gathers
         monkeypatch.setattr(module, "gather_candidates", fake_gather)
         per_rank.append(loss(full[local], labels[local]))
     assert ((per_rank[0] + per_rank[1]) / 2).item() == pytest.approx(expected.item(), rel=1e-5)

@@ -15,11 +15,11 @@ from vembed.training import checkpoint as ckpt
 from vembed.training import train
 
 MEMORY_LOSSES = ["infonce", "supcon", "triplet", "multi_similarity"]
-MODULES = {
-    "infonce": "vembed.losses.contrastive",
-    "supcon": "vembed.losses.contrastive",
+MODULES = {  # where each loss gathers its candidates (the pair losses in vembed.losses.memory.pair_masks)
+    "infonce": "vembed.losses.memory",
+    "supcon": "vembed.losses.memory",
     "triplet": "vembed.losses.triplet",
-    "multi_similarity": "vembed.losses.multi_similarity",
+    "multi_similarity": "vembed.losses.memory",
 }
 
 

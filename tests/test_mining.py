@@ -93,6 +93,22 @@ def test_same_category_restricts_the_negatives():
         mine_negatives(emb, labels, k=2, same_category=True)
 
 
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_faiss_candidates_give_the_exact_negatives_on_a_small_set(kind):
+    emb, labels = _clusters(num_classes=8, per_class=5, dim=12, spread=0.3)
+    duplicate = torch.nn.functional.normalize(emb[1] + 1e-3, dim=0)  # a false negative for class 0
+    emb, labels = torch.cat([emb, duplicate[None]]), [*labels, 99]
+    categories = [label % 2 for label in labels]
+    for same in (False, True):
+        kw = dict(k=4, margin=0.05, categories=categories, same_category=same, chunk_size=16)
+        exact = mine_negatives(emb, labels, **kw)
+        approximate = mine_negatives(emb, labels, index=kind, **kw)
+        assert approximate.negatives == exact.negatives
+        np.testing.assert_allclose(sum(approximate.scores, []), sum(exact.scores, []), atol=1e-5)
+        assert approximate.without_positive == exact.without_positive == 1
+        assert 40 not in approximate.negatives[1]  # the guard held with faiss candidates too
+
+
 @pytest.mark.parametrize(
     "kwargs, message",
     [({"k": 0}, "k must be a positive integer"), ({"margin": -1.0}, "margin"), ({"k": 1.5}, "k must be")],
@@ -157,6 +173,15 @@ def test_mine_file_keeps_records_verbatim_and_adds_negatives(tiny_model, tmp_pat
     for row in map(json.loads, (tmp_path / "same.jsonl").read_text().splitlines()):
         cats = {r["image"]: r["category"] for r in inputs}
         assert all(cats[n] == row["category"] for n in row["negatives"])
+
+
+def test_no_guard_is_written_as_null_in_the_summary(tiny_model, tmp_path):
+    data = _write_records(tmp_path)
+    summary = mine_file(
+        _embedder(tiny_model), data, tmp_path / "m.jsonl", k=2, margin=math.inf, options=QUIET
+    )
+    assert summary["margin"] is None and summary["dropped_by_guard"] == 0
+    json.dumps(summary, allow_nan=False)  # strict JSON
 
 
 def test_mine_file_writes_atomically(tiny_model, tmp_path, monkeypatch):

@@ -368,7 +368,7 @@ def test_training_workers_live_from_epoch_to_epoch_and_read_what_new_ones_would(
         rows = torch.cat([batch.pixel_values for batch in loader])
         return {int(pid) for pid in rows[:, 0]}, rows[:, 1].tolist()
 
-    loaders = data_module.train_loaders(data, spec=None, settings=settings)
+    loaders = data_module.train_loaders(data.records, spec=None, settings=settings)
     pids0, draws0 = read(loaders.epoch(batches, 0))
     pids1, draws1 = read(loaders.epoch(batches, 1))
     assert len(pids0) == 2 and pids1 == pids0 and os.getpid() not in pids0  # the same two workers
@@ -381,5 +381,5 @@ def test_training_workers_live_from_epoch_to_epoch_and_read_what_new_ones_would(
             os.kill(pid, 0)
 
     in_process = load_settings(None, [f"data.train={root}", "data.num_workers=0", "train.seed=3"])
-    fresh = data_module.train_loaders(data, spec=None, settings=in_process)
+    fresh = data_module.train_loaders(data.records, spec=None, settings=in_process)
     assert read(fresh.epoch(batches, 0))[1] == draws0 and read(fresh.epoch(batches, 1))[1] == draws1

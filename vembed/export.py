@@ -36,7 +36,7 @@ from vembed.export_onnx import (
 )
 from vembed.io import atomic_dir, make_readable, write_json, write_text
 from vembed.models.embedder import Embedder
-from vembed.models.factory import build_embedder, load_embedder, save_model
+from vembed.models.factory import ModelOptions, build_embedder, load_embedder, save_model
 from vembed.models.heads import Head, load_head
 from vembed.models.loader import (
     VEMBED_CONFIG,
@@ -83,7 +83,7 @@ def export_model(
     if (dual := export_if_dual(source, model, run_dir, out, dtype, onnx, opset, start)) is not None:
         return dual
     loaded = load_model(model)
-    embedder = build_embedder(loaded, device="cpu", dtype="float32", truncate_dim=truncate_dim)
+    embedder = build_embedder(loaded, ModelOptions(device="cpu", dtype="float32", truncate_dim=truncate_dim))
     saved = loaded.config or ModelConfig()
     # write exactly what was read: the saved identity's other keys (training ...) and its task head
     extra = {k: v for k, v in saved.extra.items() if k not in ("export", "exported_from")}

@@ -71,6 +71,8 @@ def mine_negatives(
     categories: list | None = None,
     same_category: bool = False,
     chunk_size: int = 1024,
+    index: str = "exact",
+    index_settings=None,
     show_progress: bool = False,
 ) -> Mined:
     """Up to ``k`` nearest other-label embeddings of each embedding (see the module docstring).
@@ -79,6 +81,10 @@ def mine_negatives(
         embeddings: ``[N, D]`` tensor or array. labels: N labels (any hashable values).
         margin: the guard's margin (>= 0); ``math.inf`` turns the guard off.
         categories: N categories (needed by ``same_category``).
+        index: ``exact`` (chunked matrix products), or a faiss kind (``flat``, ``hnsw``, ``ivf``, ...)
+            searched ``k + largest class + 3k`` deep (one index per category with ``same_category``);
+            the guard's positives are exact either way, but ``dropped_by_guard`` then counts only the
+            candidates faiss returned. ``index_settings``: :class:`~vembed.settings.IndexSettings`.
     """
     emb = as_embeddings(embeddings, "embeddings", device=getattr(embeddings, "device", None))
     n = emb.shape[0]
@@ -94,6 +100,8 @@ def mine_negatives(
         if categories is None or len(categories) != n or any(c is None for c in categories):
             raise VembedError("same_category needs a category for every record")
         cats = torch.tensor(label_codes(categories)[0], dtype=torch.int64, device=emb.device)
+    if index != "exact":
+        return _mine_with_faiss(emb, codes, cats, k, margin, index, index_settings, chunk_size, show_progress)
     negatives: list[list[int]] = []
     scores: list[list[float]] = []
     dropped = without_positive = 0
@@ -107,8 +115,7 @@ def mine_negatives(
         best_positive = sims.masked_fill(~positive, float("-inf")).amax(dim=1)
         has_positive = positive.any(dim=1)
         without_positive += int((~has_positive).sum())
-        guard = has_positive if math.isfinite(margin) else torch.zeros_like(has_positive)
-        threshold = torch.where(guard, best_positive - margin, torch.full_like(best_positive, math.inf))
+        threshold = _threshold(best_positive, has_positive, margin)
         candidate = ~same
         if cats is not None:
             candidate &= cats[start:stop, None] == cats[None, :]
@@ -116,11 +123,75 @@ def mine_negatives(
         dropped += int(guarded.sum())
         sims.masked_fill_(~(candidate & ~guarded), float("-inf"))
         values, indices = select_top(sims, width, False)
-        for value_row, index_row in zip(values.cpu().tolist(), indices.cpu().tolist(), strict=True):
-            kept = [(i, v) for i, v in zip(index_row, value_row, strict=True) if v != float("-inf")]
-            negatives.append([i for i, _ in kept])
-            scores.append([v for _, v in kept])
+        _collect(values, indices, negatives, scores)
     return Mined(negatives, scores, dropped, without_positive)
+
+
+def _threshold(best_positive: torch.Tensor, has_positive: torch.Tensor, margin: float) -> torch.Tensor:
+    """The guard: candidates above ``best positive - margin`` are dropped (none without a positive)."""
+    guard = has_positive if math.isfinite(margin) else torch.zeros_like(has_positive)
+    return torch.where(guard, best_positive - margin, torch.full_like(best_positive, math.inf))
+
+
+def _collect(values: torch.Tensor, indices: torch.Tensor, negatives: list, scores: list) -> None:
+    """Append each row's candidates, best first, up to the first -inf (a masked one)."""
+    for value_row, index_row in zip(values.cpu().tolist(), indices.cpu().tolist(), strict=True):
+        kept = [(i, v) for i, v in zip(index_row, value_row, strict=True) if v != float("-inf")]
+        negatives.append([i for i, _ in kept])
+        scores.append([v for _, v in kept])
+
+
+def _best_positives(emb: torch.Tensor, codes: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each embedding's similarity to its most similar other member of its label, exactly, class by class."""
+    best = torch.full((emb.shape[0],), float("-inf"), device=emb.device)
+    order = torch.argsort(codes, stable=True)
+    counts = torch.bincount(codes).tolist()
+    for members in torch.split(order, counts):
+        if len(members) < 2:
+            continue
+        sims = emb[members] @ emb[members].T
+        sims.fill_diagonal_(float("-inf"))
+        best[members] = sims.amax(dim=1)
+    return best, torch.isfinite(best)
+
+
+def _mine_with_faiss(emb, codes, cats, k, margin, kind, settings, chunk_size, show_progress) -> Mined:
+    """:func:`mine_negatives` with candidates from a faiss index (see there)."""
+    from vembed.index.faiss_index import build_index
+
+    n = emb.shape[0]
+    best, has_positive = _best_positives(emb, codes)
+    threshold = _threshold(best, has_positive, margin).cpu()
+    codes_cpu = codes.cpu()
+    vectors = emb.cpu().numpy()
+    groups = (
+        [torch.arange(n)] if cats is None else [torch.nonzero(cats.cpu() == c)[:, 0] for c in cats.unique()]
+    )
+    negatives: list[list[int]] = [[] for _ in range(n)]
+    scores: list[list[float]] = [[] for _ in range(n)]
+    dropped = 0
+    for members in groups:
+        index = build_index(vectors[members.numpy()], kind, settings, show_progress=show_progress)
+        largest = int(torch.bincount(codes_cpu[members]).max())
+        depth = min(len(members), k + largest + 3 * k)
+        for start, stop in advancing(chunk_bounds(len(members), chunk_size), show_progress, "mining"):
+            rows = members[start:stop]
+            found_scores, found = index.search(vectors[rows.numpy()], depth, settings)
+            found = torch.from_numpy(found)
+            values = torch.from_numpy(found_scores).float()
+            valid = found >= 0
+            neighbours = torch.where(valid, members[found.clamp(min=0)], torch.zeros_like(found))
+            candidate = valid & (codes_cpu[neighbours] != codes_cpu[rows][:, None])
+            guarded = candidate & (values > threshold[rows][:, None])
+            dropped += int(guarded.sum())
+            values = values.masked_fill(~(candidate & ~guarded), float("-inf"))
+            values, order = torch.sort(values, dim=1, descending=True, stable=True)
+            row_negatives: list[list[int]] = []
+            row_scores: list[list[float]] = []
+            _collect(values[:, :k], neighbours.gather(1, order)[:, :k], row_negatives, row_scores)
+            for i, negs, vals in zip(rows.tolist(), row_negatives, row_scores, strict=True):
+                negatives[i], scores[i] = negs, vals
+    return Mined(negatives, scores, dropped, int((~has_positive).sum()))
 
 
 def negative_indices(records: list[ImageRecord], *, skip_unknown: bool = False) -> list[list[int]] | None:
@@ -159,12 +230,15 @@ def mine_file(
     same_category: bool = False,
     image_root: str | Path | None = None,
     options: EmbedOptions | None = None,
+    index: str = "auto",
+    index_settings=None,
 ) -> dict:
     """Embed ``data`` (labelled image records) with ``embedder``, mine, write ``out`` atomically; the summary.
 
     ``embedder`` is an :class:`~vembed.models.embedder.Embedder` or a zero-argument callable returning
     one (loaded only after the records and options have been checked). ``options``: how to embed (every
-    image must decode: ``skip_bad`` is not used).
+    image must decode: ``skip_bad`` is not used). ``index``: ``exact``, a faiss kind, or ``auto`` (exact
+    up to ``index_settings.faiss_threshold`` images, HNSW above, as ``vembed search`` does).
     """
     options = replace(options or EmbedOptions(), skip_bad=False)
 
@@ -183,6 +257,7 @@ def mine_file(
                 f"{data}: holds relative image paths (e.g. {relative['image']!r}), which resolve against the "
                 f"records file's folder; write --out into {data.parent} (or set data.image_root={data.parent})"
             )
+    kind = _index_kind(index, len(records), index_settings)
     categories = [rec.category for rec in records]
     if same_category and any(c is None for c in categories):
         missing = next(rec for rec in records if rec.category is None)
@@ -199,6 +274,8 @@ def mine_file(
         margin=margin,
         categories=categories if same_category else None,
         same_category=same_category,
+        index=kind,
+        index_settings=index_settings,
     )
     rows = [
         {**row, "negatives": [raw[j]["image"] for j in negatives]}
@@ -206,8 +283,23 @@ def mine_file(
     ]
     write_jsonl(out, rows)
     summary = mined.summary()
-    summary.update(k=k, margin=margin, same_category=same_category, out=str(out))
+    # JSON has no infinity: a margin of inf (no guard) is written as null
+    summary.update(
+        k=k, margin=margin if math.isfinite(margin) else None, same_category=same_category, out=str(out)
+    )
     return summary
+
+
+def _index_kind(index: str, count: int, settings) -> str:
+    """``exact`` or the faiss kind to mine with."""
+    if index == "auto":
+        threshold = settings.faiss_threshold if settings is not None else 200_000
+        index = "exact" if count <= threshold else "hnsw"
+    if index == "exact":
+        return index
+    from vembed.index.faiss_index import check_index_kind
+
+    return check_index_kind(index)
 
 
 def _labelled_records(data: Path, image_root) -> tuple[list[ImageRecord], list[dict]]:

@@ -222,7 +222,7 @@ def load_reranker(
 ) -> Reranker:
     """The re-ranker saved at ``model`` (a ``train.task=rerank`` run's ``final/`` or its export), or a
     one-line error when that model has no pairwise head."""
-    from vembed.models.factory import build_embedder
+    from vembed.models.factory import ModelOptions, build_embedder
     from vembed.models.heads import load_head
     from vembed.models.loader import load_model
 
@@ -233,6 +233,6 @@ def load_reranker(
             f"{model}: not a re-ranker (its vembed.json has no pairwise task_head); train one with "
             "train.task=rerank (docs/training.md, Re-ranking)"
         )
-    embedder = build_embedder(loaded, device=device, dtype=dtype)
+    embedder = build_embedder(loaded, ModelOptions(device=device, dtype=dtype))
     pairwise = PairwiseModel.from_embedder(embedder, head.to(embedder.device)).eval()
     return Reranker(pairwise, str(model))

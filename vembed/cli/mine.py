@@ -30,6 +30,12 @@ def mine_command(
         help="False-negative guard: drop a candidate more similar to the anchor than the anchor's most "
         "similar positive minus this margin (inf: no guard).",
     ),
+    index: str = typer.Option(
+        "auto",
+        "--index",
+        help="exact (chunked matrix products), a faiss kind (flat, hnsw, ivf, ivfpq; index.* settings), or "
+        "auto: exact up to index.faiss_threshold images (200,000), hnsw above.",
+    ),
     batch_size: int = typer.Option(
         None, "--batch-size", "-b", help="Images per forward pass (eval.batch_size)."
     ),
@@ -40,7 +46,7 @@ def mine_command(
 ) -> None:
     """Mine each record's hard negatives: its nearest images of OTHER labels under the model.
 
-    Exact cosine ranking, chunked. A candidate more similar to the anchor than the anchor's most
+    Exact cosine ranking, chunked (faiss above index.faiss_threshold images: --index). A candidate more similar to the anchor than the anchor's most
     similar positive minus --margin is dropped (most likely the same item under another label). Every
     record is written back unchanged plus "negatives": the "image" strings of its negatives' records,
     best first (they resolve like "image"). Relative image paths resolve against the records file's
@@ -64,6 +70,8 @@ def mine_command(
         same_category=same_category,
         image_root=settings.data.image_root,
         options=embed_options(settings, show_progress=not quiet),
+        index=index,
+        index_settings=settings.index,
     )
     if not quiet:
         log_summary(summary)

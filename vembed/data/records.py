@@ -13,13 +13,16 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from vembed.errors import VembedError
 from vembed.io import decode_line, raw_lines
+
+T = TypeVar("T")
+R = TypeVar("R")
 
 Label = int | str
 
@@ -108,6 +111,21 @@ class RecordSet:
         return out
 
 
+def parse_each(rows: Iterable[T], parse: Callable[[T], R], *, skip_bad: bool) -> tuple[list[R], list[str]]:
+    """``parse(row)`` of every row: a :class:`VembedError` it raises stops everything, or with
+    ``skip_bad`` leaves that row out and its message in the problems returned with the rest."""
+    parsed: list[R] = []
+    problems: list[str] = []
+    for row in rows:
+        try:
+            parsed.append(parse(row))
+        except VembedError as exc:
+            if not skip_bad:
+                raise
+            problems.append(str(exc))
+    return parsed, problems
+
+
 def read_records(
     path: str | Path,
     *,
@@ -127,32 +145,27 @@ def read_records(
     if not path.is_file():
         raise VembedError(f"records file not found: {path}")
     root = Path(image_root) if image_root is not None else path.parent
-    records: list[Record] = []
-    problems: list[str] = []
     kind: str | None = None
-    for lineno, raw in raw_lines(path):
-        if not raw.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            rec = parse_record(decode_line(raw, where), root=root, where=where, require_label=require_label)
-            this_kind = type(rec).__name__
-            if kind is None:
-                kind = this_kind
-            elif kind != this_kind:
-                kinds = " and ".join(sorted((_KINDS[kind], _KINDS[this_kind]), reverse=True))
-                raise VembedError(f"{where}: mixes {kinds} records in one file")
-            if check_exists:
-                for p in _paths(rec):
-                    if not p.is_file():
-                        what = "mask" if isinstance(rec, SegRecord) and p == rec.mask else "image"
-                        raise VembedError(f"{where}: {what} not found: {p}")
-        except VembedError as exc:
-            if not skip_bad:
-                raise
-            problems.append(str(exc))
-            continue
-        records.append(rec)
+
+    def parse(line: tuple[int, bytes]) -> Record:
+        nonlocal kind
+        where = f"{path}:{line[0]}"
+        rec = parse_record(decode_line(line[1], where), root=root, where=where, require_label=require_label)
+        this_kind = type(rec).__name__
+        if kind is None:
+            kind = this_kind
+        elif kind != this_kind:
+            kinds = " and ".join(sorted((_KINDS[kind], _KINDS[this_kind]), reverse=True))
+            raise VembedError(f"{where}: mixes {kinds} records in one file")
+        if check_exists:
+            for p in _paths(rec):
+                if not p.is_file():
+                    what = "mask" if isinstance(rec, SegRecord) and p == rec.mask else "image"
+                    raise VembedError(f"{where}: {what} not found: {p}")
+        return rec
+
+    lines = (line for line in raw_lines(path) if line[1].strip())
+    records, problems = parse_each(lines, parse, skip_bad=skip_bad)
     if not records and not problems:
         raise VembedError(f"{path}: no records (the file is empty)")
     return RecordSet(path, records, problems)

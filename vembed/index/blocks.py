@@ -26,6 +26,7 @@ from vembed.data.records import (
     _paths,
     folder_record,
     no_images_message,
+    parse_each,
     parse_record,
     walk_images,
 )
@@ -137,22 +138,17 @@ def _checked(
 
 
 def _parse(path: Path, chunk, root: Path, skip_bad: bool) -> tuple[list[ImageRecord], list[str]]:
-    records: list = []
-    problems: list[str] = []
-    for lineno, line in chunk:
-        where = f"{path}:{lineno}"
-        try:
-            text = decode_line(line.encode("utf-8", "surrogateescape"), where)
-            rec = parse_record(text, root=root, where=where)
-            for image in _paths(rec):
-                if not image.is_file():
-                    raise VembedError(f"{where}: image not found: {image}")
-        except VembedError as exc:
-            if not skip_bad:
-                raise
-            problems.append(str(exc))
-            continue
-        records.append(rec)
+    def parse(item: tuple[int, str]):
+        where = f"{path}:{item[0]}"
+        rec = parse_record(
+            decode_line(item[1].encode("utf-8", "surrogateescape"), where), root=root, where=where
+        )
+        for image in _paths(rec):
+            if not image.is_file():
+                raise VembedError(f"{where}: image not found: {image}")
+        return rec
+
+    records, problems = parse_each(chunk, parse, skip_bad=skip_bad)
     return RecordSet(path, records).images(), problems
 
 

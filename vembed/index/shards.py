@@ -73,8 +73,13 @@ class ShardRun:
 
 def job_dir(out: str | Path) -> Path:
     """Where an unfinished embed into ``out`` keeps its shards."""
+    return _beside(out, "embedding")
+
+
+def _beside(out: str | Path, what: str) -> Path:
+    """``.STORE.{what}`` in the store's folder."""
     out = Path(out)
-    return out.parent / f".{out.name}.embedding"
+    return out.parent / f".{out.name}.{what}"
 
 
 def embed_shards(
@@ -160,8 +165,7 @@ def embed_shards(
 
 def lock_file(out: str | Path) -> Path:
     """The lock an embed into ``out`` holds (host and process id), beside the store."""
-    out = Path(out)
-    return out.parent / f".{out.name}.lock"
+    return _beside(out, "lock")
 
 
 def _embed_blocks(
@@ -332,7 +336,7 @@ def _finalize(job: Path, out: Path, spec: dict, num_blocks: int, embedder: Embed
         write_text(job / SETTINGS_FILE, settings_yaml)
     write_json(job / META_FILE, meta)
     vembed.io.make_readable(job)  # (through the module: the reliability tests interrupt here)
-    _swap(job, out)
+    vembed.io.replace_dir(job, out)
     (out / JOB_FILE).unlink()  # only now: until the swap, a rerun must still match the job
 
 
@@ -382,14 +386,3 @@ def _finish_append(job: Path, out: Path, entries: list[dict], skipped: int) -> N
     write_json(out / META_FILE, meta)
     shutil.rmtree(job, ignore_errors=True)
     log(f"appended {added} images to {out} ({meta['count']} in all)")
-
-
-def _swap(job: Path, out: Path) -> None:
-    """Put the finished job folder at ``out``, replacing an older store there whole."""
-    if out.exists():
-        old = out.with_name(f".{out.name}.old-{os.getpid()}")
-        os.replace(out, old)
-        os.replace(job, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(job, out)

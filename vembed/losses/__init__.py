@@ -77,11 +77,12 @@ def loss_class(name: str) -> type[nn.Module]:
 
 
 def loss_options(name: str) -> dict[str, object]:
-    """The options a loss accepts, with their defaults (``embed_dim``/``num_classes`` excluded)."""
+    """The options a loss accepts, with their defaults (``embed_dim``/``num_classes`` excluded; a
+    ``default_<option>`` class attribute is the default of an option whose argument defaults to None)."""
     cls = LOSSES[_check_name(name)]
     params = inspect.signature(cls.__init__).parameters
     return {
-        key: p.default
+        key: getattr(cls, f"default_{key}", p.default) if p.default is None else p.default
         for key, p in params.items()
         if key not in ("self", "embed_dim", "num_classes") and p.kind is not p.VAR_KEYWORD
     }

@@ -91,3 +91,11 @@ def check_class_labels(labels: Tensor, num_classes: int, loss_name: str) -> None
             f"loss '{loss_name}': labels must be class ids in [0, {num_classes - 1}] (num_classes={num_classes}),"
             f" got values in [{low}, {high}]"
         )
+
+
+def check_width(embeddings: Tensor, embed_dim: int, loss_name: str, what: str) -> None:
+    """Raise unless the embeddings have ``embed_dim`` dims, the width of ``what`` (proxies, classifier)."""
+    if embeddings.shape[1] != embed_dim:
+        raise VembedError(
+            f"loss '{loss_name}': embeddings have {embeddings.shape[1]} dims, {what} {embed_dim} (embed_dim)"
+        )

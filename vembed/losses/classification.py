@@ -21,6 +21,7 @@ from vembed.losses._common import (
     check_class_labels,
     check_dims,
     check_positive,
+    check_width,
     float32_forward,
 )
 from vembed.models.heads import Standardize, classifier_logits
@@ -92,11 +93,7 @@ class CrossEntropyLoss(nn.Module):
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels, self.name)
-        if embeddings.shape[1] != self.embed_dim:
-            raise VembedError(
-                f"loss 'ce': embeddings have {embeddings.shape[1]} dims, the classifier {self.embed_dim} "
-                "(embed_dim)"
-            )
+        check_width(embeddings, self.embed_dim, self.name, "the classifier")
         check_class_labels(labels, self.num_classes, self.name)
         return F.cross_entropy(self.logits(embeddings), labels.long(), label_smoothing=self.label_smoothing)
 

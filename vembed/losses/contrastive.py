@@ -15,9 +15,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from vembed.errors import VembedError
-from vembed.losses._common import check_batch, check_positive, float32_forward, normalize, zero_with_grad
-from vembed.losses.distributed import gather_candidates, self_mask
-from vembed.losses.memory import remember, with_memory
+from vembed.losses._common import check_positive
+from vembed.losses.memory import PairMaskLoss
 from vembed.losses.miners import build_miner
 
 __all__ = ["InfoNCELoss", "SupConLoss"]
@@ -26,25 +25,32 @@ __all__ = ["InfoNCELoss", "SupConLoss"]
 _MASKED = -1e9
 
 
-class _TemperatureLoss(nn.Module):
-    """Holds the temperature: a fixed float, or a learnable log-temperature clamped to [min, max]."""
+class _TemperatureLoss(PairMaskLoss):
+    """Holds the temperature: a fixed float, or a learnable log-temperature clamped to [min, max]; the
+    forward both losses share (pairs, mining, memory), around each one's :meth:`_pair_losses`.
+
+    ``temperature=None``: the loss's ``default_temperature``.
+    """
 
     needs_num_classes: ClassVar[bool] = False
     batches: ClassVar[str] = "pk"
     name: ClassVar[str] = ""
     uses_memory: ClassVar[bool] = True  # train.memory_bank: extra candidates (vembed.losses.memory)
+    default_temperature: ClassVar[float]
 
     def __init__(
         self,
-        temperature: float,
-        learnable_temperature: bool,
-        min_temperature: float,
-        max_temperature: float,
+        temperature: float | None = None,
+        *,
+        learnable_temperature: bool = False,
+        min_temperature: float = 0.01,
+        max_temperature: float = 1.0,
         mining: str | None = None,
         mining_margin: float = 0.2,
     ) -> None:
         super().__init__()
         self.miner = build_miner(mining, margin=mining_margin, loss_name=self.name)
+        temperature = self.default_temperature if temperature is None else temperature
         temperature = check_positive(temperature, "temperature", self.name)
         self.min_temperature = check_positive(min_temperature, "min_temperature", self.name)
         self.max_temperature = check_positive(max_temperature, "max_temperature", self.name)
@@ -67,23 +73,16 @@ class _TemperatureLoss(nn.Module):
             return self.log_temperature.clamp(low, high).exp()
         return self._fixed_temperature
 
-    def _logits_and_masks(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(logits [N, M], positives [N, M], negatives [N, M])`` for local anchors vs. all candidates.
+    def from_pairs(self, similarities: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+        """The mean over anchors that count of their pairs' mean loss (:meth:`_pair_losses`)."""
+        pair_losses, valid = self._pair_losses(similarities / self.temperature, positives, negatives)
+        anchor_losses = pair_losses.sum(dim=1) / positives.sum(dim=1).clamp(min=1)
+        return (anchor_losses * valid).sum() / valid.sum().clamp(min=1)
 
-        Without a miner the positives are every other same-label candidate and the negatives every
-        other-label one; with a miner, the pairs it mined.
-        """
-        anchors = normalize(embeddings)
-        candidates, candidate_labels, offset = gather_candidates(anchors, labels)
-        candidates, candidate_labels = with_memory(self, candidates, candidate_labels)
-        similarities = anchors @ candidates.T
-        logits = similarities / self.temperature
-        own = self_mask(anchors.shape[0], candidates.shape[0], offset, anchors.device)
-        same = labels[:, None] == candidate_labels[None, :]
-        positives, negatives = same & ~own, ~same
-        if self.miner is not None:
-            positives, negatives = self.miner.pairs(1.0 - similarities.detach(), positives, negatives)
-        return logits, positives, negatives
+    def _pair_losses(self, logits: Tensor, positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
+        """``(loss of each anchor/positive pair [N, M], anchors that count [N])`` from ``logits`` [N, M]
+        (similarities over the temperature) and the pair masks of :func:`pair_masks`."""
+        raise NotImplementedError
 
     def extra_repr(self) -> str:
         temperature = self.temperature
@@ -116,35 +115,13 @@ class InfoNCELoss(_TemperatureLoss):
     name: ClassVar[str] = "infonce"
     batches: ClassVar[str] = "pairs"
     summary: ClassVar[str] = "in-batch negatives, temperature-scaled (pairs or any batch with >= 2 per label)"
+    default_temperature: ClassVar[float] = 0.05
 
-    def __init__(
-        self,
-        temperature: float = 0.05,
-        *,
-        learnable_temperature: bool = False,
-        min_temperature: float = 0.01,
-        max_temperature: float = 1.0,
-        mining: str | None = None,
-        mining_margin: float = 0.2,
-    ) -> None:
-        super().__init__(
-            temperature, learnable_temperature, min_temperature, max_temperature, mining, mining_margin
-        )
-
-    @float32_forward
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels, self.name)
-        if embeddings.shape[0] == 0:
-            return zero_with_grad(embeddings)
-        logits, positives, negatives = self._logits_and_masks(embeddings, labels)
+    def _pair_losses(self, logits: Tensor, positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
         # log-sum-exp over each anchor's negatives; l_ij = log(1 + exp(neg_lse_i - s_ij)).
         negative_lse = torch.logsumexp(logits.masked_fill(~negatives, _MASKED), dim=1)
         pair_losses = F.softplus(negative_lse[:, None] - logits) * positives
-        num_positives = positives.sum(dim=1)
-        valid = (num_positives > 0) & negatives.any(dim=1)
-        anchor_losses = pair_losses.sum(dim=1) / num_positives.clamp(min=1)
-        remember(self, normalize(embeddings), labels)
-        return (anchor_losses * valid).sum() / valid.sum().clamp(min=1)
+        return pair_losses, positives.any(dim=1) & negatives.any(dim=1)
 
 
 class SupConLoss(_TemperatureLoss):
@@ -167,31 +144,8 @@ class SupConLoss(_TemperatureLoss):
 
     name: ClassVar[str] = "supcon"
     summary: ClassVar[str] = "supervised contrastive: all same-label samples pulled together (P x K batches)"
+    default_temperature: ClassVar[float] = 0.1
 
-    def __init__(
-        self,
-        temperature: float = 0.1,
-        *,
-        learnable_temperature: bool = False,
-        min_temperature: float = 0.01,
-        max_temperature: float = 1.0,
-        mining: str | None = None,
-        mining_margin: float = 0.2,
-    ) -> None:
-        super().__init__(
-            temperature, learnable_temperature, min_temperature, max_temperature, mining, mining_margin
-        )
-
-    @float32_forward
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels, self.name)
-        if embeddings.shape[0] == 0:
-            return zero_with_grad(embeddings)
-        logits, positives, negatives = self._logits_and_masks(embeddings, labels)
+    def _pair_losses(self, logits: Tensor, positives: Tensor, negatives: Tensor) -> tuple[Tensor, Tensor]:
         denominator = torch.logsumexp(logits.masked_fill(~(positives | negatives), _MASKED), dim=1)
-        pair_losses = (denominator[:, None] - logits) * positives
-        num_positives = positives.sum(dim=1)
-        valid = num_positives > 0
-        anchor_losses = pair_losses.sum(dim=1) / num_positives.clamp(min=1)
-        remember(self, normalize(embeddings), labels)
-        return (anchor_losses * valid).sum() / valid.sum().clamp(min=1)
+        return (denominator[:, None] - logits) * positives, positives.any(dim=1)

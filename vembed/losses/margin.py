@@ -19,13 +19,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vembed.errors import VembedError
 from vembed.losses._common import (
     check_batch,
     check_class_labels,
     check_dims,
     check_non_negative,
     check_positive,
+    check_width,
     float32_forward,
     normalize,
 )
@@ -59,11 +59,7 @@ class _ProxyMarginLoss(nn.Module):
     @float32_forward
     def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
         check_batch(embeddings, labels, self.name)
-        if embeddings.shape[1] != self.embed_dim:
-            raise VembedError(
-                f"loss '{self.name}': embeddings have {embeddings.shape[1]} dims, the proxies "
-                f"{self.embed_dim} (embed_dim)"
-            )
+        check_width(embeddings, self.embed_dim, self.name, "the proxies")
         check_class_labels(labels, self.num_classes, self.name)
         cos = self.cosine(embeddings)
         index = labels.long()[:, None]

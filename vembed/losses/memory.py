@@ -20,7 +20,8 @@ import torch
 from torch import Tensor, nn
 
 from vembed.errors import VembedError
-from vembed.losses.distributed import gather_no_grad
+from vembed.losses._common import check_batch, float32_forward, normalize, zero_with_grad
+from vembed.losses.distributed import gather_candidates, gather_no_grad, self_mask
 
 __all__ = ["MemoryBank", "with_memory"]
 
@@ -70,6 +71,45 @@ def with_memory(loss: nn.Module, candidates: Tensor, candidate_labels: Tensor) -
         torch.cat([candidates, stored.to(candidates.device, candidates.dtype)]),
         torch.cat([candidate_labels, stored_labels.to(candidate_labels.device)]),
     )
+
+
+def pair_masks(loss: nn.Module, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """``(similarities [N, M], positives [N, M], negatives [N, M])`` of the local anchors against every
+    candidate (every rank's batch, then ``loss.memory``'s entries).
+
+    Without a miner (``loss.miner``) the positives are every other same-label candidate and the negatives
+    every other-label one; with a miner, the pairs it mined.
+    """
+    anchors = normalize(embeddings)
+    candidates, candidate_labels, offset = gather_candidates(anchors, labels)
+    candidates, candidate_labels = with_memory(loss, candidates, candidate_labels)
+    similarities = anchors @ candidates.T
+    own = self_mask(anchors.shape[0], candidates.shape[0], offset, anchors.device)
+    same = labels[:, None] == candidate_labels[None, :]
+    positives, negatives = same & ~own, ~same
+    if loss.miner is not None:
+        positives, negatives = loss.miner.pairs(1.0 - similarities.detach(), positives, negatives)
+    return similarities, positives, negatives
+
+
+class PairMaskLoss(nn.Module):
+    """An in-batch pair loss: anchors against every candidate (other ranks' batches, the memory),
+    mined, through :meth:`from_pairs`; the batch is remembered after. An empty batch gives 0 (with grad)."""
+
+    miner = None
+
+    @float32_forward
+    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
+        check_batch(embeddings, labels, self.name)
+        if embeddings.shape[0] == 0:
+            return zero_with_grad(embeddings)
+        loss = self.from_pairs(*pair_masks(self, embeddings, labels))
+        remember(self, normalize(embeddings), labels)
+        return loss
+
+    def from_pairs(self, similarities: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
+        """The loss from :func:`pair_masks`' similarities [N, M] and masks."""
+        raise NotImplementedError
 
 
 def remember(loss: nn.Module, anchors: Tensor, labels: Tensor) -> None:

@@ -16,12 +16,11 @@ from __future__ import annotations
 from typing import ClassVar
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from vembed.errors import VembedError
-from vembed.losses._common import check_batch, check_positive, float32_forward, normalize, zero_with_grad
-from vembed.losses.distributed import gather_candidates, self_mask
-from vembed.losses.memory import remember, with_memory
+from vembed.losses._common import check_positive
+from vembed.losses.memory import PairMaskLoss
 from vembed.losses.miners import build_miner
 
 __all__ = ["MultiSimilarityLoss", "log1p_sum_exp"]
@@ -33,7 +32,7 @@ def log1p_sum_exp(x: Tensor, mask: Tensor) -> Tensor:
     return torch.logsumexp(torch.cat([zeros, x.masked_fill(~mask, -torch.inf)], dim=1), dim=1)
 
 
-class MultiSimilarityLoss(nn.Module):
+class MultiSimilarityLoss(PairMaskLoss):
     """Multi-similarity loss with its miner; see the module docstring.
 
     Args:
@@ -68,28 +67,9 @@ class MultiSimilarityLoss(nn.Module):
         self.mining = mining
         self.miner = build_miner(mining, margin=mining_margin, loss_name=self.name)
 
-    def pair_masks(self, embeddings: Tensor, labels: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(similarities [N, M], positives, negatives)``: local anchors vs every candidate, mined."""
-        anchors = normalize(embeddings)
-        candidates, candidate_labels, offset = gather_candidates(anchors, labels)
-        candidates, candidate_labels = with_memory(self, candidates, candidate_labels)
-        similarities = anchors @ candidates.T
-        own = self_mask(anchors.shape[0], candidates.shape[0], offset, anchors.device)
-        same = labels[:, None] == candidate_labels[None, :]
-        positives, negatives = same & ~own, ~same
-        if self.miner is not None:
-            positives, negatives = self.miner.pairs(1.0 - similarities.detach(), positives, negatives)
-        return similarities, positives, negatives
-
-    @float32_forward
-    def forward(self, embeddings: Tensor, labels: Tensor) -> Tensor:
-        check_batch(embeddings, labels, self.name)
-        if embeddings.shape[0] == 0:
-            return zero_with_grad(embeddings)
-        s, positives, negatives = self.pair_masks(embeddings, labels)
+    def from_pairs(self, s: Tensor, positives: Tensor, negatives: Tensor) -> Tensor:
         pos = log1p_sum_exp(-self.alpha * (s - self.base), positives) / self.alpha
         neg = log1p_sum_exp(self.beta * (s - self.base), negatives) / self.beta
-        remember(self, normalize(embeddings), labels)
         return (pos + neg).mean()
 
     def extra_repr(self) -> str:

@@ -41,52 +41,28 @@ __all__ = [
 ]
 
 
-def load_embedder(
-    model: str | Path,
-    *,
-    pooling: str | None = None,
-    projection_dim: int | None = None,
-    normalize: bool | None = None,
-    image_size: int | None = None,
-    revision: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    attention: str = "auto",
-    truncate_dim: int | None = None,
-) -> Embedder:
+def load_embedder(model: str | Path, **options) -> Embedder:
     """The embedding model for ``model`` (local folder > registry name > hub id) on its device and dtype.
 
-    A folder saved by vembed (``vembed export``, a run's ``final/``) brings back its pooling,
-    projection, normalisation and preprocessing; arguments given here override them. ``dtype`` and
-    ``attention`` are ``model.dtype`` and ``model.attention`` (see :mod:`vembed.models.precision`).
+    ``options`` are fields of :class:`ModelOptions` (``pooling``, ``projection_dim``, ``normalize``,
+    ``image_size``, ``revision``, ``device``, ``dtype``, ``attention``, ``truncate_dim``). A folder saved
+    by vembed (``vembed export``, a run's ``final/``) brings back its pooling, projection, normalisation
+    and preprocessing; options given here override them. ``dtype`` and ``attention`` are ``model.dtype``
+    and ``model.attention`` (see :mod:`vembed.models.precision`).
     """
-    return build_embedder(
-        load_model(model, revision=revision, attention=attention),
-        pooling=pooling,
-        projection_dim=projection_dim,
-        normalize=normalize,
-        image_size=image_size,
-        device=device,
-        dtype=dtype,
-        truncate_dim=truncate_dim,
-    )
+    return create_embedder(model, ModelOptions(**options))
 
 
-def build_embedder(
-    loaded: LoadedModel,
-    *,
-    pooling: str | None = None,
-    projection_dim: int | None = None,
-    normalize: bool | None = None,
-    image_size: int | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
-    truncate_dim: int | None = None,
-) -> Embedder:
-    """An :class:`Embedder` from a :func:`load_model` result, its saved head weights loaded.
+def build_embedder(loaded: LoadedModel, options: ModelOptions | None = None) -> Embedder:
+    """An :class:`Embedder` from a :func:`load_model` result, its saved head weights loaded, on
+    ``options.device`` in ``options.dtype``.
 
-    ``truncate_dim`` keeps the first N embedding dims, re-normalised (default: what the folder saved).
+    ``options.truncate_dim`` keeps the first N embedding dims, re-normalised (default: what the folder
+    saved); ``pooling``, ``projection_dim``, ``normalize`` and ``image_size`` likewise override the folder's.
     """
+    options = options or ModelOptions()
+    pooling, projection_dim, normalize = options.pooling, options.projection_dim, options.normalize
+    image_size, truncate_dim = options.image_size, options.truncate_dim
     spec = loaded.spec
     if image_size:
         spec = spec.replace(image_size=image_size)
@@ -112,8 +88,8 @@ def build_embedder(
         _missing, unexpected = embedder.load_state_dict(loaded.head_state, strict=False)
         if unexpected:
             raise VembedError(f"{loaded.ref.name}/{HEAD_WEIGHTS}: unexpected weights {unexpected}")
-    device_ = resolve_device(device)
-    return embedder.to(device=device_, dtype=resolve_dtype(dtype, device_))
+    device_ = resolve_device(options.device)
+    return embedder.to(device=device_, dtype=resolve_dtype(options.dtype, device_))
 
 
 @dataclass(frozen=True)
@@ -154,16 +130,7 @@ def create_embedder(
             loaded.backbone = load_backbone(loaded.spec, **weights)
     else:
         loaded = load_model(str(model if model is not None else options.name), **weights)
-    return build_embedder(
-        loaded,
-        pooling=options.pooling,
-        projection_dim=options.projection_dim,
-        normalize=options.normalize,
-        image_size=options.image_size,
-        device=options.device,
-        dtype=options.dtype,
-        truncate_dim=options.truncate_dim,
-    )
+    return build_embedder(loaded, options)
 
 
 def save_model(

@@ -38,6 +38,7 @@ from torch import nn
 from vembed.errors import VembedError
 from vembed.models.loader import VEMBED_CONFIG, LoadedModel, load_model
 from vembed.models.pairwise import PairwiseHead
+from vembed.models.precision import HeadModule
 from vembed.models.segmenter import SegmenterHead
 
 
@@ -113,7 +114,7 @@ class Standardize(nn.Module):
         return f"{self.running_mean.shape[0]}, momentum={self.momentum}, eps={self.eps}"
 
 
-class ClassifierHead(nn.Module):
+class ClassifierHead(HeadModule):
     """Class logits (and probabilities) from embeddings, with the class names of the logits."""
 
     kind: ClassVar[str] = "classifier"
@@ -184,9 +185,6 @@ class ClassifierHead(nn.Module):
             "normalized": self.normalized,
             "scale": self.scale,
         }
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
 
     @classmethod
     def from_saved(cls, config: dict, weights: dict[str, torch.Tensor], *, where: str) -> ClassifierHead:

@@ -24,6 +24,7 @@ from torch import nn
 
 from vembed.errors import VembedError
 from vembed.models.embedder import Embedder
+from vembed.models.precision import HeadModule
 
 LAYOUT = "side_by_side"
 
@@ -37,7 +38,7 @@ def side_by_side(left: torch.Tensor, right: torch.Tensor) -> torch.Tensor:
     return torch.cat([left, right], dim=-1)
 
 
-class PairwiseHead(nn.Module):
+class PairwiseHead(HeadModule):
     """Pooled features of a side-by-side pair → one same/different logit; carries the blend weight."""
 
     kind: ClassVar[str] = "pairwise"
@@ -80,9 +81,6 @@ class PairwiseHead(nn.Module):
             "top_n": self.top_n,
             "rerank_from": self.rerank_from,
         }
-
-    def weights(self) -> dict[str, torch.Tensor]:
-        return {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}
 
     @classmethod
     def from_saved(cls, config: dict, weights: dict[str, torch.Tensor], *, where: str) -> PairwiseHead:

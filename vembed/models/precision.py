@@ -124,3 +124,11 @@ class BackboneModule(nn.Module):
             yield
         finally:
             self.train(was_training)
+
+
+class HeadModule(nn.Module):
+    """A task head whose weights are its whole state (:class:`vembed.models.heads.Head`)."""
+
+    def weights(self) -> dict[str, torch.Tensor]:
+        """Its weights (float32, CPU, contiguous), saved under the ``task_head.`` prefix."""
+        return {k: v.detach().float().cpu().contiguous() for k, v in self.state_dict().items()}

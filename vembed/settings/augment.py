@@ -62,6 +62,14 @@ class AugmentSettings(Section):
         update = {key: value for key, value in defaults.items() if getattr(self, key) is None}
         return self.model_copy(update=update)
 
+    def transform_options(self) -> dict[str, Any]:
+        """The keywords a training transform takes from these settings (crop scale and ratio, flips,
+        colour jitter, greyscale)."""
+        return {
+            key: getattr(self, key)
+            for key in ("scale", "ratio", "hflip", "vflip", "color_jitter", "grayscale")
+        }
+
     @model_validator(mode="before")
     @classmethod
     def _from_bool(cls, value: Any) -> Any:

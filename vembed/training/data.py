@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import random
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -181,7 +181,8 @@ def mined_negatives(data: LabelledImages, settings: TrainSettings, *, say=None) 
     """``train.hard_negatives``: the records' ``negatives`` as dataset indices (said once by ``say``)."""
     from vembed.mining import negative_indices
 
-    negatives = negative_indices(data.records)
+    # records skipped as bad (data.skip_bad) may be some records' negatives: those are passed over
+    negatives = negative_indices(data.records, skip_unknown=bool(data.problems))
     if negatives is None:
         first = data.records[0]
         raise VembedError(
@@ -232,18 +233,22 @@ def epoch_batches(sampler, epoch: int) -> list[list[int]]:
     return [list(batch) for batch in sampler]
 
 
-class AugmentedImages(Dataset):
-    """An :class:`ImageDataset` whose random augmentation is seeded per draw.
+class SeededItems(Dataset):
+    """A dataset of ``images`` whose items are ``(index, tag)``: each draws its random augmentation from
+    ``random.Random(tag)`` (tag = seed/epoch/position, see :class:`EpochLoaders`), so the crop does not
+    depend on worker count or on resuming, and no global generator is touched."""
 
-    Items are ``(index, tag)``; the transform draws from ``random.Random(tag)`` (tag = seed/epoch/position),
-    so the crop does not depend on worker count or on resuming, and no global generator is touched.
-    """
-
-    def __init__(self, images: ImageDataset):
+    def __init__(self, images):
         self.images = images
 
     def __len__(self) -> int:
         return len(self.images)
+
+
+class AugmentedImages(SeededItems):
+    """An :class:`ImageDataset` whose random augmentation is seeded per draw."""
+
+    images: ImageDataset
 
     def __getitem__(self, item):
         index, tag = item
@@ -259,15 +264,7 @@ def train_transform(spec: ModelSpec, settings: TrainSettings):
     aug = settings.augment.with_defaults(**AUGMENT_DEFAULTS)
     if not aug.enabled:
         return EvalTransform(spec)
-    return TrainTransform(
-        spec,
-        scale=aug.scale,
-        ratio=aug.ratio,
-        hflip=aug.hflip,
-        vflip=aug.vflip,
-        color_jitter=aug.color_jitter,
-        grayscale=aug.grayscale,
-    )
+    return TrainTransform(spec, **aug.transform_options())
 
 
 def tag_batches(batches: list[list[int]], seed: int, epoch: int) -> list[list[tuple[int, str]]]:
@@ -327,17 +324,24 @@ class EpochLoaders:
         self.loader._iterator = None
 
 
-def train_loaders(data: LabelledImages, *, spec: ModelSpec, settings: Settings) -> EpochLoaders:
-    """The epoch loaders of the training images, decoding and augmenting in ``data.num_workers`` workers."""
-    dataset = AugmentedImages(
-        ImageDataset(
-            data.records,
-            train_transform(spec, settings.train),
-            skip_bad=settings.data.skip_bad,
-            max_pixels=settings.data.max_image_pixels,
-        )
+def train_loaders(
+    records: Sequence[ImageRecord],
+    *,
+    spec: ModelSpec,
+    settings: Settings,
+    items: Callable[[ImageDataset], Dataset] = AugmentedImages,
+) -> EpochLoaders:
+    """The epoch loaders of the training images, decoding and augmenting in ``data.num_workers`` workers.
+
+    ``items`` makes what a batch holds of the images (one image each; the re-ranker: pairs of them).
+    """
+    images = ImageDataset(
+        records,
+        train_transform(spec, settings.train),
+        skip_bad=settings.data.skip_bad,
+        max_pixels=settings.data.max_image_pixels,
     )
-    return EpochLoaders(dataset, num_workers=settings.data.num_workers, seed=settings.train.seed)
+    return EpochLoaders(items(images), num_workers=settings.data.num_workers, seed=settings.train.seed)
 
 
 def report_problems(data, val) -> None:

@@ -26,17 +26,23 @@ def trainable_embedder(settings: Settings) -> Embedder:
     dtype = "float32" if model.dtype == "auto" else model.dtype
     embedder = create_embedder(model.name, model.model_copy(update={"device": "cpu", "dtype": dtype}))
     train = settings.train
-    if train.grad_checkpointing and train.method != "frozen":
-        _enable_checkpointing(embedder.backbone)
-    if train.method == "lora":
-        embedder.backbone.requires_grad_(False)
-        apply_lora(embedder, train.lora)
-    elif train.method == "frozen":
-        embedder.backbone.requires_grad_(False)
-        embedder.backbone.eval()
-        if embedder.gem is not None and train.cache_features:
-            embedder.gem.requires_grad_(False)  # the cache holds features pooled with the initial p
+    apply_method(embedder, train)
+    if train.method == "frozen" and embedder.gem is not None and train.cache_features:
+        embedder.gem.requires_grad_(False)  # the cache holds features pooled with the initial p
     return embedder
+
+
+def apply_method(model: Embedder, train: TrainSettings) -> None:
+    """``train.method`` on a model around a backbone: LoRA adapters on a frozen backbone, a frozen
+    backbone in eval mode, or everything trained; ``train.grad_checkpointing`` unless frozen."""
+    if train.grad_checkpointing and train.method != "frozen":
+        _enable_checkpointing(model.backbone)
+    if train.method == "lora":
+        model.backbone.requires_grad_(False)
+        apply_lora(model, train.lora)
+    elif train.method == "frozen":
+        model.backbone.requires_grad_(False)
+        model.backbone.eval()
 
 
 def _enable_checkpointing(backbone: nn.Module) -> None:

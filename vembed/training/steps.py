@@ -17,43 +17,33 @@ import torch
 
 from vembed.console import log
 from vembed.errors import VembedError
-from vembed.inference import embed_options, embed_records
+from vembed.inference import _without_worker_tracebacks, embed_options, embed_records
 from vembed.settings import Settings
 from vembed.training.data import EpochLoaders, LabelledImages, train_loaders
 from vembed.training.gradcache import grad_cache_backward
 
 
-class PixelSteps:
-    """Images through the (accelerate-wrapped) model."""
+class ModelSteps:
+    """What the step runners of every task share: ``module`` (the model) wrapped by accelerate,
+    ``loss(model(inputs), labels)`` backpropagated, the loss's own parameters outside the wrapper, and
+    DataLoader workers (``self.loaders``, made by ``micro_batches`` at the first epoch) kept until close().
+    """
 
-    def __init__(self, accelerator, embedder, loss, data: LabelledImages, settings: Settings):
-        self.accelerator, self.embedder, self.loss = accelerator, embedder, loss
+    def __init__(self, accelerator, module, loss, data, settings: Settings):
+        self.accelerator, self.module, self.loss = accelerator, module, loss
         self.data, self.settings = data, settings
-        self.loaders: EpochLoaders | None = None  # made at the first epoch, its workers kept until close()
+        self.loaders: EpochLoaders | None = None
 
     def prepare(self, optimizer):
         """``(model, optimizer)`` wrapped by accelerate; the model is what ``forward_backward`` calls."""
-        self.model, optimizer = self.accelerator.prepare(self.embedder, optimizer)
+        self.model, optimizer = self.accelerator.prepare(self.module, optimizer)
         return self.model, optimizer
 
     def outside_parameters(self) -> list:
         """Trainable parameters outside the DDP wrapper: their gradients are averaged by hand."""
         return list(self.loss.parameters())
 
-    def micro_batches(self, epoch: int, batches: list[list[int]], first: int) -> Iterator[tuple]:
-        """``(inputs, labels)`` on the device for ``batches[first:]`` of ``epoch``."""
-        if self.loaders is None:
-            self.loaders = train_loaders(self.data, spec=self.embedder.spec, settings=self.settings)
-        device = self.accelerator.device
-        for batch in self.loaders.epoch(batches, epoch, first):
-            for bad in batch.bad:
-                log(f"[yellow]skipped:[/] {bad.message}")
-            if not len(batch.indices):
-                raise VembedError("every image of a training batch failed to decode (see the lines above)")
-            labels = torch.tensor([self.data.labels[i] for i in batch.indices.tolist()], dtype=torch.long)
-            yield batch.pixel_values.to(device, non_blocking=True), labels.to(device)
-
-    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    def forward_backward(self, inputs, labels: torch.Tensor) -> torch.Tensor:
         loss = self.loss(self.model(inputs), labels)
         self.accelerator.backward(loss)
         return loss.detach()
@@ -62,6 +52,36 @@ class PixelSteps:
         """Stop the DataLoader workers (kept alive between epochs)."""
         if self.loaders is not None:
             self.loaders.close()
+
+    def decoded_batches(
+        self, epoch: int, batches: list[list[int]], first: int, *, at_least: int, refusal: str
+    ):
+        """The batches of ``epoch`` from ``first`` on, each item that failed to decode logged; a batch with
+        fewer than ``at_least`` items left is the error ``refusal``."""
+        loader = self.loaders.epoch(batches, epoch, first)
+        for batch in _without_worker_tracebacks(loader, keep_workers=True):
+            for bad in batch.bad:
+                log(f"[yellow]skipped:[/] {bad.message}")
+            if len(batch.indices) < at_least:
+                raise VembedError(refusal)
+            yield batch
+
+
+class PixelSteps(ModelSteps):
+    """Images through the (accelerate-wrapped) embedder."""
+
+    def micro_batches(self, epoch: int, batches: list[list[int]], first: int) -> Iterator[tuple]:
+        """``(inputs, labels)`` on the device for ``batches[first:]`` of ``epoch``."""
+        if self.loaders is None:
+            self.loaders = train_loaders(self.data.records, spec=self.module.spec, settings=self.settings)
+        device = self.accelerator.device
+        for batch in self.loaders.epoch(batches, epoch, first):
+            for bad in batch.bad:
+                log(f"[yellow]skipped:[/] {bad.message}")
+            if not len(batch.indices):
+                raise VembedError("every image of a training batch failed to decode (see the lines above)")
+            labels = torch.tensor([self.data.labels[i] for i in batch.indices.tolist()], dtype=torch.long)
+            yield batch.pixel_values.to(device, non_blocking=True), labels.to(device)
 
 
 class GradCacheSteps(PixelSteps):

@@ -89,13 +89,9 @@ def prepare_ade20k(
 def locate_ade(root: str | Path | None, out: Path, *, kaggle: str | None = None) -> Path:
     """The ``ADEChallengeData2016`` folder (with images/ and annotations/), downloading as needed."""
     base = download.dataset_root(root, kaggle, url=URL, out=out, folder="ADEChallengeData2016", name="ADE20K")
-    folder = download.find_dir_containing(base, "images/training", "annotations/training")
-    if folder is None:
-        raise VembedError(
-            f"{base}: no folder with images/training/ and annotations/training/ (looked four levels "
-            "down); expected the official ADEChallengeData2016 layout"
-        )
-    return folder
+    names = ("images/training", "annotations/training")
+    shown = "images/training/ and annotations/training/"
+    return download.require_dir_containing(base, *names, shown=shown, layout="ADEChallengeData2016")
 
 
 def class_names(folder: Path) -> list[str]:

@@ -20,6 +20,7 @@ from typing import Any
 
 from vembed.console import log
 from vembed.data.prepare import download
+from vembed.data.records import parse_each
 from vembed.errors import VembedError
 from vembed.io import write_json, write_jsonl
 
@@ -158,27 +159,25 @@ def prepare_caption_table(
         raise VembedError(f"{file}: no such file")
     root = Path(image_root) if image_root is not None else file.parent
     rows = _jsonl_rows(file) if fmt == "jsonl" else _csv_rows(file, delimiter, {"--text-key": text_key})
+
+    def parse(item: tuple[int, dict | str]) -> tuple[Path, str, dict]:
+        where, row = f"{file}:{item[0]}", item[1]
+        if isinstance(row, str):
+            raise VembedError(f"{where}: {row}")
+        image, text = row.get(image_key), row.get(text_key)
+        if not isinstance(image, str) or not image.strip():
+            raise VembedError(f"{where}: missing image field '{image_key}'")
+        if not isinstance(text, str) or not text.strip():
+            raise VembedError(f"{where}: caption field '{text_key}' is missing, empty or not text")
+        path = Path(image) if Path(image).is_absolute() else root / image
+        if not path.is_file():
+            raise VembedError(f"{where}: image not found: {path}")
+        return path, text, row
+
     by_image: dict[Path, list[str]] = {}
     given: dict[Path, str] = {}
-    problems = []
-    for lineno, row in rows:
-        where = f"{file}:{lineno}"
-        try:
-            if isinstance(row, str):
-                raise VembedError(f"{where}: {row}")
-            image, text = row.get(image_key), row.get(text_key)
-            if not isinstance(image, str) or not image.strip():
-                raise VembedError(f"{where}: missing image field '{image_key}'")
-            if not isinstance(text, str) or not text.strip():
-                raise VembedError(f"{where}: caption field '{text_key}' is missing, empty or not text")
-            path = Path(image) if Path(image).is_absolute() else root / image
-            if not path.is_file():
-                raise VembedError(f"{where}: image not found: {path}")
-        except VembedError as exc:
-            if not skip_bad:
-                raise
-            problems.append(str(exc))
-            continue
+    parsed, problems = parse_each(rows, parse, skip_bad=skip_bad)
+    for path, text, row in parsed:
         by_image.setdefault(path, []).append(text.strip())
         split = row.get(split_key) if split_key else None
         if isinstance(split, str) and split.strip().lower() in SPLIT_ALIASES:

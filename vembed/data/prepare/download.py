@@ -72,6 +72,17 @@ def kaggle_download(slug: str) -> Path:
     return Path(path)
 
 
+def require_dir_containing(root: Path, *names: str, shown: str, layout: str) -> Path:
+    """:func:`find_dir_containing`, or an error naming what was looked for (``shown``) and the expected
+    official ``layout``."""
+    folder = find_dir_containing(root, *names)
+    if folder is None:
+        raise VembedError(
+            f"{root}: no folder with {shown} (looked four levels down); expected the official {layout} layout"
+        )
+    return folder
+
+
 def find_dir_containing(root: str | Path, *names: str, max_depth: int = 4) -> Path | None:
     """The shallowest folder under ``root`` that holds every one of ``names`` (breadth first)."""
     root = Path(root)

@@ -74,14 +74,7 @@ def write_prepared(
     A split that came out empty is logged as a problem and not written; if all are empty nothing is.
     """
     out = Path(out)
-    if not any(splits.values()):
-        raise VembedError(f"{made.dataset}: every split is empty; nothing to write")
-    for name, recs in splits.items():
-        if not recs:
-            log.add("empty-split", name, "no images ended up in this split; it is not written")
-        elif name in EVAL_SPLITS:
-            _single_image_classes_in(name, recs, log)
-    files = {name: f"{name}.jsonl" for name, recs in splits.items() if recs}
+    files = split_files(made, splits, log, check=lambda name, recs: _single_image_classes_in(name, recs, log))
     written = {name: out / file for name, file in files.items()}
     extra = [PROBLEMS] if len(log) else []
     summary = build_summary(made, records=records, splits=splits, files=files, log=log)
@@ -99,11 +92,28 @@ def write_prepared(
     return PrepareResult(out, written, summary, list(log))
 
 
+def split_files(
+    made: Provenance, splits: dict[str, Sequence], log: ProblemLog, *, check: Callable | None = None
+) -> dict[str, str]:
+    """``{split: "<split>.jsonl"}`` of the splits with records; an empty split is a problem (and not
+    written), all empty an error. ``check(name, records)`` sees every non-empty split in turn."""
+    if not any(splits.values()):
+        raise VembedError(f"{made.dataset}: every split is empty; nothing to write")
+    for name, recs in splits.items():
+        if not recs:
+            log.add("empty-split", name, "no images ended up in this split; it is not written")
+        elif check is not None:
+            check(name, recs)
+    return {name: f"{name}.jsonl" for name, recs in splits.items() if recs}
+
+
 EVAL_SPLITS = ("val", "test")  # evaluated all-vs-all: an image needs another of its class there
 
 
 def _single_image_classes_in(name: str, records: Sequence[ImageRecord], log: ProblemLog) -> None:
-    """One problem for the classes that have a single image in split ``name``."""
+    """One problem for the classes that have a single image in split ``name`` (val and test only)."""
+    if name not in EVAL_SPLITS:
+        return
     alone = single_image_classes([rec for rec in records if rec.label is not None])
     if not alone:
         return

@@ -19,7 +19,7 @@ from rich.table import Table
 
 from vembed.console import log as console_log
 from vembed.console import progress
-from vembed.data.prepare.output import PROBLEMS, SUMMARY, PrepareResult, _previous_files
+from vembed.data.prepare.output import PROBLEMS, SUMMARY, PrepareResult, _previous_files, split_files
 from vembed.data.prepare.problems import ProblemLog
 from vembed.data.prepare.summary import SHOWN_PROBLEMS, Provenance
 from vembed.data.prepare.validate import CheckOptions
@@ -133,12 +133,7 @@ def write_seg_prepared(
 ) -> PrepareResult:
     """Write every non-empty split, ``classes.txt``, problems and the summary; return the result."""
     out = Path(out)
-    if not any(splits.values()):
-        raise VembedError(f"{made.dataset}: every split is empty; nothing to write")
-    for name, recs in splits.items():
-        if not recs:
-            log.add("empty-split", name, "no images ended up in this split; it is not written")
-    files = {name: f"{name}.jsonl" for name, recs in splits.items() if recs}
+    files = split_files(made, splits, log)
     extra = [PROBLEMS] if len(log) else []
     summary = {
         **made.summary(task="segmentation"),

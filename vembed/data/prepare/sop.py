@@ -75,13 +75,9 @@ def locate_sop(root: str | Path | None) -> Path:
     root = Path(root)
     if not root.is_dir():
         raise VembedError(f"SOP root not found: {root}")
-    folder = download.find_dir_containing(root, TRAIN_LIST, TEST_LIST)
-    if folder is None:
-        raise VembedError(
-            f"{root}: no folder with {TRAIN_LIST} and {TEST_LIST} (looked four levels down); "
-            "expected the official Stanford_Online_Products layout"
-        )
-    return folder
+    return download.require_dir_containing(
+        root, TRAIN_LIST, TEST_LIST, shown=f"{TRAIN_LIST} and {TEST_LIST}", layout="Stanford_Online_Products"
+    )
 
 
 def read_ebay_list(path: Path, log: ProblemLog) -> list[ImageRecord]:

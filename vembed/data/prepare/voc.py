@@ -88,13 +88,9 @@ def prepare_voc(
 def locate_voc(root: str | Path | None, out: Path, *, kaggle: str | None = None) -> Path:
     """The ``VOC2012`` folder (with JPEGImages/ and SegmentationClass/), downloading as needed."""
     base = download.dataset_root(root, kaggle, url=URL, out=out, folder="VOCtrainval", name="VOC")
-    folder = download.find_dir_containing(base, "JPEGImages", "SegmentationClass", LISTS)
-    if folder is None:
-        raise VembedError(
-            f"{base}: no folder with JPEGImages/, SegmentationClass/ and {LISTS}/ (looked four levels "
-            "down); expected the official VOCdevkit/VOC2012 layout"
-        )
-    return folder
+    names = ("JPEGImages", "SegmentationClass", LISTS)
+    shown = f"JPEGImages/, SegmentationClass/ and {LISTS}/"
+    return download.require_dir_containing(base, *names, shown=shown, layout="VOCdevkit/VOC2012")
 
 
 def read_list(folder: Path, split: str) -> list[SegRecord]:

@@ -8,15 +8,11 @@ from collections.abc import Iterator
 
 import torch
 
-from vembed.console import log
 from vembed.data.captions import CaptionSet
-from vembed.data.datasets import ImageDataset
-from vembed.errors import VembedError
-from vembed.inference import _without_worker_tracebacks
 from vembed.models.dual import DualEncoder
-from vembed.settings import Settings
-from vembed.training.data import AugmentedImages, EpochLoaders, train_transform
+from vembed.training.data import train_loaders
 from vembed.training.gradcache import grad_cache_backward
+from vembed.training.steps import ModelSteps
 
 
 def caption_for(captions: tuple[str, ...], *, seed: int, epoch: int, index: int) -> str:
@@ -27,46 +23,24 @@ def caption_for(captions: tuple[str, ...], *, seed: int, epoch: int, index: int)
     return captions[random.Random(f"{seed}/{epoch}/{index}/caption").randrange(len(captions))]
 
 
-class PairSteps:
-    """Image + caption batches through the dual encoder; the loss takes ``(image, text)`` embeddings."""
+class PairSteps(ModelSteps):
+    """Image + caption batches through the dual encoder (``module``); the loss takes ``(image, text)``
+    embeddings."""
 
-    def __init__(self, accelerator, encoder: DualEncoder, loss, data: CaptionSet, settings: Settings):
-        self.accelerator, self.encoder, self.loss = accelerator, encoder, loss
-        self.data, self.settings = data, settings
-        self.loaders: EpochLoaders | None = None
-
-    def prepare(self, optimizer):
-        self.model, optimizer = self.accelerator.prepare(self.encoder, optimizer)
-        return self.model, optimizer
-
-    def outside_parameters(self) -> list:
-        return list(self.loss.parameters())
+    module: DualEncoder
+    data: CaptionSet
 
     def micro_batches(self, epoch: int, batches: list[list[int]], first: int) -> Iterator[tuple]:
         if self.loaders is None:
-            images = ImageDataset(
-                self.data.images(),
-                train_transform(self.encoder.spec, self.settings.train),
-                skip_bad=self.settings.data.skip_bad,
-                max_pixels=self.settings.data.max_image_pixels,
-            )
-            self.loaders = EpochLoaders(
-                AugmentedImages(images),
-                num_workers=self.settings.data.num_workers,
-                seed=self.settings.train.seed,
-            )
+            self.loaders = train_loaders(self.data.images(), spec=self.module.spec, settings=self.settings)
         device, seed = self.accelerator.device, self.settings.train.seed
-        loader = self.loaders.epoch(batches, epoch, first)
-        for batch in _without_worker_tracebacks(loader, keep_workers=True):
-            for bad in batch.bad:
-                log(f"[yellow]skipped:[/] {bad.message}")
-            if len(batch.indices) < 2:
-                raise VembedError("fewer than 2 images of a training batch decoded (see the lines above)")
+        refusal = "fewer than 2 images of a training batch decoded (see the lines above)"
+        for batch in self.decoded_batches(epoch, batches, first, at_least=2, refusal=refusal):
             indices = batch.indices.tolist()
             texts = [
                 caption_for(self.data.records[i].captions, seed=seed, epoch=epoch, index=i) for i in indices
             ]
-            tokens = self.encoder.tokenize(texts)
+            tokens = self.module.tokenize(texts)
             inputs = {"pixel_values": batch.pixel_values.to(device, non_blocking=True)}
             inputs.update({k: v.to(device, non_blocking=True) for k, v in tokens.items()})
             yield inputs, batch.indices.to(device)
@@ -101,7 +75,3 @@ class PairSteps:
             backward=acc.backward,
             no_sync=lambda: acc.no_sync(self.model),
         )
-
-    def close(self) -> None:
-        if self.loaders is not None:
-            self.loaders.close()

@@ -23,7 +23,7 @@ from vembed.console import log
 from vembed.errors import VembedError
 from vembed.io import atomic_dir
 from vembed.models.factory import ModelOptions, create_embedder, save_model
-from vembed.models.lora import apply_lora, merge_lora
+from vembed.models.lora import merge_lora
 from vembed.models.pairwise import PairwiseHead, PairwiseModel
 from vembed.settings import Settings
 from vembed.settings.augment import AugmentSettings
@@ -32,6 +32,7 @@ from vembed.tasks.rerank.mining import embed_for_table, mine_pairs, neighbour_ta
 from vembed.tasks.rerank.steps import PairSet, PairSteps
 from vembed.tasks.rerank.validation import METRICS, PRIMARY, RerankValidator
 from vembed.training.data import AUGMENT_DEFAULTS, ShuffledBatchSampler, read_labelled, report_problems
+from vembed.training.model import apply_method
 
 # train.* keys of the embedding losses: setting one for rerank is an error naming it
 OTHER_KEYS = (
@@ -146,16 +147,7 @@ class RerankTask:
         embedder = create_embedder(name, m.model_copy(update={"name": name, "device": "cpu", "dtype": dtype}))
         head = PairwiseHead(embedder.feature_dim, top_n=s.rerank_top_n, rerank_from=str(s.rerank_from))
         model = PairwiseModel.from_embedder(embedder, head)
-        if s.grad_checkpointing and s.method != "frozen":
-            from vembed.training.model import _enable_checkpointing
-
-            _enable_checkpointing(model.backbone)
-        if s.method == "lora":
-            model.backbone.requires_grad_(False)
-            apply_lora(model, s.lora)
-        elif s.method == "frozen":
-            model.backbone.requires_grad_(False)
-            model.backbone.eval()
+        apply_method(model, s)
         return model
 
     # -- the model written at the end -------------------------------------------------------------

@@ -16,7 +16,6 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from torch.utils.data import Dataset
 
 from vembed.data.images import IGNORE_INDEX
 from vembed.data.records import SegRecord, read_records
@@ -30,7 +29,8 @@ from vembed.settings import AugmentSettings, Settings
 from vembed.tasks.base import TrainParts
 from vembed.tasks.segmentation.data import SegEvalTransform, SegmentationImages, SegTrainTransform
 from vembed.tasks.segmentation.evaluator import SegEvalOptions, SegmentationEvaluator
-from vembed.training.data import EpochLoaders, ShuffledBatchSampler, report_problems
+from vembed.training.data import EpochLoaders, SeededItems, ShuffledBatchSampler, report_problems
+from vembed.training.steps import ModelSteps
 
 # train.augment's segmentation defaults for the keys left null: on, a 0.5-2x zoom crop, hflip 0.5
 AUGMENT_DEFAULTS = {"enabled": True, "hflip": 0.5}
@@ -149,14 +149,10 @@ class PixelCrossEntropy(nn.Module):
         return F.cross_entropy(logits.float(), masks, ignore_index=IGNORE_INDEX)
 
 
-class _SeededPairs(Dataset):
-    """Items ``(index, tag)`` → the pair's transform drawn from ``random.Random(tag)``."""
+class _SeededPairs(SeededItems):
+    """Items ``(index, tag)`` → the image/mask pair's transform drawn from ``random.Random(tag)``."""
 
-    def __init__(self, images: SegmentationImages):
-        self.images = images
-
-    def __len__(self) -> int:
-        return len(self.images)
+    images: SegmentationImages
 
     def __getitem__(self, item):
         index, tag = item
@@ -186,18 +182,9 @@ def seg_train_transform(spec, aug: AugmentSettings):
     aug = aug.with_defaults(**AUGMENT_DEFAULTS)
     if not aug.enabled:
         return _Fixed(SegEvalTransform(spec.image_size, spec.mean, spec.std, spec.interpolation))
-    return SegTrainTransform(
-        spec.image_size,
-        spec.mean,
-        spec.std,
-        spec.interpolation,
-        crop_scale=aug.scale,
-        crop_ratio=aug.ratio,
-        hflip=aug.hflip,
-        vflip=aug.vflip,
-        color_jitter=aug.color_jitter,
-        grayscale=aug.grayscale,
-    )
+    options = aug.transform_options()
+    crop = {"crop_scale": options.pop("scale"), "crop_ratio": options.pop("ratio")}
+    return SegTrainTransform(spec.image_size, spec.mean, spec.std, spec.interpolation, **crop, **options)
 
 
 class _Fixed:
@@ -210,39 +197,19 @@ class _Fixed:
         return self.transform(img, mask)
 
 
-class SegmentationSteps:
-    """Step runner: image batches through the (accelerate-wrapped) segmenter, masks as labels."""
+class SegmentationSteps(ModelSteps):
+    """Step runner: image batches through the (accelerate-wrapped) segmenter (``module``), masks as labels."""
 
-    def __init__(
-        self, accelerator, segmenter: Segmenter, loss: nn.Module, data: MaskRecords, settings: Settings
-    ):
-        self.accelerator, self.segmenter, self.loss = accelerator, segmenter, loss
-        self.data, self.settings = data, settings
-        self.loaders: EpochLoaders | None = None
-
-    def prepare(self, optimizer):
-        self.model, optimizer = self.accelerator.prepare(self.segmenter, optimizer)
-        return self.model, optimizer
-
-    def outside_parameters(self) -> list:
-        return list(self.loss.parameters())
+    module: Segmenter
+    data: MaskRecords
 
     def micro_batches(self, epoch: int, batches: list[list[int]], first: int):
         if self.loaders is None:
-            self.loaders = seg_loaders(self.data, segmenter=self.segmenter, settings=self.settings)
+            self.loaders = seg_loaders(self.data, segmenter=self.module, settings=self.settings)
         device = self.accelerator.device
         loader = self.loaders.epoch(batches, epoch, first)
         for pixels, masks in _without_worker_tracebacks(loader, keep_workers=True):
             yield pixels.to(device, non_blocking=True), masks.to(device, non_blocking=True)
-
-    def close(self) -> None:
-        if self.loaders is not None:
-            self.loaders.close()
-
-    def forward_backward(self, inputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        loss = self.loss(self.model(inputs), labels)
-        self.accelerator.backward(loss)
-        return loss.detach()
 
 
 class SegmentationTask:
