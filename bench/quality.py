@@ -23,7 +23,7 @@ with the metric smoothed over 3 validations (``train.select_smoothing=3``). The 
 Recall@1 of any validated step) bounds what selection can gain.
 
 ``--hard-negatives 0 2`` runs every loss twice: as it is (0), and on the training records mined with the
-untrained model (``vembed mine``'s library call: 8 negatives per image, margin 0.05) with
+untrained model (``vembed mine``'s library call: 8 negatives per image, margin 0.05 or ``--mine-margin``) with
 ``train.hard_negatives=2``; ``--remine N`` adds ``train.remine_every=N`` to the mined runs.
 """
 
@@ -131,7 +131,7 @@ def _crop(image: Image.Image, rng: random.Random, px: int) -> Image.Image:
     return image.resize((px, px), Image.Resampling.BICUBIC, box=(left, top, left + cw, top + ch))
 
 
-def mine(files: dict[str, Path], model: Path) -> Path:
+def mine(files: dict[str, Path], model: Path, margin: float = 0.05) -> Path:
     """The training records with ``negatives`` mined by the untrained model (its mean pooling)."""
     from vembed.inference import EmbedOptions
     from vembed.mining import mine_file
@@ -144,7 +144,7 @@ def mine(files: dict[str, Path], model: Path) -> Path:
         files["train"],
         out,
         k=8,
-        margin=0.05,
+        margin=margin,
         options=EmbedOptions(batch_size=256, num_workers=0, show_progress=False),
     )
     print(f"mined: {summary}", file=sys.stderr)
@@ -246,6 +246,9 @@ def main(argv: list[str] | None = None) -> int:
         help="train.hard_negatives values to run each loss with (0: off; >0: on records mined by the untrained model)",
     )
     parser.add_argument("--remine", type=int, help="train.remine_every for the hard-negative runs")
+    parser.add_argument(
+        "--mine-margin", type=float, default=0.05, help="the miner's false-negative guard margin (inf: off)"
+    )
     parser.add_argument("--json", type=Path, help="write every run's history and the table here")
     parser.add_argument("--work", type=Path, help="keep the data and runs here (default: a temp folder)")
     parser.add_argument("--tables", nargs="+", type=Path, help="only print the table of these --json files")
@@ -271,9 +274,11 @@ def main(argv: list[str] | None = None) -> int:
                 for hard in args.hard_negatives:
                     name_of_run, extra, run_files = loss, list(args.extra), files
                     if hard:
-                        run_files = {**files, "train": mine(files, model)}
+                        run_files = {**files, "train": mine(files, model, args.mine_margin)}
                         extra.append(f"train.hard_negatives={hard}")
-                        name_of_run += f" +hard{hard}"
+                        name_of_run += f" +hard{hard}" + (
+                            "" if args.mine_margin == 0.05 else f" margin{args.mine_margin}"
+                        )
                         if args.remine:
                             extra.append(f"train.remine_every={args.remine}")
                             name_of_run += f" remine{args.remine}"

@@ -199,5 +199,5 @@ def test_help_lists_commands_in_the_order_they_are_used():
         line.split()[1] for line in result.output.splitlines() if line.startswith("│ ") and line[2] != " "
     ]
     order = [name for name in order if not name.startswith("-")]
-    assert order[:6] == ["prepare", "train", "eval", "export", "embed", "search"]
+    assert order[:7] == ["prepare", "mine", "train", "eval", "export", "embed", "search"]
     assert order.index("index") > order.index("search") and order[-1] in ("models", "config")
