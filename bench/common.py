@@ -72,7 +72,7 @@ PROFILES = {
         # holds a core (a tiny Linear then takes milliseconds): one thread gives stable ratios.
         threads=1,
     ),
-    "smoke": Profile(  # seconds: checks that every case runs (python -m bench --profile smoke)
+    "smoke": Profile(  # minutes: checks that every case runs (python -m bench --profile smoke)
         name="smoke",
         device="cpu",
         model="tiny",

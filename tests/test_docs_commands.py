@@ -1,7 +1,7 @@
 """Every shell command in README.md and docs/*.md runs as written (offline, tiny stand-ins).
 
-Slow (a few minutes): ``python -m pytest -m integration tests/test_docs_commands.py``. What is
-substituted, and which commands are not run and why, is in ``tests/docs_harness.py``.
+Slow (20-40 minutes on 2 busy cores; .ci/run runs it after the suite): ``python -m pytest -m docs``.
+What is substituted, and which commands are not run and why, is in ``tests/docs_harness.py``.
 """
 
 from __future__ import annotations
