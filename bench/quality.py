@@ -42,6 +42,7 @@ import numpy as np
 from PIL import Image
 
 from vembed.evaluation.retrieval import retrieval_metrics
+from vembed.extras import require
 from vembed.inference import embed_records
 from vembed.io import write_json
 from vembed.settings import load_settings
@@ -73,13 +74,12 @@ def make_digits(root: Path, seed: int) -> dict[str, Path]:
 
 
 def make_photos(root: Path, seed: int, *, px: int = 40) -> dict[str, Path]:
-    import skimage.data
-
+    skimage_data = require("skimage.data", "bench", what="bench/quality.py's photos set")
     rng = random.Random(seed)
     classes = []
     for name in PHOTOS:
         # binary_blobs is drawn at random: seeded, so that every invocation cuts the same photos
-        array = skimage.data.binary_blobs(rng=0) if name == "binary_blobs" else getattr(skimage.data, name)()
+        array = skimage_data.binary_blobs(rng=0) if name == "binary_blobs" else getattr(skimage_data, name)()
         if isinstance(array, tuple):
             array = array[0]
         array = np.asarray(array)
