@@ -7,6 +7,11 @@ import ast
 import re
 from pathlib import Path
 
+import pytest
+
+from vembed.errors import VembedError
+from vembed.tasks import TASKS
+
 ROOT = Path(__file__).resolve().parents[1] / "vembed"
 
 
@@ -98,3 +103,35 @@ def test_no_task_name_or_head_kind_compared_outside_the_tasks():
 def test_no_module_over_500_lines():
     long = [str(p.relative_to(ROOT)) for p in ROOT.rglob("*.py") if len(p.read_text().splitlines()) > 500]
     assert not long, long
+
+
+@pytest.mark.parametrize(
+    "task,key",
+    [
+        ("retrieval", "rerank_from=runs/x/final"),
+        ("segmentation", "hard_negatives=2"),
+        ("retrieval", "towers=image"),
+    ],
+)
+def test_a_key_of_another_task_is_refused_not_ignored(tmp_path, task, key):
+    from vembed.settings import load_settings
+    from vembed.training.preflight import check_settings
+
+    records = tmp_path / "train.jsonl"
+    records.write_text('{"image": "a.png", "label": 0}\n')
+    settings = load_settings(None, [f"data.train={records}", f"train.task={task}", f"train.{key}"])
+    with pytest.raises(
+        VembedError,
+        match=rf"train\.{key.split('=')[0]} applies to train\.task=\w+ only; this run is train\.task={task}",
+    ):
+        check_settings(settings)
+
+
+def test_every_task_declares_its_own_keys():
+    from vembed.settings import TrainSettings
+
+    owners: dict[str, str] = {}
+    for name, cls in TASKS.items():
+        for key in cls.keys:
+            assert key in TrainSettings.model_fields, (name, key)
+            assert owners.setdefault(key, name) == name, f"train.{key} claimed by {owners[key]} and {name}"

@@ -29,4 +29,17 @@ def get_task(name: str) -> Task:
     return TASKS[name]()
 
 
-__all__ = ["TASKS", "Task", "TrainParts", "get_task"]
+def check_task_keys(task: Task, train) -> None:
+    """One error for a ``train.*`` key that only another task reads, set away from its default
+    (``train.rerank_from`` on a retrieval run), instead of ignoring it."""
+    for other in TASKS.values():
+        if isinstance(task, other):
+            continue
+        for key in other.keys:
+            if key in train.model_fields_set and getattr(train, key) != type(train).model_fields[key].default:
+                raise VembedError(
+                    f"train.{key} applies to train.task={other.name} only; this run is train.task={task.name}"
+                )
+
+
+__all__ = ["TASKS", "Task", "TrainParts", "check_task_keys", "get_task"]

@@ -71,6 +71,7 @@ class Task(Protocol):
     """One kind of model vembed trains and evaluates."""
 
     name: ClassVar[str]
+    keys: ClassVar[tuple[str, ...]]  # train.* keys only this task reads: another task's run refuses them
 
     def check(self, settings: Settings) -> None:
         """Every settings mistake found without loading a model or reading data (one VembedError)."""

@@ -9,7 +9,7 @@ from pathlib import Path
 from vembed.data.records import folder_given_message
 from vembed.errors import VembedError
 from vembed.settings import Settings
-from vembed.tasks import Task, get_task
+from vembed.tasks import Task, check_task_keys, get_task
 from vembed.training import checkpoint as ckpt
 from vembed.training.metrics import METRICS_FILE
 
@@ -43,6 +43,7 @@ def check_settings(settings: Settings) -> None:
         if path is not None and not Path(path).is_file():
             raise VembedError(f"data.{key}: records file not found: {path}")
     task = get_task(s.task)
+    check_task_keys(task, s)
     task.check(settings)
     check_select_metric(settings, task)
     if s.scheduler == "step" and s.step_epochs is None:

@@ -38,6 +38,7 @@ class ImageTextTask:
     """Everything the loop asks of ``train.task: image_text``."""
 
     name: ClassVar[str] = "image_text"
+    keys: ClassVar[tuple[str, ...]] = ("towers",)
     losses: ClassVar[tuple[str, ...]] = tuple(PAIR_LOSSES)
 
     # -- before anything is loaded ----------------------------------------------------------------

@@ -45,6 +45,7 @@ class RerankTask:
     """Everything the loop asks of ``train.task: rerank``."""
 
     name: ClassVar[str] = "rerank"
+    keys: ClassVar[tuple[str, ...]] = ("rerank_from", "rerank_top_n")
 
     def check(self, settings: Settings) -> None:
         s = settings.train

@@ -30,6 +30,7 @@ from vembed.training.validation import CachedFeatureValidator, retrieval_validat
 
 class RetrievalTask:
     name: ClassVar[str] = "retrieval"
+    keys: ClassVar[tuple[str, ...]] = ("hard_negatives", "remine_every")
 
     def check(self, settings: Settings) -> None:
         s = settings.train

@@ -216,6 +216,7 @@ class SegmentationTask:
     """Everything the loop asks of ``train.task: segmentation``, in the order it asks."""
 
     name: ClassVar[str] = "segmentation"
+    keys: ClassVar[tuple[str, ...]] = ()
 
     def check(self, settings: Settings) -> None:
         check_segmentation_settings(settings)
